@@ -1,0 +1,142 @@
+"""``stablemoe`` criterion: cross-entropy plus the stage-1 auxiliary losses.
+
+``loss = CE + balance_factor * L_bal + distill_factor * L_dis`` in stage 1 and
+``CE`` alone in stage 2; every term is a sum over non-pad tokens, normalised
+by fairseq's sample size as ``cross_entropy`` is. The logged ``loss`` and
+``nll_loss`` are the language-model cross-entropy alone (base 2), so they
+compare with fairseq's ``cross_entropy`` across stages; ``balance_loss`` and
+``distill_loss`` are logged per token (base 2, before their factors).
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+
+
+@dataclass
+class StableMoECriterionConfig(FairseqDataclass):
+    balance_factor: float = field(
+        default=0.3, metadata={"help": "weight of the stage-1 balance loss (paper code: 0.3)"}
+    )
+    distill_factor: float = field(
+        default=0.3, metadata={"help": "weight of the stage-1 router distillation loss (paper code: 0.3)"}
+    )
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def moe_stats(net_output) -> List[Dict[str, torch.Tensor]]:
+    """The per-MoE-layer statistics a StableMoE model returns (``[]`` if none)."""
+    extra = net_output[1] if isinstance(net_output, (tuple, list)) and len(net_output) > 1 else None
+    if not isinstance(extra, dict):
+        return []
+    return [s for s in extra.get("moe", []) if s is not None]
+
+
+@register_criterion("stablemoe", dataclass=StableMoECriterionConfig)
+class StableMoECriterion(FairseqCriterion):
+    def __init__(self, task, balance_factor: float, distill_factor: float, sentence_avg: bool):
+        super().__init__(task)
+        if balance_factor < 0 or distill_factor < 0:
+            raise ValueError(
+                f"--balance-factor ({balance_factor}) and --distill-factor ({distill_factor}) must be >= 0"
+            )
+        self.balance_factor = balance_factor
+        self.distill_factor = distill_factor
+        self.sentence_avg = sentence_avg
+
+    def forward(self, model, sample, reduce=True):
+        net_output = model(**sample["net_input"])
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        target = model.get_targets(sample, net_output).view(-1)
+        nll = F.nll_loss(
+            lprobs.view(-1, lprobs.size(-1)),
+            target,
+            ignore_index=self.padding_idx,
+            reduction="sum" if reduce else "none",
+        )
+        loss = nll
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output = {
+            "loss": nll.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+
+        layers = moe_stats(net_output)
+        if layers:
+            stage1 = "balance_loss" in layers[0]
+            balance = sum(s["balance_loss"] for s in layers) if stage1 else None
+            distill = sum(s["distill_loss"] for s in layers) if stage1 else None
+            if stage1 and model.training:
+                loss = loss + self.balance_factor * balance + self.distill_factor * distill
+            num_experts = layers[0]["load"].numel()
+            moe_tokens = sum(s["num_tokens"] for s in layers)
+            max_load = sum(s["load"].max() * num_experts for s in layers)
+            entropy = sum(_load_entropy(s["load"]) * s["num_tokens"] for s in layers)
+            logging_output.update(
+                {
+                    "balance_loss": balance.detach() if stage1 else 0.0,
+                    "distill_loss": distill.detach() if stage1 else 0.0,
+                    "moe_stage": (1.0 if stage1 else 2.0) * sample_size,
+                    "moe_tokens": moe_tokens.detach(),
+                    "moe_agree": sum(s["agree"] for s in layers).detach(),
+                    "moe_max_load": max_load.detach(),
+                    "moe_entropy": entropy.detach(),
+                    "moe_nonfinite": sum(s["nonfinite"] for s in layers).detach(),
+                    "moe_dropped": sum(s["dropped"] for s in layers).detach(),
+                }
+            )
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
+        loss_sum = total("loss")
+        ntokens = total("ntokens")
+        sample_size = total("sample_size")
+        metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+        if sample_size != ntokens:
+            metrics.log_scalar("nll_loss", loss_sum / ntokens / math.log(2), ntokens, round=3)
+            metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        else:
+            metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
+
+        if not any("moe_tokens" in log for log in logging_outputs):
+            return
+        moe_tokens = total("moe_tokens")
+        metrics.log_scalar("balance_loss", total("balance_loss") / sample_size / math.log(2), sample_size, round=4)
+        metrics.log_scalar("distill_loss", total("distill_loss") / sample_size / math.log(2), sample_size, round=4)
+        metrics.log_scalar("stage", total("moe_stage") / sample_size, sample_size, round=2)
+        if moe_tokens > 0:
+            # agreement of the distilled router with the backbone router, max load over
+            # mean load, and load entropy normalised to 1 = perfectly even
+            metrics.log_scalar("router_agree", total("moe_agree") / moe_tokens, moe_tokens, round=3)
+            metrics.log_scalar("max_load", total("moe_max_load") / moe_tokens, moe_tokens, round=3)
+            metrics.log_scalar("load_entropy", total("moe_entropy") / moe_tokens, moe_tokens, round=3)
+        metrics.log_scalar_sum("nonfinite", total("moe_nonfinite"), round=0)
+        metrics.log_scalar("dropped", total("moe_dropped") / max(moe_tokens, 1), moe_tokens, round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+def _load_entropy(load: torch.Tensor) -> torch.Tensor:
+    """Entropy of a load vector ``(N,)``, divided by ``log N`` (1 = even); 0 for no tokens."""
+    n = load.numel()
+    total = load.sum()
+    if n < 2:
+        return load.new_ones(())
+    p = load / total.clamp(min=1e-9)
+    ent = -(p * torch.log(p.clamp(min=1e-12))).sum()
+    return ent / math.log(n)

@@ -1,0 +1,76 @@
+"""Expert networks: each expert is a stack of residual FFN sublayers."""
+
+from typing import Callable, List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq import utils
+
+
+class FFNSublayer(nn.Module):
+    """``x + W2 act(W1 LN(x))``, with ``W2`` initialised to zero (as the paper's code)."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, activation_fn: str = "relu"):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        nn.init.zeros_(self.fc2.weight)
+        self.activation_fn: Callable = utils.get_activation_fn(activation_fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(T, d)`` -> ``(T, d)``."""
+        return x + self.fc2(self.activation_fn(self.fc1(self.norm(x))))
+
+
+class Expert(nn.Sequential):
+    """``num_sublayers`` stacked :class:`FFNSublayer` s."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, num_sublayers: int, activation_fn: str = "relu"):
+        super().__init__(*[FFNSublayer(embed_dim, ffn_dim, activation_fn) for _ in range(num_sublayers)])
+
+
+class Experts(nn.ModuleList):
+    """The experts held by this process.
+
+    Each expert is its own module (``experts.<i>.<sublayer>.fc1.weight``), so its
+    gradient is its own buffer: no full-size gradient per expert from slicing a
+    stacked weight. Every parameter carries ``expert = True`` so that fairseq's
+    ``legacy_ddp`` does not all-reduce it and grad clipping treats it as
+    unshared.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        embed_dim: int,
+        ffn_dim: int,
+        num_sublayers: int,
+        activation_fn: str = "relu",
+    ):
+        super().__init__(
+            [Expert(embed_dim, ffn_dim, num_sublayers, activation_fn) for _ in range(num_experts)]
+        )
+        for p in self.parameters():
+            p.expert = True
+
+    def forward(self, sorted_features: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Run each expert on its contiguous segment of tokens.
+
+        Args:
+            sorted_features: ``(T, d)`` tokens sorted by expert.
+            counts: ``len(self)`` segment lengths (python ints), summing to ``T``.
+        Returns:
+            ``(T, d)``: each expert's output minus its input (the residual
+            update ``FFN_i(h)`` that the gate scales), in the same order.
+        """
+        outputs: List[torch.Tensor] = []
+        for expert, chunk in zip(self, torch.split(sorted_features, list(counts))):
+            if chunk.shape[0] > 0:
+                outputs.append(expert(chunk) - chunk)
+            else:
+                outputs.append(chunk)
+        if not outputs:
+            return sorted_features.new_zeros(sorted_features.shape)
+        return torch.cat(outputs, dim=0)

@@ -1,0 +1,286 @@
+"""``stablemoe_lm``: a decoder-only Transformer LM with StableMoE layers.
+
+Built on fairseq's :class:`TransformerLanguageModel` and
+:class:`TransformerDecoder`, so ``--task language_modeling``,
+``fairseq-eval-lm``, ``fairseq-generate``/``fairseq-interactive`` (incremental
+decoding) and hub loading work unchanged. ``--moe-layers K`` extra MoE layers
+are inserted among the ``L`` dense decoder layers, layer ``i`` at position
+``((i + 1) * L) // (K + 1)``, as fairseq's BASE layers are.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerDecoder
+from fairseq.models.transformer_lm import (
+    DEFAULT_MAX_TARGET_POSITIONS,
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+)
+from fairseq.utils import safe_getattr
+
+from .layer import StableMoELayer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
+    # The small CPU default of ``--arch stablemoe_lm`` (the other architectures set theirs).
+    decoder_embed_dim: int = field(default=256, metadata={"help": "decoder embedding dimension"})
+    decoder_ffn_embed_dim: int = field(
+        default=1024, metadata={"help": "FFN dimension of dense layers and experts"}
+    )
+    decoder_layers: int = field(default=4, metadata={"help": "number of dense decoder layers"})
+    decoder_attention_heads: int = field(default=4, metadata={"help": "number of attention heads"})
+    share_decoder_input_output_embed: bool = field(
+        default=True, metadata={"help": "share decoder input and output embeddings"}
+    )
+    decoder_normalize_before: bool = field(
+        default=True, metadata={"help": "pre-norm layers (fairseq's LM architectures force this)"}
+    )
+    decoder_input_dim: Optional[int] = field(
+        default=None, metadata={"help": "decoder input dimension (default: --decoder-embed-dim)"}
+    )
+    decoder_output_dim: Optional[int] = field(
+        default=None, metadata={"help": "decoder output dimension (default: --decoder-embed-dim)"}
+    )
+    num_experts: int = field(default=4, metadata={"help": "number of experts N in every MoE layer"})
+    moe_layers: int = field(
+        default=1,
+        metadata={"help": "number of MoE layers, inserted evenly among the dense decoder layers"},
+    )
+    moe_sublayers: int = field(
+        default=1, metadata={"help": "residual FFN sublayers stacked in every expert"}
+    )
+    distill_dim: int = field(
+        default=50, metadata={"help": "embedding size of the distilled (token-id) router"}
+    )
+    two_stage_updates: int = field(
+        default=1000,
+        metadata={
+            "help": "update count at which stage 2 starts: the distilled router is frozen and "
+            "routes; balance and distillation losses stop (0: stage 2 from the start, with an "
+            "untrained distilled router)"
+        },
+    )
+    capacity_factor: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "optional expert capacity as a multiple of tokens/N; tokens over it pass "
+            "through unchanged. Unset: no token is ever dropped"
+        },
+    )
+
+
+def moe_layer_positions(num_dense_layers: int, num_moe_layers: int) -> List[int]:
+    """Insertion indices of the MoE layers, BASE-layers style.
+
+    Inserting layer ``i`` (in order) at ``((i + 1) * L) // (K + 1)`` of the growing list.
+    """
+    return [((i + 1) * num_dense_layers) // (num_moe_layers + 1) for i in range(num_moe_layers)]
+
+
+class MoEDecoderLayer(nn.Module):
+    """Adapts a :class:`StableMoELayer` to the decoder-layer call signature.
+
+    The decoder hands the token ids in through :attr:`input_tokens` (``(T, B)``)
+    before running its layers; the layer keeps its statistics in
+    :attr:`last_stats` for the decoder to collect.
+    """
+
+    def __init__(self, moe: StableMoELayer):
+        super().__init__()
+        self.moe = moe
+        self.input_tokens: Optional[torch.Tensor] = None
+        self.last_stats: Optional[Dict[str, torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """``x``: ``(T, B, d)`` -> ``(x, None, None)`` like a decoder layer."""
+        if self.input_tokens is None:
+            raise RuntimeError(
+                "MoE layer called without token ids: run it through StableMoEDecoder, "
+                "which passes the input tokens to the distilled router"
+            )
+        x, self.last_stats = self.moe(x, self.input_tokens)
+        return x, None, None
+
+
+class StableMoEDecoder(TransformerDecoder):
+    """fairseq's Transformer decoder with MoE layers inserted.
+
+    ``extract_features`` returns, besides fairseq's ``attn`` and
+    ``inner_states``, ``extra["moe"]``: one statistics dict per MoE layer (see
+    :meth:`StableMoELayer.forward`).
+    """
+
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True):
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+        self.moe_layers: List[MoEDecoderLayer] = []
+        positions = moe_layer_positions(args.decoder_layers, args.moe_layers)
+        for i, pos in enumerate(positions):
+            layer = MoEDecoderLayer(
+                StableMoELayer(
+                    embed_dim=args.decoder_embed_dim,
+                    ffn_dim=args.decoder_ffn_embed_dim,
+                    num_experts=args.num_experts,
+                    num_sublayers=args.moe_sublayers,
+                    vocab_size=len(dictionary),
+                    padding_idx=dictionary.pad(),
+                    distill_dim=args.distill_dim,
+                    two_stage_updates=args.two_stage_updates,
+                    capacity_factor=args.capacity_factor,
+                    activation_fn=args.activation_fn,
+                    layer_name=f"MoE layer {i}",
+                )
+            )
+            self.layers.insert(pos, layer)
+            self.moe_layers.append(layer)
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, MoEDecoderLayer):
+                layer.moe.layer_name = f"MoE layer {self.moe_layers.index(layer)} (decoder.layers.{idx})"
+
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens,
+        encoder_out=None,
+        incremental_state=None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
+        tokens = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
+        tokens = tokens.transpose(0, 1)  # (T, B), the decoder layers' layout
+        for layer in self.moe_layers:
+            layer.input_tokens = tokens
+            layer.last_stats = None
+        try:
+            x, extra = super().extract_features_scriptable(
+                prev_output_tokens,
+                encoder_out,
+                incremental_state=incremental_state,
+                full_context_alignment=full_context_alignment,
+                alignment_layer=alignment_layer,
+                alignment_heads=alignment_heads,
+            )
+            extra["moe"] = [layer.last_stats for layer in self.moe_layers]
+        finally:
+            for layer in self.moe_layers:
+                layer.input_tokens = None
+                layer.last_stats = None
+        return x, extra
+
+
+def validate_moe_args(args) -> None:
+    """Refuse bad MoE options with an error that names the option and the fix."""
+    problems = []
+    if args.num_experts < 1:
+        problems.append(f"--num-experts must be >= 1 (got {args.num_experts})")
+    if args.moe_layers < 0 or args.moe_layers > args.decoder_layers:
+        problems.append(
+            f"--moe-layers must be between 0 and --decoder-layers ({args.decoder_layers}) "
+            f"(got {args.moe_layers}); raise --decoder-layers or lower --moe-layers"
+        )
+    if args.moe_sublayers < 1:
+        problems.append(f"--moe-sublayers must be >= 1 (got {args.moe_sublayers})")
+    if args.distill_dim < 1:
+        problems.append(f"--distill-dim must be >= 1 (got {args.distill_dim})")
+    if args.two_stage_updates < 0:
+        problems.append(
+            f"--two-stage-updates must be >= 0 (got {args.two_stage_updates}); "
+            "it is the update count at which the distilled router takes over"
+        )
+    if args.capacity_factor is not None and args.capacity_factor <= 0:
+        problems.append(f"--capacity-factor must be > 0 or unset (got {args.capacity_factor})")
+    for opt in ("character_embeddings", "adaptive_input"):
+        if safe_getattr(args, opt, False):
+            problems.append(f"--{opt.replace('_', '-')} is not supported by stablemoe_lm")
+    if problems:
+        raise ValueError("stablemoe_lm: " + "; ".join(problems))
+
+
+@register_model("stablemoe_lm", dataclass=StableMoELanguageModelConfig)
+class StableMoELanguageModel(TransformerLanguageModel):
+    """Decoder-only StableMoE language model.
+
+    ``--arch stablemoe_lm`` is a small model fit for CPU (4 layers, 256 dim,
+    1024 FFN, 4 heads, 4 experts, one MoE layer); ``stablemoe_lm_small``,
+    ``_medium`` and ``_large`` are the paper code's sizes.
+    """
+
+    @classmethod
+    def hub_models(cls):
+        return {}
+
+    @classmethod
+    def build_model(cls, args, task):
+        validate_moe_args(args)
+        # ``--arch stablemoe_lm`` (the model's own name) runs no architecture function:
+        # its defaults are the dataclass's, completed here.
+        for dim in ("decoder_input_dim", "decoder_output_dim"):
+            if safe_getattr(args, dim, None) is None:
+                setattr(args, dim, args.decoder_embed_dim)
+        if safe_getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = safe_getattr(args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS)
+        embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+        decoder = StableMoEDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
+        return cls(decoder)
+
+    @property
+    def moe_layers(self) -> List[StableMoELayer]:
+        return [layer.moe for layer in self.decoder.moe_layers]
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        for name, param in self.named_parameters():
+            if name.endswith("distill_router.embed_tokens.weight") and name in state_dict:
+                got, want = state_dict[name].shape[0], param.shape[0]
+                if got != want:
+                    raise ValueError(
+                        f"the checkpoint's distilled router ({name}) has {got} token ids but the "
+                        f"dictionary has {want} entries: load it with the dict.txt it was trained "
+                        "with (the data directory given to fairseq-train)"
+                    )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+def _moe_defaults(args, sublayers: int = 1) -> None:
+    args.num_experts = safe_getattr(args, "num_experts", 4)
+    args.moe_layers = safe_getattr(args, "moe_layers", 1)
+    args.moe_sublayers = safe_getattr(args, "moe_sublayers", sublayers)
+    args.distill_dim = safe_getattr(args, "distill_dim", 50)
+    args.two_stage_updates = safe_getattr(args, "two_stage_updates", 1000)
+    args.capacity_factor = safe_getattr(args, "capacity_factor", None)
+
+
+def _paper_size(args, layers: int, dim: int, ffn: int, heads: int, sublayers: int) -> None:
+    args.decoder_layers = safe_getattr(args, "decoder_layers", layers)
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", dim)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", ffn)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", heads)
+    args.decoder_learned_pos = safe_getattr(args, "decoder_learned_pos", True)
+    args.activation_fn = safe_getattr(args, "activation_fn", "relu")
+    _moe_defaults(args, sublayers=sublayers)
+    base_lm_architecture(args)
+
+
+@register_model_architecture("stablemoe_lm", "stablemoe_lm_small")
+def stablemoe_lm_small(args):
+    """The paper code's base size: 12 x 768, FFN 3072, 12 heads, 3 sublayers per expert."""
+    _paper_size(args, 12, 768, 3072, 12, 3)
+
+
+@register_model_architecture("stablemoe_lm", "stablemoe_lm_medium")
+def stablemoe_lm_medium(args):
+    """24 x 1024, FFN 4096, 16 heads, 6 sublayers per expert."""
+    _paper_size(args, 24, 1024, 4096, 16, 6)
+
+
+@register_model_architecture("stablemoe_lm", "stablemoe_lm_large")
+def stablemoe_lm_large(args):
+    """24 x 1536, FFN 6144, 16 heads, 3 sublayers per expert."""
+    _paper_size(args, 24, 1536, 6144, 16, 3)
