@@ -109,7 +109,8 @@ class StableMoELayer(nn.Module):
             in stage 2), ``num_tokens`` (non-pad), ``agree`` (tokens where the
             distilled and backbone routers pick the same expert),
             ``nonfinite`` (replaced affinities), ``dropped`` (tokens over
-            capacity), and ``load`` (``(N,)`` tokens per expert, as routed).
+            capacity), ``load`` (``(N,)`` non-pad tokens per expert, as routed)
+            and ``backbone_load`` (``(N,)``, as the backbone router would route).
         """
         if tokens.shape != features.shape[:-1]:
             raise ValueError(
@@ -145,10 +146,11 @@ class StableMoELayer(nn.Module):
         delta = plan.scatter(self.experts(plan.gather(h), plan.counts))
         output = h + gate.to(h.dtype).unsqueeze(1) * delta
 
-        load = torch.zeros(self.num_experts, dtype=torch.float32, device=h.device).index_add_(0, choice, valid)
+        zeros = torch.zeros(self.num_experts, dtype=torch.float32, device=h.device)
         stats: Dict[str, torch.Tensor] = {
             "num_tokens": num_tokens,
-            "load": load,
+            "load": zeros.index_add(0, choice, valid),
+            "backbone_load": zeros.index_add(0, backbone_choice, valid),
             "agree": ((backbone_choice == distill_choice).float() * valid).sum(),
             "nonfinite": (nonfinite + nonfinite_distill).float(),
             "dropped": (num_tokens - float(sum(plan.counts))).clamp(min=0.0),
