@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dispatch import Dispatch, capacity_for
-from .experts import Experts
+from .experts import Expert, Experts
 from .router import BackboneRouter, DistilledRouter, make_finite
 
 logger = logging.getLogger(__name__)
@@ -186,3 +186,19 @@ class StableMoELayer(nn.Module):
         distill_target = backbone_choice
         distill = (F.cross_entropy(distill_scores, distill_target, reduction="none") * valid).sum()
         return balance, distill
+
+
+class DenseFFNLayer(nn.Module):
+    """``--moe-type dense``: one expert's network applied to every token.
+
+    The same sublayers as one expert, so it has the active parameters per token
+    of an MoE layer; no router, no gate, no auxiliary loss.
+    """
+
+    def __init__(self, embed_dim: int, ffn_dim: int, num_sublayers: int, activation_fn: str = "relu"):
+        super().__init__()
+        self.ffn = Expert(embed_dim, ffn_dim, num_sublayers, activation_fn)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        """``features``: ``(..., d)`` -> ``(output of the same shape, None)``."""
+        return self.ffn(features), None

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import (
@@ -24,7 +25,9 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from .layer import StableMoELayer
+from .layer import DenseFFNLayer, StableMoELayer
+
+MOE_TYPES = ["stablemoe", "dense"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
     )
     decoder_output_dim: Optional[int] = field(
         default=None, metadata={"help": "decoder output dimension (default: --decoder-embed-dim)"}
+    )
+    moe_type: ChoiceEnum(MOE_TYPES) = field(
+        default="stablemoe",
+        metadata={"help": "routing of the MoE layers; dense: one FFN of the same sublayers instead"},
     )
     num_experts: int = field(default=4, metadata={"help": "number of experts N in every MoE layer"})
     moe_layers: int = field(
@@ -94,7 +101,7 @@ class MoEDecoderLayer(nn.Module):
     :attr:`last_stats` for the decoder to collect.
     """
 
-    def __init__(self, moe: StableMoELayer):
+    def __init__(self, moe: nn.Module):
         super().__init__()
         self.moe = moe
         self.input_tokens: Optional[torch.Tensor] = None
@@ -111,6 +118,27 @@ class MoEDecoderLayer(nn.Module):
         return x, None, None
 
 
+def build_moe_layer(args, dictionary) -> nn.Module:
+    """The MoE layer of ``--moe-type`` (input ``(T, B, d)`` and token ids ``(T, B)``)."""
+    moe_type = str(args.moe_type)
+    if moe_type == "dense":
+        return DenseFFNLayer(args.decoder_embed_dim, args.decoder_ffn_embed_dim, args.moe_sublayers, args.activation_fn)
+    if moe_type == "stablemoe":
+        return StableMoELayer(
+            embed_dim=args.decoder_embed_dim,
+            ffn_dim=args.decoder_ffn_embed_dim,
+            num_experts=args.num_experts,
+            num_sublayers=args.moe_sublayers,
+            vocab_size=len(dictionary),
+            padding_idx=dictionary.pad(),
+            distill_dim=args.distill_dim,
+            two_stage_updates=args.two_stage_updates,
+            capacity_factor=args.capacity_factor,
+            activation_fn=args.activation_fn,
+        )
+    raise ValueError(f"unknown --moe-type {moe_type!r}: choose one of {', '.join(MOE_TYPES)}")
+
+
 class StableMoEDecoder(TransformerDecoder):
     """fairseq's Transformer decoder with MoE layers inserted.
 
@@ -123,26 +151,12 @@ class StableMoEDecoder(TransformerDecoder):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         self.moe_layers: List[MoEDecoderLayer] = []
         positions = moe_layer_positions(args.decoder_layers, args.moe_layers)
-        for i, pos in enumerate(positions):
-            layer = MoEDecoderLayer(
-                StableMoELayer(
-                    embed_dim=args.decoder_embed_dim,
-                    ffn_dim=args.decoder_ffn_embed_dim,
-                    num_experts=args.num_experts,
-                    num_sublayers=args.moe_sublayers,
-                    vocab_size=len(dictionary),
-                    padding_idx=dictionary.pad(),
-                    distill_dim=args.distill_dim,
-                    two_stage_updates=args.two_stage_updates,
-                    capacity_factor=args.capacity_factor,
-                    activation_fn=args.activation_fn,
-                    layer_name=f"MoE layer {i}",
-                )
-            )
+        for pos in positions:
+            layer = MoEDecoderLayer(build_moe_layer(args, dictionary))
             self.layers.insert(pos, layer)
             self.moe_layers.append(layer)
         for idx, layer in enumerate(self.layers):
-            if isinstance(layer, MoEDecoderLayer):
+            if isinstance(layer, MoEDecoderLayer) and hasattr(layer.moe, "layer_name"):
                 layer.moe.layer_name = f"MoE layer {self.moe_layers.index(layer)} (decoder.layers.{idx})"
 
     def extract_features_scriptable(
@@ -232,7 +246,8 @@ class StableMoELanguageModel(TransformerLanguageModel):
         return cls(decoder)
 
     @property
-    def moe_layers(self) -> List[StableMoELayer]:
+    def moe_layers(self) -> List[nn.Module]:
+        """The MoE layers (``StableMoELayer``, or ``DenseFFNLayer`` for ``--moe-type dense``)."""
         return [layer.moe for layer in self.decoder.moe_layers]
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
@@ -255,6 +270,7 @@ def _moe_defaults(args, sublayers: int = 1) -> None:
     args.distill_dim = safe_getattr(args, "distill_dim", 50)
     args.two_stage_updates = safe_getattr(args, "two_stage_updates", 1000)
     args.capacity_factor = safe_getattr(args, "capacity_factor", None)
+    args.moe_type = safe_getattr(args, "moe_type", "stablemoe")
 
 
 def _paper_size(args, layers: int, dim: int, ffn: int, heads: int, sublayers: int) -> None:
