@@ -26,13 +26,20 @@ import torch.nn.functional as F
 
 from .dispatch import Dispatch, capacity_for
 from .experts import Expert, Experts
+from .parallel import ExpertShard, all_reduce_sum, exchange, scale_expert_gradients
 from .router import BackboneRouter, DistilledRouter, make_finite
 
 logger = logging.getLogger(__name__)
 
 
 class StableMoELayer(nn.Module):
-    """A StableMoE layer with all ``num_experts`` experts in this process.
+    """A StableMoE layer.
+
+    In a job of ``W`` data-parallel processes each process holds ``N / W`` of
+    the experts (``experts.<i>`` is global expert ``rank * N / W + i``) and
+    tokens travel to them with all-to-all (see :mod:`.parallel`); routers are
+    replicated. Routing, the balance loss (counts over the global batch) and
+    the distillation loss are those of one process holding all experts.
 
     Args:
         embed_dim: ``d``.
@@ -70,7 +77,9 @@ class StableMoELayer(nn.Module):
         self.layer_name = layer_name
         self.backbone = BackboneRouter(embed_dim, num_experts)
         self.distill_router = DistilledRouter(vocab_size, distill_dim, num_experts, padding_idx)
-        self.experts = Experts(num_experts, embed_dim, ffn_dim, num_sublayers, activation_fn)
+        self.shard = ExpertShard.current(num_experts)
+        self.experts = Experts(self.shard.num_local, embed_dim, ffn_dim, num_sublayers, activation_fn)
+        scale_expert_gradients(list(self.experts.parameters()), self.shard.world_size)
         self.num_updates = 0
 
     # ------------------------------------------------------------------ stages
@@ -143,7 +152,12 @@ class StableMoELayer(nn.Module):
         num_tokens = valid.sum()
         capacity = capacity_for(h.shape[0], self.num_experts, self.capacity_factor)
         plan = Dispatch(choice, self.num_experts, capacity=capacity, skip=pad if pad.any() else None)
-        delta = plan.scatter(self.experts(plan.gather(h), plan.counts))
+        routed = plan.gather(h)
+        if self.shard.is_parallel:
+            expert_out = exchange(routed, plan.counts, self.shard, self.experts)
+        else:
+            expert_out = self.experts(routed, plan.counts)
+        delta = plan.scatter(expert_out)
         output = h + gate.to(h.dtype).unsqueeze(1) * delta
 
         zeros = torch.zeros(self.num_experts, dtype=torch.float32, device=h.device)
@@ -176,9 +190,13 @@ class StableMoELayer(nn.Module):
             distill_scores: ``(T, N)`` distilled affinities.
             valid: ``(T,)`` 1.0 for non-pad tokens.
         """
-        counts = torch.zeros(self.num_experts, dtype=torch.float32, device=scores.device)
-        counts.index_add_(0, backbone_choice, valid)
-        mean_load = valid.sum() / self.num_experts
+        # |A_i| and n over the global batch (all processes), as constants
+        counts_n = torch.zeros(self.num_experts + 1, dtype=torch.float32, device=scores.device)
+        counts_n[: self.num_experts].index_add_(0, backbone_choice, valid)
+        counts_n[self.num_experts] = valid.sum()
+        all_reduce_sum(counts_n)
+        counts = counts_n[: self.num_experts]
+        mean_load = counts_n[self.num_experts] / self.num_experts
         # (|A_i| - n/N) / (n/N), a constant; 0 for an all-padding batch
         weight = (counts - mean_load) / mean_load.clamp(min=1e-9)
         gate_own = torch.sigmoid(scores.gather(1, backbone_choice.unsqueeze(1)).squeeze(1))

@@ -24,8 +24,10 @@ from fairseq.models.transformer_lm import (
     base_lm_architecture,
 )
 from fairseq.utils import safe_getattr
+from omegaconf import II
 
 from .layer import DenseFFNLayer, StableMoELayer
+from .parallel import world_size_and_rank
 
 MOE_TYPES = ["stablemoe", "dense"]
 
@@ -76,6 +78,8 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
             "untrained distilled router)"
         },
     )
+    # from other parts of the config: expert parallelism needs legacy_ddp
+    ddp_backend: str = II("distributed_training.ddp_backend")
     capacity_factor: Optional[float] = field(
         default=None,
         metadata={
@@ -211,6 +215,23 @@ def validate_moe_args(args) -> None:
         )
     if args.capacity_factor is not None and args.capacity_factor <= 0:
         problems.append(f"--capacity-factor must be > 0 or unset (got {args.capacity_factor})")
+    world_size, _ = world_size_and_rank()
+    ddp_backend = safe_getattr(args, "ddp_backend", None)
+    if (
+        world_size > 1
+        and str(args.moe_type) != "dense"
+        and args.moe_layers > 0
+        and ddp_backend not in (None, "legacy_ddp", "no_c10d")
+    ):
+        problems.append(
+            f"--ddp-backend {ddp_backend} would average (and at start-up overwrite) the experts, "
+            "which differ between processes: use --ddp-backend legacy_ddp"
+        )
+    if world_size > 1 and args.num_experts % world_size != 0:
+        problems.append(
+            f"--num-experts {args.num_experts} is not a multiple of the {world_size} data-parallel "
+            f"processes (each holds num_experts / world_size experts): use a multiple of {world_size}"
+        )
     for opt in ("character_embeddings", "adaptive_input"):
         if safe_getattr(args, opt, False):
             problems.append(f"--{opt.replace('_', '-')} is not supported by stablemoe_lm")
