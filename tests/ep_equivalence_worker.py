@@ -1,0 +1,146 @@
+"""One process of the expert-parallel equivalence test (run by test_expert_parallel.py).
+
+Builds a stablemoe_lm and fairseq's own Trainer (legacy_ddp, plain SGD, no
+clipping) from real command-line arguments, loads the common initial weights
+(its shard of the experts), runs a few train steps on its share of a fixed
+global batch and saves its parameters and the per-step logged losses.
+
+    python ep_equivalence_worker.py DATA_DIR INIT.pt OUT.pt --rank R --world-size W --port P
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 8
+SEQ_LEN = 16
+NUM_EXPERTS = 4
+STEPS = 3
+TWO_STAGE = 2  # updates 0 and 1 in stage 1, update 2 in stage 2
+
+
+def model_args(data_dir: str, world_size: int, rank: int):
+    args = [
+        data_dir,
+        "--user-dir", str(REPO / "fairseq_stablemoe"),
+        "--task", "language_modeling",
+        "--arch", "stablemoe_lm",
+        "--criterion", "stablemoe",
+        "--decoder-layers", "2",
+        "--decoder-embed-dim", "16",
+        "--decoder-ffn-embed-dim", "32",
+        "--decoder-attention-heads", "2",
+        "--num-experts", str(NUM_EXPERTS),
+        "--moe-sublayers", "2",
+        "--distill-dim", "8",
+        "--two-stage-updates", str(TWO_STAGE),
+        "--dropout", "0",
+        "--optimizer", "sgd",
+        "--lr", "0.5",
+        "--clip-norm", "0",
+        "--tokens-per-sample", str(SEQ_LEN),
+        "--max-tokens", "4096",
+        "--cpu",
+        "--seed", "1",
+        "--ddp-backend", "legacy_ddp",
+        "--distributed-world-size", str(world_size),
+        "--distributed-rank", str(rank),
+    ]
+    return args
+
+
+def global_batch(pad: int, vocab: int):
+    g = torch.Generator().manual_seed(123)
+    src = torch.randint(4, vocab, (GLOBAL_BATCH, SEQ_LEN), generator=g)
+    tgt = torch.randint(4, vocab, (GLOBAL_BATCH, SEQ_LEN), generator=g)
+    lengths = torch.full((GLOBAL_BATCH,), SEQ_LEN)
+    # right padding in a few rows of each process's share
+    for row, keep in ((1, 10), (5, 3), (6, 12)):
+        src[row, keep:] = pad
+        tgt[row, keep:] = pad
+        lengths[row] = keep
+    return src, tgt, lengths
+
+
+def sample_for(rows, src, tgt, lengths, pad):
+    tgt_rows = tgt[rows]
+    return {
+        "id": torch.tensor(rows),
+        "nsentences": len(rows),
+        "ntokens": int(tgt_rows.ne(pad).sum()),
+        "net_input": {"src_tokens": src[rows], "src_lengths": lengths[rows]},
+        "target": tgt_rows,
+    }
+
+
+def shard_state(state, rank: int, world_size: int):
+    """The rank's view of a 1-process state dict: experts renumbered to local ids."""
+    per_rank = NUM_EXPERTS // world_size
+    out = {}
+    for key, value in state.items():
+        m = re.search(r"\.experts\.(\d+)\.", key)
+        if m is None:
+            out[key] = value
+            continue
+        glob = int(m.group(1))
+        if glob // per_rank == rank:
+            out[key.replace(f".experts.{glob}.", f".experts.{glob % per_rank}.")] = value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data_dir")
+    parser.add_argument("init")
+    parser.add_argument("out")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    opts = parser.parse_args()
+
+    if opts.world_size > 1:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{opts.port}", rank=opts.rank, world_size=opts.world_size
+        )
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    train_parser = options.get_training_parser()
+    args = options.parse_args_and_arch(train_parser, model_args(opts.data_dir, opts.world_size, opts.rank))
+    cfg = convert_namespace_to_omegaconf(args)
+    torch.manual_seed(cfg.common.seed)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+
+    init = torch.load(opts.init, weights_only=True) if Path(opts.init).exists() else None
+    if init is None:  # the 1-process run writes the common initial weights
+        torch.save(model.state_dict(), opts.init)
+    else:
+        model.load_state_dict(shard_state(init, opts.rank, opts.world_size))
+
+    trainer = Trainer(cfg, task, model, criterion)
+    pad = task.dictionary.pad()
+    src, tgt, lengths = global_batch(pad, len(task.dictionary))
+    per_rank = GLOBAL_BATCH // opts.world_size
+    rows = list(range(opts.rank * per_rank, (opts.rank + 1) * per_rank))
+    losses = []
+    for _ in range(STEPS):
+        log = trainer.train_step([sample_for(rows, src, tgt, lengths, pad)])
+        losses.append(float(log["loss"]))
+    torch.save(
+        {"state": {k: v.detach().clone() for k, v in trainer.get_model().state_dict().items()}, "losses": losses},
+        opts.out,
+    )
+    if opts.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
