@@ -5,7 +5,9 @@
 by fairseq's sample size as ``cross_entropy`` is. The logged ``loss`` and
 ``nll_loss`` are the language-model cross-entropy alone (base 2), so they
 compare with fairseq's ``cross_entropy`` across stages; ``balance_loss`` and
-``distill_loss`` are logged per token (base 2, before their factors).
+``distill_loss`` are logged per token (natural units, before their factors:
+the distillation loss is a cross-entropy in nats; a perfectly balanced Switch
+loss is 1).
 """
 
 import math
@@ -72,28 +74,27 @@ class StableMoECriterion(FairseqCriterion):
 
         layers = moe_stats(net_output)
         if layers:
-            stage1 = "balance_loss" in layers[0]
-            balance = sum(s["balance_loss"] for s in layers) if stage1 else None
-            distill = sum(s["distill_loss"] for s in layers) if stage1 else None
-            if stage1 and model.training:
+            balance = sum(s["balance_loss"] for s in layers if "balance_loss" in s)
+            distill = sum(s["distill_loss"] for s in layers if "distill_loss" in s)
+            if model.training:
                 loss = loss + self.balance_factor * balance + self.distill_factor * distill
             num_experts = layers[0]["load"].numel()
             moe_tokens = sum(s["num_tokens"] for s in layers)
-            max_load = sum(s["load"].max() * num_experts for s in layers)
-            entropy = sum(_load_entropy(s["load"]) * s["num_tokens"] for s in layers)
             logging_output.update(
                 {
-                    "balance_loss": balance.detach() if stage1 else 0.0,
-                    "distill_loss": distill.detach() if stage1 else 0.0,
-                    "moe_stage": (1.0 if stage1 else 2.0) * sample_size,
+                    "balance_loss": _detach(balance),
+                    "distill_loss": _detach(distill),
                     "moe_tokens": moe_tokens.detach(),
-                    "moe_agree": sum(s["agree"] for s in layers).detach(),
-                    "moe_max_load": max_load.detach(),
-                    "moe_entropy": entropy.detach(),
-                    "moe_nonfinite": sum(s["nonfinite"] for s in layers).detach(),
+                    "moe_max_load": sum(s["load"].max() * num_experts for s in layers).detach(),
+                    "moe_entropy": sum(_load_entropy(s["load"]) * s["num_tokens"] for s in layers).detach(),
                     "moe_dropped": sum(s["dropped"] for s in layers).detach(),
                 }
             )
+            for key, stat in (("moe_agree", "agree"), ("moe_nonfinite", "nonfinite")):
+                if stat in layers[0]:
+                    logging_output[key] = sum(s[stat] for s in layers).detach()
+            if "stage" in layers[0]:
+                logging_output["moe_stage"] = float(layers[0]["stage"]) * sample_size
         return loss, sample_size, logging_output
 
     @staticmethod
@@ -114,21 +115,28 @@ class StableMoECriterion(FairseqCriterion):
         if not any("moe_tokens" in log for log in logging_outputs):
             return
         moe_tokens = total("moe_tokens")
-        metrics.log_scalar("balance_loss", total("balance_loss") / sample_size / math.log(2), sample_size, round=4)
-        metrics.log_scalar("distill_loss", total("distill_loss") / sample_size / math.log(2), sample_size, round=4)
-        metrics.log_scalar("stage", total("moe_stage") / sample_size, sample_size, round=2)
+        metrics.log_scalar("balance_loss", total("balance_loss") / sample_size, sample_size, round=4)
+        metrics.log_scalar("distill_loss", total("distill_loss") / sample_size, sample_size, round=4)
+        if any("moe_stage" in log for log in logging_outputs):
+            metrics.log_scalar("stage", total("moe_stage") / sample_size, sample_size, round=2)
         if moe_tokens > 0:
             # agreement of the distilled router with the backbone router, max load over
             # mean load, and load entropy normalised to 1 = perfectly even
-            metrics.log_scalar("router_agree", total("moe_agree") / moe_tokens, moe_tokens, round=3)
+            if any("moe_agree" in log for log in logging_outputs):
+                metrics.log_scalar("router_agree", total("moe_agree") / moe_tokens, moe_tokens, round=3)
             metrics.log_scalar("max_load", total("moe_max_load") / moe_tokens, moe_tokens, round=3)
             metrics.log_scalar("load_entropy", total("moe_entropy") / moe_tokens, moe_tokens, round=3)
-        metrics.log_scalar_sum("nonfinite", total("moe_nonfinite"), round=0)
-        metrics.log_scalar("dropped", total("moe_dropped") / max(moe_tokens, 1), moe_tokens, round=4)
+            metrics.log_scalar("dropped", total("moe_dropped") / moe_tokens, moe_tokens, round=4)
+        if any("moe_nonfinite" in log for log in logging_outputs):
+            metrics.log_scalar_sum("nonfinite", total("moe_nonfinite"), round=0)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def _detach(value):
+    return value.detach() if torch.is_tensor(value) else value
 
 
 def _load_entropy(load: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,35 @@
-"""The StableMoE layer (Dai et al., ACL 2022): two-stage routing, sigmoid gate,
-balance loss and router distillation.
+"""MoE layers: StableMoE (Dai et al., ACL 2022) and the baselines it is compared with.
 
-Shapes: ``T`` tokens, ``d`` model dim, ``N`` experts.
+Shapes: ``T`` tokens, ``d`` model dim, ``N`` experts. Every type has the same
+experts (``--moe-sublayers`` residual FFN sublayers each), the same expert
+count and placement, so only routing differs.
 
-* Stage 1 (training, ``num_updates < two_stage_updates``): the backbone router
+* ``stablemoe`` (:class:`StableMoELayer`):
+  stage 1 (training, ``num_updates < two_stage_updates``): the backbone router
   assigns ``a_t = argmax_i s[t, i]`` with ``s[t, i] = h_t . E_i``; output
   ``h_t + sigmoid(s[t, a_t]) * FFN_{a_t}(h_t)``. Balance loss
   ``sum_i ((|A_i| - n/N) / (n/N)) * sum_{t in A_i} sigmoid(s[t, i])`` with counts
   as constants; distillation loss ``sum_t CE(s_hat_t, a_t)``.
-* Stage 2 (training, ``num_updates >= two_stage_updates``): the frozen distilled
-  router assigns ``a_t = argmax_i s_hat[t, i]``; the gate still uses the
-  backbone centroids; no auxiliary loss.
-* Inference (``eval()``): routes with the distilled router.
+  Stage 2 (training, ``num_updates >= two_stage_updates``): the frozen
+  distilled router assigns ``a_t = argmax_i s_hat[t, i]``; the gate still uses
+  the backbone centroids; no auxiliary loss. Inference (``eval()``): the
+  distilled router.
+* ``switch`` (:class:`SwitchLayer`): softmax over the affinities, top-1,
+  output ``h + p_a(h) * FFN_a(h)``, Switch Transformer load-balancing loss.
+* ``base`` (:class:`BaseLayer`): balanced assignment in training (fairseq's
+  ``libbase``, as BASE layers), greedy top-1 at inference, sigmoid gate.
+* ``hash`` (:class:`HashLayer`): a fixed hash of the token's string to an
+  expert; no router, no gate, no auxiliary loss.
+* ``dense`` (:class:`DenseFFNLayer`): one expert's network for every token.
 
 Padding positions go to no expert and take no part in the losses or the load
-statistics (the paper's code counts them).
+statistics (the paper's code counts them). Auxiliary losses are sums over
+tokens, so the criterion normalises them as it does the cross-entropy.
 """
 
+import hashlib
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,28 +42,142 @@ from .router import BackboneRouter, DistilledRouter, make_finite
 
 logger = logging.getLogger(__name__)
 
+Stats = Dict[str, torch.Tensor]
 
-class StableMoELayer(nn.Module):
-    """A StableMoE layer.
+
+class Routing(NamedTuple):
+    """What a router decided for ``T`` tokens."""
+
+    choice: torch.Tensor  # (T,) long: expert of every token
+    gate: Optional[torch.Tensor]  # (T,) fp32 scale of the expert output, None for 1
+    stats: Stats  # losses and diagnostics (0-dim tensors)
+
+
+class MoELayer(nn.Module):
+    """Routing-independent part: expert sharding, dispatch, experts, gating, load.
 
     In a job of ``W`` data-parallel processes each process holds ``N / W`` of
     the experts (``experts.<i>`` is global expert ``rank * N / W + i``) and
     tokens travel to them with all-to-all (see :mod:`.parallel`); routers are
-    replicated. Routing, the balance loss (counts over the global batch) and
-    the distillation loss are those of one process holding all experts.
+    replicated. Routing and losses are those of one process holding all
+    experts on the global batch.
 
-    Args:
-        embed_dim: ``d``.
-        ffn_dim: inner dimension of every expert sublayer.
-        num_experts: ``N``.
-        num_sublayers: residual FFN sublayers per expert (``--moe-sublayers``).
-        vocab_size / padding_idx: of the token ids read by the distilled router.
+    Subclasses implement :meth:`route`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_dim: int,
+        num_experts: int,
+        num_sublayers: int,
+        padding_idx: int,
+        capacity_factor: Optional[float] = None,
+        activation_fn: str = "relu",
+        layer_name: str = "moe",
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.padding_idx = padding_idx
+        self.capacity_factor = capacity_factor
+        self.layer_name = layer_name
+        self.shard = ExpertShard.current(num_experts)
+        self.experts = Experts(self.shard.num_local, embed_dim, ffn_dim, num_sublayers, activation_fn)
+        scale_expert_gradients(list(self.experts.parameters()), self.shard.world_size)
+        self.num_updates = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Called by fairseq at the start of every train step and on checkpoint load."""
+        self.num_updates = num_updates
+
+    def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
+        """Assign tokens to experts.
+
+        Args:
+            h: ``(T, d)`` hidden states; tokens: ``(T,)`` ids; valid: ``(T,)``
+            fp32, 1.0 for non-pad tokens.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def assignment(self, features: torch.Tensor, tokens: torch.Tensor, training_routing: bool = True) -> torch.Tensor:
+        """The expert of every token, ``(...)`` long, without running the experts.
+
+        ``training_routing``: the routing training used at the current update
+        count (else the inference routing). Used by the fluctuation analysis.
+        """
+        was_training = self.training
+        self.train(training_routing)
+        try:
+            h = features.reshape(-1, features.shape[-1])
+            tok = tokens.reshape(-1)
+            routing = self.route(h, tok, tok.ne(self.padding_idx).float())
+        finally:
+            self.train(was_training)
+        return routing.choice.view(tokens.shape)
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
+        """Route, run the experts and gate.
+
+        Args:
+            features: ``(..., d)`` hidden states (``(T, B, d)`` in the decoder).
+            tokens: ``(...)`` token ids at the same positions (``(T, B)``).
+        Returns:
+            ``(output, stats)``: output of the shape of ``features``; ``stats``
+            holds 0-dim tensors ``num_tokens`` (non-pad), ``dropped`` (tokens
+            over capacity), ``load`` (``(N,)`` non-pad tokens per expert) and
+            the router's own entries (``balance_loss``, ``distill_loss``, ...).
+        """
+        if tokens.shape != features.shape[:-1]:
+            raise ValueError(
+                f"{self.layer_name}: token ids of shape {tuple(tokens.shape)} do not match "
+                f"features of shape {tuple(features.shape)}"
+            )
+        h = features.reshape(-1, features.shape[-1])
+        tok = tokens.reshape(-1)
+        pad = tok.eq(self.padding_idx)
+        valid = (~pad).to(torch.float32)
+        routing = self.route(h, tok, valid)
+
+        capacity = capacity_for(h.shape[0], self.num_experts, self.capacity_factor)
+        plan = Dispatch(routing.choice, self.num_experts, capacity=capacity, skip=pad if pad.any() else None)
+        routed = plan.gather(h)
+        if self.shard.is_parallel:
+            expert_out = exchange(routed, plan.counts, self.shard, self.experts)
+        else:
+            expert_out = self.experts(routed, plan.counts)
+        delta = plan.scatter(expert_out)
+        if routing.gate is not None:
+            delta = routing.gate.to(h.dtype).unsqueeze(1) * delta
+        output = h + delta
+
+        num_tokens = valid.sum()
+        stats: Stats = {
+            "num_tokens": num_tokens,
+            "load": self._count(routing.choice, valid),
+            "dropped": (num_tokens - float(sum(plan.counts))).clamp(min=0.0),
+        }
+        stats.update(routing.stats)
+        return output.view_as(features), stats
+
+    def _count(self, choice: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` fp32 number of non-pad tokens per expert."""
+        return torch.zeros(self.num_experts, dtype=torch.float32, device=choice.device).index_add_(0, choice, valid)
+
+    def _global_counts(self, choice: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(|A_i|, n)`` over the global batch (all processes), as constants."""
+        counts_n = torch.cat([self._count(choice, valid), valid.sum().view(1)])
+        all_reduce_sum(counts_n)
+        return counts_n[: self.num_experts], counts_n[self.num_experts]
+
+
+class StableMoELayer(MoELayer):
+    """StableMoE: two-stage routing with a distilled token-id router.
+
+    Args (besides :class:`MoELayer`'s):
+        vocab_size: of the token ids read by the distilled router.
         distill_dim: embedding size of the distilled router (``--distill-dim``).
         two_stage_updates: update count at which stage 2 starts.
-        capacity_factor: optional per-expert capacity, as a multiple of ``n/N``;
-            tokens over it pass through unchanged. None: no token is dropped.
-        activation_fn: expert activation.
-        layer_name: used in log messages.
     """
 
     def __init__(
@@ -69,27 +194,20 @@ class StableMoELayer(nn.Module):
         activation_fn: str = "relu",
         layer_name: str = "moe",
     ):
-        super().__init__()
-        self.num_experts = num_experts
-        self.padding_idx = padding_idx
+        super().__init__(
+            embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, capacity_factor, activation_fn, layer_name
+        )
         self.two_stage_updates = two_stage_updates
-        self.capacity_factor = capacity_factor
-        self.layer_name = layer_name
         self.backbone = BackboneRouter(embed_dim, num_experts)
         self.distill_router = DistilledRouter(vocab_size, distill_dim, num_experts, padding_idx)
-        self.shard = ExpertShard.current(num_experts)
-        self.experts = Experts(self.shard.num_local, embed_dim, ffn_dim, num_sublayers, activation_fn)
-        scale_expert_gradients(list(self.experts.parameters()), self.shard.world_size)
-        self.num_updates = 0
 
-    # ------------------------------------------------------------------ stages
     @property
     def in_stage2(self) -> bool:
         return self.num_updates >= self.two_stage_updates
 
     def set_num_updates(self, num_updates: int) -> None:
-        """Called by fairseq after every update and on checkpoint load."""
-        self.num_updates = num_updates
+        """Freeze the distilled router at the boundary; keep it frozen after it."""
+        super().set_num_updates(num_updates)
         router = self.distill_router
         if self.in_stage2:
             if not router.is_frozen:
@@ -105,105 +223,162 @@ class StableMoELayer(nn.Module):
             router.unfreeze()
             logger.info("%s: update count %d is before the stage boundary: router unfrozen", self.layer_name, num_updates)
 
-    # ----------------------------------------------------------------- forward
-    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Route, run the experts and gate.
+    def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
+        """Stage 1 (training): backbone; stage 2 and inference: distilled router.
 
-        Args:
-            features: ``(..., d)`` hidden states (e.g. ``(T, B, d)`` in the decoder).
-            tokens: ``(...)`` token ids at the same positions (``(T, B)``).
-        Returns:
-            ``(output, stats)``: output of the shape of ``features``; ``stats``
-            holds 0-dim tensors ``balance_loss`` and ``distill_loss`` (absent
-            in stage 2), ``num_tokens`` (non-pad), ``agree`` (tokens where the
-            distilled and backbone routers pick the same expert),
-            ``nonfinite`` (replaced affinities), ``dropped`` (tokens over
-            capacity), ``load`` (``(N,)`` non-pad tokens per expert, as routed)
-            and ``backbone_load`` (``(N,)``, as the backbone router would route).
+        Extra stats: ``balance_loss`` and ``distill_loss`` (stage 1 only),
+        ``agree`` (tokens where both routers pick the same expert),
+        ``backbone_load`` (``(N,)``), ``nonfinite`` (replaced affinities),
+        ``stage`` (1.0 or 2.0).
         """
-        if tokens.shape != features.shape[:-1]:
-            raise ValueError(
-                f"{self.layer_name}: token ids of shape {tuple(tokens.shape)} do not match "
-                f"features of shape {tuple(features.shape)}"
-            )
-        h = features.reshape(-1, features.shape[-1])
-        tok = tokens.reshape(-1)
-        pad = tok.eq(self.padding_idx)
-        valid = (~pad).to(torch.float32)
         stage2 = self.in_stage2
-
         # backbone affinities (fp32, with grad: they feed the gate and the balance loss)
-        scores = self.backbone(h)
-        finite_scores, nonfinite = make_finite(scores.detach())
+        raw_scores = self.backbone(h)
+        finite_scores, nonfinite = make_finite(raw_scores.detach())
+        scores = torch.where(torch.isfinite(raw_scores), raw_scores, finite_scores)
         backbone_choice = finite_scores.argmax(dim=1)
 
         # distilled affinities; no autograd once the router is frozen or at inference
-        distill_grad = self.training and not stage2
-        with torch.set_grad_enabled(distill_grad and torch.is_grad_enabled()):
-            distill_scores = self.distill_router(tok)
+        with torch.set_grad_enabled(self.training and not stage2 and torch.is_grad_enabled()):
+            distill_scores = self.distill_router(tokens)
         finite_distill, nonfinite_distill = make_finite(distill_scores.detach())
         distill_choice = finite_distill.argmax(dim=1)
 
         choice = backbone_choice if (self.training and not stage2) else distill_choice
-        scores = torch.where(torch.isfinite(scores), scores, finite_scores)
         gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
-
-        # dispatch, experts, combine
-        num_tokens = valid.sum()
-        capacity = capacity_for(h.shape[0], self.num_experts, self.capacity_factor)
-        plan = Dispatch(choice, self.num_experts, capacity=capacity, skip=pad if pad.any() else None)
-        routed = plan.gather(h)
-        if self.shard.is_parallel:
-            expert_out = exchange(routed, plan.counts, self.shard, self.experts)
-        else:
-            expert_out = self.experts(routed, plan.counts)
-        delta = plan.scatter(expert_out)
-        output = h + gate.to(h.dtype).unsqueeze(1) * delta
-
-        zeros = torch.zeros(self.num_experts, dtype=torch.float32, device=h.device)
-        stats: Dict[str, torch.Tensor] = {
-            "num_tokens": num_tokens,
-            "load": zeros.index_add(0, choice, valid),
-            "backbone_load": zeros.index_add(0, backbone_choice, valid),
+        stats: Stats = {
             "agree": ((backbone_choice == distill_choice).float() * valid).sum(),
+            "backbone_load": self._count(backbone_choice, valid),
             "nonfinite": (nonfinite + nonfinite_distill).float(),
-            "dropped": (num_tokens - float(sum(plan.counts))).clamp(min=0.0),
+            "stage": torch.tensor(2.0 if stage2 else 1.0),
         }
         if not stage2:
-            stats["balance_loss"], stats["distill_loss"] = self._stage1_losses(
-                scores, backbone_choice, distill_scores, valid
-            )
-        return output.view_as(features), stats
+            stats["balance_loss"] = self._balance_loss(scores, backbone_choice, valid)
+            stats["distill_loss"] = (
+                F.cross_entropy(distill_scores, backbone_choice, reduction="none") * valid
+            ).sum()
+        return Routing(choice, gate, stats)
 
-    def _stage1_losses(
+    def _balance_loss(self, scores: torch.Tensor, choice: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``sum_i ((|A_i| - n/N) / (n/N)) * sum_{t in A_i} sigmoid(s[t, i])`` over non-pad tokens."""
+        counts, n = self._global_counts(choice, valid)
+        mean_load = n / self.num_experts
+        weight = (counts - mean_load) / mean_load.clamp(min=1e-9)  # 0 for an all-padding batch
+        gate_own = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
+        return (weight[choice] * gate_own * valid).sum()
+
+
+class SwitchLayer(MoELayer):
+    """Switch Transformer routing: softmax, top-1, probability gate, load-balancing loss.
+
+    ``balance_loss`` is ``N * sum_i f_i * P_i`` (``f_i`` share of tokens sent
+    to expert ``i``, ``P_i`` mean router probability, over the global batch)
+    times the number of tokens, so that after the criterion's division by the
+    sample size it is the Switch loss.
+    """
+
+    def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int, padding_idx: int, **kwargs):
+        super().__init__(embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, **kwargs)
+        self.backbone = BackboneRouter(embed_dim, num_experts)
+
+    def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
+        raw = self.backbone(h)
+        finite, nonfinite = make_finite(raw.detach())
+        probs = torch.softmax(torch.where(torch.isfinite(raw), raw, finite), dim=1)
+        choice = finite.argmax(dim=1)
+        gate = probs.gather(1, choice.unsqueeze(1)).squeeze(1)
+        counts, n = self._global_counts(choice, valid)
+        frac = counts / n.clamp(min=1.0)
+        balance = self.num_experts * (frac * (probs * valid.unsqueeze(1)).sum(0)).sum()
+        return Routing(choice, gate, {"balance_loss": balance, "nonfinite": nonfinite.float()})
+
+
+class BaseLayer(MoELayer):
+    """BASE layers routing: balanced assignment in training, greedy top-1 at inference.
+
+    Training solves the assignment of this process's non-pad tokens to the
+    experts with equal shares (fairseq's ``libbase`` auction algorithm, as
+    fairseq's BASE layers; the ``n mod N`` tokens left over go greedy). The
+    gate is ``sigmoid(h . E_a)``; no auxiliary loss.
+    """
+
+    def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int, padding_idx: int, **kwargs):
+        super().__init__(embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, **kwargs)
+        self.backbone = BackboneRouter(embed_dim, num_experts)
+        try:
+            from fairseq import libbase
+        except ImportError as e:  # pragma: no cover - fairseq builds it
+            raise ImportError(
+                "--moe-type base needs fairseq's libbase extension (built with fairseq); reinstall fairseq"
+            ) from e
+        self._libbase = libbase
+
+    def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
+        raw = self.backbone(h)
+        finite, nonfinite = make_finite(raw.detach())
+        choice = finite.argmax(dim=1)
+        if self.training:
+            choice = self._balanced(finite, choice, valid)
+        scores = torch.where(torch.isfinite(raw), raw, finite)
+        gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
+        return Routing(choice, gate, {"nonfinite": nonfinite.float()})
+
+    def _balanced(self, scores: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        idx = valid.nonzero().squeeze(1)
+        per_expert = idx.numel() // self.num_experts
+        if per_expert == 0:
+            return greedy
+        take = idx[: per_expert * self.num_experts]
+        order = self._libbase.balanced_assignment(scores.index_select(0, take).float().cpu().contiguous())
+        order = order.to(scores.device)
+        expert_of_slot = torch.arange(self.num_experts, device=scores.device).repeat_interleave(per_expert)
+        choice = greedy.clone()
+        choice[take[order]] = expert_of_slot
+        return choice
+
+
+class HashLayer(MoELayer):
+    """Hash layers: a fixed random map from token to expert; no router, gate or loss.
+
+    The map hashes the token's *string* (sha1), so it does not depend on the
+    order of fairseq's dictionary; it is kept in the checkpoint as the buffer
+    ``token_to_expert`` (``(vocab,)``).
+    """
+
+    def __init__(
         self,
-        scores: torch.Tensor,
-        backbone_choice: torch.Tensor,
-        distill_scores: torch.Tensor,
-        valid: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Balance and distillation losses (sums over non-pad tokens).
+        embed_dim: int,
+        ffn_dim: int,
+        num_experts: int,
+        num_sublayers: int,
+        padding_idx: int,
+        symbols: Sequence[str] = (),
+        **kwargs,
+    ):
+        super().__init__(embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, **kwargs)
+        self.register_buffer("token_to_expert", hash_symbols(symbols, num_experts))
 
-        Args:
-            scores: ``(T, N)`` backbone affinities (finite, with grad).
-            backbone_choice: ``(T,)`` backbone argmax (``A_i`` membership).
-            distill_scores: ``(T, N)`` distilled affinities.
-            valid: ``(T,)`` 1.0 for non-pad tokens.
-        """
-        # |A_i| and n over the global batch (all processes), as constants
-        counts_n = torch.zeros(self.num_experts + 1, dtype=torch.float32, device=scores.device)
-        counts_n[: self.num_experts].index_add_(0, backbone_choice, valid)
-        counts_n[self.num_experts] = valid.sum()
-        all_reduce_sum(counts_n)
-        counts = counts_n[: self.num_experts]
-        mean_load = counts_n[self.num_experts] / self.num_experts
-        # (|A_i| - n/N) / (n/N), a constant; 0 for an all-padding batch
-        weight = (counts - mean_load) / mean_load.clamp(min=1e-9)
-        gate_own = torch.sigmoid(scores.gather(1, backbone_choice.unsqueeze(1)).squeeze(1))
-        balance = (weight[backbone_choice] * gate_own * valid).sum()
-        distill_target = backbone_choice
-        distill = (F.cross_entropy(distill_scores, distill_target, reduction="none") * valid).sum()
-        return balance, distill
+    def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
+        return Routing(self.token_to_expert[tokens], None, {})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "token_to_expert"
+        if key in state_dict and state_dict[key].shape != self.token_to_expert.shape:
+            raise ValueError(
+                f"{self.layer_name}: the checkpoint's hash map covers {state_dict[key].numel()} token ids but "
+                f"the dictionary has {self.token_to_expert.numel()}: use the dict.txt the model was trained with"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def hash_symbols(symbols: Sequence[str], num_experts: int) -> torch.Tensor:
+    """``(len(symbols),)`` long: ``sha1(symbol) mod N`` for every dictionary entry."""
+    return torch.tensor(
+        [int.from_bytes(hashlib.sha1(s.encode("utf-8")).digest()[:8], "little") % num_experts for s in symbols],
+        dtype=torch.long,
+    )
 
 
 class DenseFFNLayer(nn.Module):

@@ -26,10 +26,10 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 from omegaconf import II
 
-from .layer import DenseFFNLayer, StableMoELayer
+from .layer import BaseLayer, DenseFFNLayer, HashLayer, StableMoELayer, SwitchLayer
 from .parallel import world_size_and_rank
 
-MOE_TYPES = ["stablemoe", "dense"]
+MOE_TYPES = ["stablemoe", "switch", "base", "hash", "dense"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,11 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
     )
     moe_type: ChoiceEnum(MOE_TYPES) = field(
         default="stablemoe",
-        metadata={"help": "routing of the MoE layers; dense: one FFN of the same sublayers instead"},
+        metadata={
+            "help": "routing of the MoE layers: stablemoe (two-stage, the default), switch (softmax "
+            "top-1 + load-balancing loss), base (balanced assignment), hash (fixed token hash), "
+            "dense (one FFN of the same sublayers instead)"
+        },
     )
     num_experts: int = field(default=4, metadata={"help": "number of experts N in every MoE layer"})
     moe_layers: int = field(
@@ -127,19 +131,28 @@ def build_moe_layer(args, dictionary) -> nn.Module:
     moe_type = str(args.moe_type)
     if moe_type == "dense":
         return DenseFFNLayer(args.decoder_embed_dim, args.decoder_ffn_embed_dim, args.moe_sublayers, args.activation_fn)
+    common = dict(
+        embed_dim=args.decoder_embed_dim,
+        ffn_dim=args.decoder_ffn_embed_dim,
+        num_experts=args.num_experts,
+        num_sublayers=args.moe_sublayers,
+        padding_idx=dictionary.pad(),
+        capacity_factor=args.capacity_factor,
+        activation_fn=args.activation_fn,
+    )
     if moe_type == "stablemoe":
         return StableMoELayer(
-            embed_dim=args.decoder_embed_dim,
-            ffn_dim=args.decoder_ffn_embed_dim,
-            num_experts=args.num_experts,
-            num_sublayers=args.moe_sublayers,
             vocab_size=len(dictionary),
-            padding_idx=dictionary.pad(),
             distill_dim=args.distill_dim,
             two_stage_updates=args.two_stage_updates,
-            capacity_factor=args.capacity_factor,
-            activation_fn=args.activation_fn,
+            **common,
         )
+    if moe_type == "switch":
+        return SwitchLayer(**common)
+    if moe_type == "base":
+        return BaseLayer(**common)
+    if moe_type == "hash":
+        return HashLayer(symbols=list(dictionary.symbols), **common)
     raise ValueError(f"unknown --moe-type {moe_type!r}: choose one of {', '.join(MOE_TYPES)}")
 
 

@@ -5,7 +5,7 @@ clipping) from real command-line arguments, loads the common initial weights
 (its shard of the experts), runs a few train steps on its share of a fixed
 global batch and saves its parameters and the per-step logged losses.
 
-    python ep_equivalence_worker.py DATA_DIR INIT.pt OUT.pt --rank R --world-size W --port P
+    python ep_equivalence_worker.py DATA_DIR INIT.pt OUT.pt --rank R --world-size W --port P --moe-type T
 """
 
 import argparse
@@ -23,12 +23,13 @@ STEPS = 3
 TWO_STAGE = 2  # updates 0 and 1 in stage 1, update 2 in stage 2
 
 
-def model_args(data_dir: str, world_size: int, rank: int):
+def model_args(data_dir: str, world_size: int, rank: int, moe_type: str):
     args = [
         data_dir,
         "--user-dir", str(REPO / "fairseq_stablemoe"),
         "--task", "language_modeling",
         "--arch", "stablemoe_lm",
+        "--moe-type", moe_type,
         "--criterion", "stablemoe",
         "--decoder-layers", "2",
         "--decoder-embed-dim", "16",
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--moe-type", default="stablemoe")
     opts = parser.parse_args()
 
     if opts.world_size > 1:
@@ -111,7 +113,7 @@ def main() -> None:
     from fairseq.trainer import Trainer
 
     train_parser = options.get_training_parser()
-    args = options.parse_args_and_arch(train_parser, model_args(opts.data_dir, opts.world_size, opts.rank))
+    args = options.parse_args_and_arch(train_parser, model_args(opts.data_dir, opts.world_size, opts.rank, opts.moe_type))
     cfg = convert_namespace_to_omegaconf(args)
     torch.manual_seed(cfg.common.seed)
     task = tasks.setup_task(cfg.task)

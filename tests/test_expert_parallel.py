@@ -42,16 +42,18 @@ def run(cmds, timeout=300):
     return outs
 
 
-def test_two_processes_match_one_process(data_dir, tmp_path):
+# base is left out: its balanced assignment is solved per process, as in fairseq's BASE layers
+@pytest.mark.parametrize("moe_type", ["stablemoe", "switch", "hash"])
+def test_two_processes_match_one_process(data_dir, tmp_path, moe_type):
     init = tmp_path / "init.pt"
     single = tmp_path / "single.pt"
-    run([[sys.executable, str(WORKER), str(data_dir), str(init), str(single)]])
+    run([[sys.executable, str(WORKER), str(data_dir), str(init), str(single), "--moe-type", moe_type]])
     port = free_port()
     shards = [tmp_path / f"rank{r}.pt" for r in range(2)]
     run(
         [
             [sys.executable, str(WORKER), str(data_dir), str(init), str(shards[r]),
-             "--rank", str(r), "--world-size", "2", "--port", str(port)]
+             "--rank", str(r), "--world-size", "2", "--port", str(port), "--moe-type", moe_type]
             for r in range(2)
         ]
     )
@@ -82,5 +84,6 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
                 checked_experts += 1
     # the comparison is meaningful: every expert trained (W2 starts at zero but moves)
     assert checked_experts >= 4 * 2
-    router = [k for k in ref["state"] if "distill_router.centroids" in k]
-    assert router and not torch.equal(ref["state"][router[0]], init_state[router[0]])
+    if moe_type == "stablemoe":
+        router = [k for k in ref["state"] if "distill_router.centroids" in k]
+        assert router and not torch.equal(ref["state"][router[0]], init_state[router[0]])
