@@ -23,6 +23,7 @@ setup(
     entry_points={
         "console_scripts": [
             "stablemoe-routing-summary=fairseq_stablemoe.routing_summary:cli_main",
+            "stablemoe-fluctuation=fairseq_stablemoe.fluctuation:cli_main",
         ],
     },
 )
