@@ -90,6 +90,12 @@ class StableMoECriterion(FairseqCriterion):
                     "moe_dropped": sum(s["dropped"] for s in layers).detach(),
                 }
             )
+            # per-layer health: the busiest expert's share of tokens and the experts left idle
+            logging_output["moe_batches"] = 1
+            for j, s in enumerate(layers):
+                logging_output[f"moe{j}_top"] = s["load"].max().detach()
+                logging_output[f"moe{j}_tokens"] = s["num_tokens"].detach()
+                logging_output[f"moe{j}_idle"] = (s["load"] == 0).sum().detach()
             for key, stat in (("moe_agree", "agree"), ("moe_nonfinite", "nonfinite")):
                 if stat in layers[0]:
                     logging_output[key] = sum(s[stat] for s in layers).detach()
@@ -127,6 +133,14 @@ class StableMoECriterion(FairseqCriterion):
             metrics.log_scalar("max_load", total("moe_max_load") / moe_tokens, moe_tokens, round=3)
             metrics.log_scalar("load_entropy", total("moe_entropy") / moe_tokens, moe_tokens, round=3)
             metrics.log_scalar("dropped", total("moe_dropped") / moe_tokens, moe_tokens, round=4)
+        batches = total("moe_batches")
+        j = 0
+        while any(f"moe{j}_top" in log for log in logging_outputs):
+            layer_tokens = total(f"moe{j}_tokens")
+            if layer_tokens > 0:
+                metrics.log_scalar(f"moe{j}_top_share", total(f"moe{j}_top") / layer_tokens, layer_tokens, round=3)
+            metrics.log_scalar(f"moe{j}_idle", total(f"moe{j}_idle") / max(batches, 1), batches, round=2)
+            j += 1
         if any("moe_nonfinite" in log for log in logging_outputs):
             metrics.log_scalar_sum("nonfinite", total("moe_nonfinite"), round=0)
 

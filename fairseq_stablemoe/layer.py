@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .dispatch import Dispatch, capacity_for
 from .experts import Expert, Experts
+from .health import CollapseMonitor
 from .parallel import ExpertShard, all_reduce_sum, exchange, scale_expert_gradients
 from .router import BackboneRouter, DistilledRouter, make_finite
 
@@ -75,6 +76,8 @@ class MoELayer(nn.Module):
         capacity_factor: Optional[float] = None,
         activation_fn: str = "relu",
         layer_name: str = "moe",
+        collapse_share: float = 0.8,
+        collapse_updates: int = 100,
     ):
         super().__init__()
         self.num_experts = num_experts
@@ -85,10 +88,13 @@ class MoELayer(nn.Module):
         self.experts = Experts(self.shard.num_local, embed_dim, ffn_dim, num_sublayers, activation_fn)
         scale_expert_gradients(list(self.experts.parameters()), self.shard.world_size)
         self.num_updates = 0
+        self.collapse = CollapseMonitor(layer_name, collapse_share, collapse_updates)
 
     def set_num_updates(self, num_updates: int) -> None:
         """Called by fairseq at the start of every train step and on checkpoint load."""
         self.num_updates = num_updates
+        self.collapse.layer_name = self.layer_name
+        self.collapse.step(num_updates)
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         """Assign tokens to experts.
@@ -152,9 +158,12 @@ class MoELayer(nn.Module):
         output = h + delta
 
         num_tokens = valid.sum()
+        load = self._count(routing.choice, valid)
+        if self.training:
+            self.collapse.observe(load)
         stats: Stats = {
             "num_tokens": num_tokens,
-            "load": self._count(routing.choice, valid),
+            "load": load,
             "dropped": (num_tokens - float(sum(plan.counts))).clamp(min=0.0),
         }
         stats.update(routing.stats)
@@ -193,9 +202,11 @@ class StableMoELayer(MoELayer):
         capacity_factor: Optional[float] = None,
         activation_fn: str = "relu",
         layer_name: str = "moe",
+        **kwargs,
     ):
         super().__init__(
-            embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, capacity_factor, activation_fn, layer_name
+            embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, capacity_factor, activation_fn, layer_name,
+            **kwargs,
         )
         self.two_stage_updates = two_stage_updates
         self.backbone = BackboneRouter(embed_dim, num_experts)

@@ -82,6 +82,13 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
             "untrained distilled router)"
         },
     )
+    collapse_share: float = field(
+        default=0.8,
+        metadata={"help": "warn (once per layer) when the busiest expert takes more than this share of tokens..."},
+    )
+    collapse_updates: int = field(
+        default=100, metadata={"help": "...for this many consecutive updates"}
+    )
     # from other parts of the config: expert parallelism needs legacy_ddp
     ddp_backend: str = II("distributed_training.ddp_backend")
     capacity_factor: Optional[float] = field(
@@ -139,6 +146,8 @@ def build_moe_layer(args, dictionary) -> nn.Module:
         padding_idx=dictionary.pad(),
         capacity_factor=args.capacity_factor,
         activation_fn=args.activation_fn,
+        collapse_share=safe_getattr(args, "collapse_share", 0.8),
+        collapse_updates=safe_getattr(args, "collapse_updates", 100),
     )
     if moe_type == "stablemoe":
         return StableMoELayer(
