@@ -1,11 +1,11 @@
 """fairseq-stablemoe: StableMoE (Dai et al., ACL 2022) as a fairseq plugin.
 
 Use with ``--user-dir fairseq_stablemoe`` (or the installed package's path):
-importing this package registers the ``stablemoe_lm`` model and its
-architectures and the ``stablemoe`` criterion.
+importing this package registers the ``stablemoe_lm`` and ``stablemoe_transformer`` models and
+their architectures and the ``stablemoe`` criterion.
 """
 
 from . import safe_globals  # noqa: F401  (before anything loads a checkpoint)
-from . import criterion, model  # noqa: F401  (registers with fairseq)
+from . import criterion, model, translation  # noqa: F401  (registers with fairseq)
 
 __version__ = "0.1.0"

@@ -1,10 +1,11 @@
 """``stablemoe`` criterion: cross-entropy plus the stage-1 auxiliary losses.
 
 ``loss = CE + balance_factor * L_bal + distill_factor * L_dis`` in stage 1 and
-``CE`` alone in stage 2; every term is a sum over non-pad tokens, normalised
-by fairseq's sample size as ``cross_entropy`` is. The logged ``loss`` and
-``nll_loss`` are the language-model cross-entropy alone (base 2), so they
-compare with fairseq's ``cross_entropy`` across stages; ``balance_loss`` and
+``CE`` alone in stage 2 (CE label-smoothed with ``--label-smoothing``, as
+``label_smoothed_cross_entropy``); every term is a sum over non-pad tokens,
+normalised by fairseq's sample size as ``cross_entropy`` is. The logged
+``loss`` (the smoothed CE) and ``nll_loss`` (the CE) leave the auxiliary
+losses out (base 2), so they compare with fairseq's criteria across stages; ``balance_loss`` and
 ``distill_loss`` are logged per token (natural units, before their factors:
 the distillation loss is a cross-entropy in nats; a perfectly balanced Switch
 loss is 1).
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
@@ -29,6 +31,9 @@ class StableMoECriterionConfig(FairseqDataclass):
     )
     distill_factor: float = field(
         default=0.3, metadata={"help": "weight of the stage-1 router distillation loss (paper code: 0.3)"}
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "epsilon for label smoothing, 0 means no label smoothing"}
     )
     sentence_avg: bool = II("optimization.sentence_avg")
 
@@ -43,7 +48,7 @@ def moe_stats(net_output) -> List[Dict[str, torch.Tensor]]:
 
 @register_criterion("stablemoe", dataclass=StableMoECriterionConfig)
 class StableMoECriterion(FairseqCriterion):
-    def __init__(self, task, balance_factor: float, distill_factor: float, sentence_avg: bool):
+    def __init__(self, task, balance_factor: float, distill_factor: float, label_smoothing: float, sentence_avg: bool):
         super().__init__(task)
         if balance_factor < 0 or distill_factor < 0:
             raise ValueError(
@@ -52,21 +57,22 @@ class StableMoECriterion(FairseqCriterion):
         self.balance_factor = balance_factor
         self.distill_factor = distill_factor
         self.sentence_avg = sentence_avg
+        self.eps = label_smoothing
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        lprobs = lprobs.view(-1, lprobs.size(-1))
         target = model.get_targets(sample, net_output).view(-1)
-        nll = F.nll_loss(
-            lprobs.view(-1, lprobs.size(-1)),
-            target,
-            ignore_index=self.padding_idx,
-            reduction="sum" if reduce else "none",
-        )
-        loss = nll
+        if self.eps > 0:
+            loss, nll = label_smoothed_nll_loss(lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=reduce)
+        else:
+            nll = F.nll_loss(lprobs, target, ignore_index=self.padding_idx, reduction="sum" if reduce else "none")
+            loss = nll
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {
-            "loss": nll.data,
+            "loss": loss.data,
+            "nll_loss": nll.data,
             "ntokens": sample["ntokens"],
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
@@ -108,15 +114,11 @@ class StableMoECriterion(FairseqCriterion):
         def total(key):
             return sum(log.get(key, 0) for log in logging_outputs)
 
-        loss_sum = total("loss")
         ntokens = total("ntokens")
         sample_size = total("sample_size")
-        metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
-        if sample_size != ntokens:
-            metrics.log_scalar("nll_loss", loss_sum / ntokens / math.log(2), ntokens, round=3)
-            metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
-        else:
-            metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
+        metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
+        metrics.log_scalar("nll_loss", total("nll_loss") / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
 
         if not any("moe_tokens" in log for log in logging_outputs):
             return

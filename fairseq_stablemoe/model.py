@@ -10,11 +10,11 @@ are inserted among the ``L`` dense decoder layers, layer ``i`` at position
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from fairseq.dataclass import ChoiceEnum
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerDecoder
 from fairseq.models.transformer_lm import (
@@ -35,26 +35,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
-    # The small CPU default of ``--arch stablemoe_lm`` (the other architectures set theirs).
-    decoder_embed_dim: int = field(default=256, metadata={"help": "decoder embedding dimension"})
-    decoder_ffn_embed_dim: int = field(
-        default=1024, metadata={"help": "FFN dimension of dense layers and experts"}
-    )
-    decoder_layers: int = field(default=4, metadata={"help": "number of dense decoder layers"})
-    decoder_attention_heads: int = field(default=4, metadata={"help": "number of attention heads"})
-    share_decoder_input_output_embed: bool = field(
-        default=True, metadata={"help": "share decoder input and output embeddings"}
-    )
-    decoder_normalize_before: bool = field(
-        default=True, metadata={"help": "pre-norm layers (fairseq's LM architectures force this)"}
-    )
-    decoder_input_dim: Optional[int] = field(
-        default=None, metadata={"help": "decoder input dimension (default: --decoder-embed-dim)"}
-    )
-    decoder_output_dim: Optional[int] = field(
-        default=None, metadata={"help": "decoder output dimension (default: --decoder-embed-dim)"}
-    )
+class MoEOptions(FairseqDataclass):
+    """MoE options shared by the language model and the translation model."""
+
     moe_type: ChoiceEnum(MOE_TYPES) = field(
         default="stablemoe",
         metadata={
@@ -64,10 +47,6 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
         },
     )
     num_experts: int = field(default=4, metadata={"help": "number of experts N in every MoE layer"})
-    moe_layers: int = field(
-        default=1,
-        metadata={"help": "number of MoE layers, inserted evenly among the dense decoder layers"},
-    )
     moe_sublayers: int = field(
         default=1, metadata={"help": "residual FFN sublayers stacked in every expert"}
     )
@@ -89,8 +68,6 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
     collapse_updates: int = field(
         default=100, metadata={"help": "...for this many consecutive updates"}
     )
-    # from other parts of the config: expert parallelism needs legacy_ddp
-    ddp_backend: str = II("distributed_training.ddp_backend")
     capacity_factor: Optional[float] = field(
         default=None,
         metadata={
@@ -98,6 +75,35 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig):
             "through unchanged. Unset: no token is ever dropped"
         },
     )
+
+
+@dataclass
+class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEOptions):
+    # The small CPU default of ``--arch stablemoe_lm`` (the other architectures set theirs).
+    decoder_embed_dim: int = field(default=256, metadata={"help": "decoder embedding dimension"})
+    decoder_ffn_embed_dim: int = field(
+        default=1024, metadata={"help": "FFN dimension of dense layers and experts"}
+    )
+    decoder_layers: int = field(default=4, metadata={"help": "number of dense decoder layers"})
+    decoder_attention_heads: int = field(default=4, metadata={"help": "number of attention heads"})
+    share_decoder_input_output_embed: bool = field(
+        default=True, metadata={"help": "share decoder input and output embeddings"}
+    )
+    decoder_normalize_before: bool = field(
+        default=True, metadata={"help": "pre-norm layers (fairseq's LM architectures force this)"}
+    )
+    decoder_input_dim: Optional[int] = field(
+        default=None, metadata={"help": "decoder input dimension (default: --decoder-embed-dim)"}
+    )
+    decoder_output_dim: Optional[int] = field(
+        default=None, metadata={"help": "decoder output dimension (default: --decoder-embed-dim)"}
+    )
+    moe_layers: int = field(
+        default=1,
+        metadata={"help": "number of MoE layers, inserted evenly among the dense decoder layers"},
+    )
+    # from other parts of the config: expert parallelism needs legacy_ddp
+    ddp_backend: str = II("distributed_training.ddp_backend")
 
 
 def moe_layer_positions(num_dense_layers: int, num_moe_layers: int) -> List[int]:
@@ -109,38 +115,68 @@ def moe_layer_positions(num_dense_layers: int, num_moe_layers: int) -> List[int]
 
 
 class MoEDecoderLayer(nn.Module):
-    """Adapts a :class:`StableMoELayer` to the decoder-layer call signature.
+    """Adapts an MoE layer to fairseq's decoder-layer (or encoder-layer) call signature.
 
-    The decoder hands the token ids in through :attr:`input_tokens` (``(T, B)``)
-    before running its layers; the layer keeps its statistics in
+    The decoder (encoder) hands the token ids in through :attr:`input_tokens`
+    (``(T, B)``) before running its layers; the layer keeps its statistics in
     :attr:`last_stats` for the decoder to collect.
+
+    Args:
+        moe: the MoE layer, called as ``moe(x, tokens) -> (x, stats)``.
+        decoder: return ``(x, None, None)`` as decoder layers do (else ``x``, as encoder layers).
     """
 
-    def __init__(self, moe: nn.Module):
+    def __init__(self, moe: nn.Module, decoder: bool = True):
         super().__init__()
         self.moe = moe
+        self.decoder = decoder
         self.input_tokens: Optional[torch.Tensor] = None
         self.last_stats: Optional[Dict[str, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        """``x``: ``(T, B, d)`` -> ``(x, None, None)`` like a decoder layer."""
+        """``x``: ``(T, B, d)`` -> ``(x, None, None)`` (decoder) or ``x`` (encoder)."""
         if self.input_tokens is None:
             raise RuntimeError(
-                "MoE layer called without token ids: run it through StableMoEDecoder, "
-                "which passes the input tokens to the distilled router"
+                "MoE layer called without token ids: run it through a StableMoE encoder/decoder, "
+                "which passes the input tokens to the router"
             )
         x, self.last_stats = self.moe(x, self.input_tokens)
-        return x, None, None
+        return (x, None, None) if self.decoder else x
+
+    def upgrade_state_dict_named(self, state_dict, name: str) -> None:
+        """fairseq's encoder calls this on every layer when loading; nothing to upgrade."""
 
 
-def build_moe_layer(args, dictionary) -> nn.Module:
-    """The MoE layer of ``--moe-type`` (input ``(T, B, d)`` and token ids ``(T, B)``)."""
+def insert_moe_layers(
+    layers: nn.ModuleList, num_moe_layers: int, build: Any, decoder: bool, where: str
+) -> List[MoEDecoderLayer]:
+    """Insert ``num_moe_layers`` MoE layers among ``layers`` (BASE-layers placement).
+
+    ``build()`` makes one MoE layer; ``where`` names the stack in log messages.
+    """
+    inserted: List[MoEDecoderLayer] = []
+    for pos in moe_layer_positions(len(layers), num_moe_layers):
+        layer = MoEDecoderLayer(build(), decoder=decoder)
+        layers.insert(pos, layer)
+        inserted.append(layer)
+    for idx, layer in enumerate(layers):
+        if isinstance(layer, MoEDecoderLayer) and hasattr(layer.moe, "layer_name"):
+            layer.moe.layer_name = f"{where} MoE layer {inserted.index(layer)} ({where}.layers.{idx})"
+    return inserted
+
+
+def build_moe_layer(args, dictionary, embed_dim: int, ffn_dim: int) -> nn.Module:
+    """The MoE layer of ``--moe-type`` (input ``(T, B, d)`` and token ids ``(T, B)``).
+
+    ``dictionary``: of the token ids the layer sees (the distilled router's and
+    the hash map's vocabulary).
+    """
     moe_type = str(args.moe_type)
     if moe_type == "dense":
-        return DenseFFNLayer(args.decoder_embed_dim, args.decoder_ffn_embed_dim, args.moe_sublayers, args.activation_fn)
+        return DenseFFNLayer(embed_dim, ffn_dim, args.moe_sublayers, args.activation_fn)
     common = dict(
-        embed_dim=args.decoder_embed_dim,
-        ffn_dim=args.decoder_ffn_embed_dim,
+        embed_dim=embed_dim,
+        ffn_dim=ffn_dim,
         num_experts=args.num_experts,
         num_sublayers=args.moe_sublayers,
         padding_idx=dictionary.pad(),
@@ -173,17 +209,15 @@ class StableMoEDecoder(TransformerDecoder):
     :meth:`StableMoELayer.forward`).
     """
 
-    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True):
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True, num_moe_layers: Optional[int] = None):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
-        self.moe_layers: List[MoEDecoderLayer] = []
-        positions = moe_layer_positions(args.decoder_layers, args.moe_layers)
-        for pos in positions:
-            layer = MoEDecoderLayer(build_moe_layer(args, dictionary))
-            self.layers.insert(pos, layer)
-            self.moe_layers.append(layer)
-        for idx, layer in enumerate(self.layers):
-            if isinstance(layer, MoEDecoderLayer) and hasattr(layer.moe, "layer_name"):
-                layer.moe.layer_name = f"MoE layer {self.moe_layers.index(layer)} (decoder.layers.{idx})"
+        self.moe_layers: List[MoEDecoderLayer] = insert_moe_layers(
+            self.layers,
+            args.moe_layers if num_moe_layers is None else num_moe_layers,
+            lambda: build_moe_layer(args, dictionary, self.cfg.decoder.embed_dim, self.cfg.decoder.ffn_embed_dim),
+            decoder=True,
+            where="decoder",
+        )
 
     def extract_features_scriptable(
         self,
@@ -208,7 +242,9 @@ class StableMoEDecoder(TransformerDecoder):
                 alignment_layer=alignment_layer,
                 alignment_heads=alignment_heads,
             )
-            extra["moe"] = [layer.last_stats for layer in self.moe_layers]
+            # the encoder's MoE statistics (translation) come first
+            encoder_stats = encoder_out.get("moe", []) if isinstance(encoder_out, dict) else []
+            extra["moe"] = list(encoder_stats) + [layer.last_stats for layer in self.moe_layers]
         finally:
             for layer in self.moe_layers:
                 layer.input_tokens = None
@@ -216,16 +252,21 @@ class StableMoEDecoder(TransformerDecoder):
         return x, extra
 
 
-def validate_moe_args(args) -> None:
-    """Refuse bad MoE options with an error that names the option and the fix."""
+def validate_moe_args(args, placements: Sequence[Tuple[str, int, str, int]], model_name: str = "stablemoe_lm") -> None:
+    """Refuse bad MoE options with an error that names the option and the fix.
+
+    ``placements``: ``(moe option, its value, dense-layers option, its value)``
+    for every stack that gets MoE layers.
+    """
     problems = []
     if args.num_experts < 1:
         problems.append(f"--num-experts must be >= 1 (got {args.num_experts})")
-    if args.moe_layers < 0 or args.moe_layers > args.decoder_layers:
-        problems.append(
-            f"--moe-layers must be between 0 and --decoder-layers ({args.decoder_layers}) "
-            f"(got {args.moe_layers}); raise --decoder-layers or lower --moe-layers"
-        )
+    for opt, count, dense_opt, dense in placements:
+        if count < 0 or count > dense:
+            problems.append(
+                f"{opt} must be between 0 and {dense_opt} ({dense}) (got {count}); "
+                f"raise {dense_opt} or lower {opt}"
+            )
     if args.moe_sublayers < 1:
         problems.append(f"--moe-sublayers must be >= 1 (got {args.moe_sublayers})")
     if args.distill_dim < 1:
@@ -239,12 +280,8 @@ def validate_moe_args(args) -> None:
         problems.append(f"--capacity-factor must be > 0 or unset (got {args.capacity_factor})")
     world_size, _ = world_size_and_rank()
     ddp_backend = safe_getattr(args, "ddp_backend", None)
-    if (
-        world_size > 1
-        and str(args.moe_type) != "dense"
-        and args.moe_layers > 0
-        and ddp_backend not in (None, "legacy_ddp", "no_c10d")
-    ):
+    has_experts = str(args.moe_type) != "dense" and any(count > 0 for _, count, _, _ in placements)
+    if world_size > 1 and has_experts and ddp_backend not in (None, "legacy_ddp", "no_c10d"):
         problems.append(
             f"--ddp-backend {ddp_backend} would average (and at start-up overwrite) the experts, "
             "which differ between processes: use --ddp-backend legacy_ddp"
@@ -256,9 +293,9 @@ def validate_moe_args(args) -> None:
         )
     for opt in ("character_embeddings", "adaptive_input"):
         if safe_getattr(args, opt, False):
-            problems.append(f"--{opt.replace('_', '-')} is not supported by stablemoe_lm")
+            problems.append(f"--{opt.replace('_', '-')} is not supported by {model_name}")
     if problems:
-        raise ValueError("stablemoe_lm: " + "; ".join(problems))
+        raise ValueError(f"{model_name}: " + "; ".join(problems))
 
 
 @register_model("stablemoe_lm", dataclass=StableMoELanguageModelConfig)
@@ -276,7 +313,7 @@ class StableMoELanguageModel(TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        validate_moe_args(args)
+        validate_moe_args(args, [("--moe-layers", args.moe_layers, "--decoder-layers", args.decoder_layers)])
         # ``--arch stablemoe_lm`` (the model's own name) runs no architecture function:
         # its defaults are the dataclass's, completed here.
         for dim in ("decoder_input_dim", "decoder_output_dim"):
