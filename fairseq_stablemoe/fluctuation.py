@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .safe_globals import CheckpointLoadError, load_fairseq_state
+
 logger = logging.getLogger("fairseq_stablemoe.fluctuation")
 
 REQUIRED_SAME = ("arch", "moe_type", "num_experts", "moe_layers", "decoder_layers", "decoder_embed_dim")
@@ -37,18 +39,15 @@ class CheckpointRouting:
     choices: List[torch.Tensor]  # per MoE layer: (n_tokens,) long
 
 
-def _load(path: str, data_dir: str, split: str):
+def _load(path: str, data_dir: str, trusted: bool = False):
     from fairseq import checkpoint_utils
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    from .safe_globals import register
-
-    register()
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except Exception as e:  # corrupt or truncated file
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+    state = load_fairseq_state(path, trusted=trusted)
+    if state.get("cfg") is None or state["cfg"].get("model") is None:
+        raise ValueError(f"{path} is not a fairseq model checkpoint (no model config)")
+    arch = str(getattr(state["cfg"]["model"], "_name", None) or getattr(state["cfg"]["model"], "arch", ""))
+    if not arch.startswith("stablemoe"):
+        raise ValueError(f"{path} is a {arch!r} checkpoint, not a stablemoe_lm one")
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data_dir}, state=state)
     num_updates = state["optimizer_history"][-1]["num_updates"] if state.get("optimizer_history") else 0
     return models[0], cfg, task, num_updates
@@ -176,6 +175,7 @@ def measure(
     max_tokens: int = 4096,
     inference_routing: bool = False,
     cpu: bool = False,
+    trusted: bool = False,
 ) -> Dict[str, object]:
     """Load every checkpoint in turn and analyse its routing of ``split``."""
     if len(checkpoints) < 2:
@@ -184,7 +184,7 @@ def measure(
     runs: List[CheckpointRouting] = []
     signature: Optional[Dict[str, object]] = None
     for path in checkpoints:
-        model, cfg, task, num_updates = _load(path, data_dir, split)
+        model, cfg, task, num_updates = _load(path, data_dir, trusted)
         sig = _model_signature(cfg)
         if signature is None:
             signature = sig
@@ -219,6 +219,10 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--inference-routing", action="store_true", help="route as at inference (distilled router)")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="load checkpoints with weights_only=False (arbitrary pickles: only for files you trust)",
+    )
     parser.add_argument("--user-dir", help="accepted for symmetry with fairseq; the plugin is imported anyway")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
@@ -226,8 +230,11 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> None:
     import fairseq_stablemoe  # noqa: F401  (registers the model)
 
     try:
-        result = measure(args.data_dir, args.checkpoints, args.split, args.max_tokens, args.inference_routing, args.cpu)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        result = measure(
+            args.data_dir, args.checkpoints, args.split, args.max_tokens, args.inference_routing, args.cpu,
+            args.trust_checkpoint,
+        )
+    except (ValueError, FileNotFoundError, CheckpointLoadError) as e:
         print(f"stablemoe-fluctuation: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{'from':>8} {'to':>8} {'fluctuation':>12}")
