@@ -1,0 +1,76 @@
+"""Exact resume: 2N updates in one run == N updates, stop, resume, N more (bit-for-bit on CPU)."""
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fairseq_stablemoe  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    rng = random.Random(5)
+    lines = []
+    for _ in range(900):
+        w = rng.randrange(80)
+        sent = []
+        for _ in range(rng.randint(5, 15)):
+            sent.append(f"t{w}")
+            w = (w * 3 + rng.randint(0, 3)) % 80
+        lines.append(" ".join(sent))
+    (tmp / "train.txt").write_text("\n".join(lines[:800]) + "\n")
+    (tmp / "valid.txt").write_text("\n".join(lines[800:]) + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
+         "--validpref", str(tmp / "valid.txt"), "--destdir", str(tmp / "bin"), "--workers", "1"],
+        check=True, capture_output=True,
+    )
+    return tmp / "bin"
+
+
+def _train(data: Path, save: Path, max_update: int, two_stage: int):
+    cmd = [
+        sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_stablemoe"),
+        "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
+        "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+        "--decoder-attention-heads", "2", "--num-experts", "4", "--two-stage-updates", str(two_stage),
+        "--optimizer", "adam", "--lr", "0.003", "--weight-decay", "0.01", "--lr-scheduler", "inverse_sqrt",
+        "--warmup-updates", "5", "--dropout", "0.1", "--max-tokens", "256", "--tokens-per-sample", "32",
+        "--max-update", str(max_update), "--cpu", "--save-dir", str(save), "--no-epoch-checkpoints",
+        "--disable-validation", "--log-format", "json", "--log-interval", "1", "--seed", "7", "--num-workers", "0",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = {}
+    for line in (out.stdout + out.stderr).splitlines():
+        m = re.search(r"\| train_inner \| (\{.*\})$", line)
+        if m:
+            rec = json.loads(m.group(1))
+            losses[int(rec["num_updates"])] = (rec["loss"], rec["balance_loss"], rec["distill_loss"])
+    return losses
+
+
+@pytest.mark.parametrize("boundary", [15, 10], ids=["boundary-inside-second-half", "boundary-at-resume"])
+def test_resume_is_bit_exact(resume_data, tmp_path, boundary):
+    straight = _train(resume_data, tmp_path / "straight", 20, boundary)
+    first = _train(resume_data, tmp_path / "resumed", 10, boundary)
+    second = _train(resume_data, tmp_path / "resumed", 20, boundary)
+    assert sorted(first) == list(range(1, 11)) and sorted(second) == list(range(11, 21))
+    for u in range(1, 21):
+        assert (first if u <= 10 else second)[u] == straight[u], f"update {u}"
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 20
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert b["model"]["decoder.layers.1.moe.distill_router.frozen"].item()
