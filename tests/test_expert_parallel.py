@@ -5,6 +5,7 @@ the same global batch and the same initial weights, across the stage
 boundary. SGD shows a gradient scale error that Adam would hide.
 """
 
+import os
 import re
 import socket
 import subprocess
@@ -35,7 +36,9 @@ def data_dir(tmp_path_factory):
 
 
 def run(cmds, timeout=300):
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
+    # one thread per process: several processes with a thread per core each oversubscribe the cores
+    env = dict(os.environ, OMP_NUM_THREADS="1") if len(cmds) > 1 else None
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for c in cmds]
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
