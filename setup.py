@@ -24,6 +24,8 @@ setup(
         "console_scripts": [
             "stablemoe-routing-summary=fairseq_stablemoe.routing_summary:cli_main",
             "stablemoe-fluctuation=fairseq_stablemoe.fluctuation:cli_main",
+            "stablemoe-consolidate=fairseq_stablemoe.consolidate:cli_main",
+            "stablemoe-train=fairseq_stablemoe.launch:cli_main",
         ],
     },
 )

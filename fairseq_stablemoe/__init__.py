@@ -7,5 +7,6 @@ their architectures and the ``stablemoe`` criterion.
 
 from . import safe_globals  # noqa: F401  (before anything loads a checkpoint)
 from . import criterion, model, translation  # noqa: F401  (registers with fairseq)
+from . import checkpointing  # noqa: F401  (per-rank checkpoints of expert-parallel runs)
 
 __version__ = "0.1.0"

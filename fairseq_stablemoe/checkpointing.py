@@ -1,0 +1,428 @@
+"""Per-process checkpoints for expert-parallel runs (a small patch of fairseq's Trainer).
+
+fairseq writes a checkpoint on data-parallel rank 0 only and, on resume, reads
+it on rank 0 and broadcasts it to the other ranks. With expert parallelism
+(``W > 1`` processes, each holding ``N / W`` experts) that loses the experts
+(and their optimizer state) of every rank but 0, and would load rank 0's
+experts everywhere. fairseq's own BASE layers solve the same problem with
+per-rank files; this module does the same for the plugin's MoE layers.
+
+What :func:`install` changes, on :class:`fairseq.trainer.Trainer`, **only when
+the trainer's model has MoE layers with experts** (:class:`.layer.MoELayer`);
+for any other model every overridden member calls fairseq's own code:
+
+* ``should_save_checkpoint_on_current_rank``: ``True`` on every rank of an
+  expert-parallel model (fairseq: rank 0 only).
+* ``checkpoint_suffix``: adds ``-rank{r}-of{W}`` for an expert-parallel model,
+  so ``checkpoint_last.pt`` becomes ``checkpoint_last-rank{r}-of{W}.pt`` on
+  rank ``r``. fairseq's ``checkpoint_utils.save_checkpoint``/``load_checkpoint``
+  use this suffix for every file name, so the saved names, ``--restore-file``
+  and the clean-up of ``--keep-interval-updates``, ``--keep-last-epochs`` and
+  ``--keep-best-checkpoints`` (each rank removes its own old files) all work
+  per rank unchanged.
+* ``save_checkpoint``: adds a small ``extra_state["stablemoe_experts"]``
+  record (rank, world size, expert count, run id, update count, the names of
+  the optimizer's parameters) that :mod:`.consolidate` and the load checks
+  read, then calls fairseq's method, which writes atomically (temporary file,
+  then rename). Every rank creates the save directory first.
+* ``load_checkpoint``: checks, before anything is loaded, that every rank's
+  file exists and holds that rank's experts of the same save, with a clear
+  error naming the missing file or the ``stablemoe-consolidate`` command that
+  converts the checkpoint; then calls fairseq's method with
+  ``--load-checkpoint-on-all-dp-ranks`` forced on (as fairseq does for BASE
+  layers), so every rank reads its own file and nothing is broadcast from
+  rank 0. The model, the optimizer state (including the experts'), the update
+  count and the frozen-router flag (a buffer of the model) are then restored
+  by fairseq's own code on every rank.
+
+One-process runs of a MoE model keep fairseq's file names and loading; they
+get the record and the checks (e.g. resuming per-rank files on one process
+asks for consolidation).
+"""
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from fairseq.trainer import Trainer
+
+from .layer import MoELayer
+from .parallel import ExpertShard
+
+logger = logging.getLogger(__name__)
+
+#: key of the plugin's record in a checkpoint's ``extra_state``
+META_KEY = "stablemoe_experts"
+META_FORMAT = 1
+#: ``<layer prefix>experts.<i>.<rest>`` in a model state dict
+EXPERT_KEY = re.compile(r"^(?P<layer>.*\.experts\.)(?P<idx>\d+)(?P<rest>\..+)$")
+RANK_FILE = re.compile(r"^(?P<stem>.*)-rank(?P<rank>\d+)-of(?P<world>\d+)\.pt$")
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint that does not fit the run (or is incomplete); the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------- file names
+
+
+def shard_tag(rank: int, world_size: int) -> str:
+    return f"-rank{rank}-of{world_size}"
+
+
+def rank_path(base: str, rank: int, world_size: int) -> str:
+    """``dir/name.pt`` -> ``dir/name-rank{rank}-of{world_size}.pt``."""
+    if not base.endswith(".pt"):
+        raise ValueError(f"checkpoint names end with .pt: {base}")
+    return base[:-3] + shard_tag(rank, world_size) + ".pt"
+
+
+def parse_rank_path(path: str) -> Optional[Tuple[str, int, int]]:
+    """``(base, rank, world_size)`` of a per-rank file name, None for any other name."""
+    m = RANK_FILE.match(path)
+    if m is None:
+        return None
+    return m.group("stem") + ".pt", int(m.group("rank")), int(m.group("world"))
+
+
+def rank_files_on_disk(base: str) -> Dict[int, List[str]]:
+    """The per-rank files of ``base`` that exist, by the world size in their names."""
+    found: Dict[int, List[str]] = {}
+    for path in glob.glob(glob.escape(base[:-3]) + "-rank*-of*.pt"):
+        parsed = parse_rank_path(path)
+        if parsed is not None and parsed[0] == base:
+            found.setdefault(parsed[2], []).append(path)
+    return {w: sorted(p) for w, p in sorted(found.items())}
+
+
+# ----------------------------------------------------------------------------- model inspection
+
+
+def expert_layers(model: torch.nn.Module) -> List[Tuple[str, MoELayer]]:
+    """``(state-dict prefix of the experts, layer)`` for every MoE layer with experts."""
+    return [
+        (f"{name}.experts." if name else "experts.", m) for name, m in model.named_modules() if isinstance(m, MoELayer)
+    ]
+
+
+def model_shard(trainer: Trainer) -> Optional[ExpertShard]:
+    """The expert shard of the trainer's model; None when it has no MoE layer (plain fairseq)."""
+    if "_stablemoe_shard" not in trainer.__dict__:
+        layers = expert_layers(trainer._model)
+        trainer._stablemoe_shard = layers[0][1].shard if layers else None
+    return trainer._stablemoe_shard
+
+
+def is_expert_parallel(trainer: Trainer) -> bool:
+    shard = model_shard(trainer)
+    return shard is not None and shard.is_parallel
+
+
+def experts_per_layer(model_state: Dict[str, Any]) -> Dict[str, int]:
+    """Number of experts held in a model state dict, by layer prefix."""
+    ids: Dict[str, set] = {}
+    for key in model_state:
+        m = EXPERT_KEY.match(key)
+        if m is not None:
+            ids.setdefault(m.group("layer"), set()).add(int(m.group("idx")))
+    return {layer: len(v) for layer, v in ids.items()}
+
+
+def optimizer_param_names(trainer: Trainer) -> Optional[List[str]]:
+    """Name of the parameter behind every index of the optimizer's state dict.
+
+    None when the optimizer does not hold the model's own parameters (fairseq's
+    ``--fp16``/``--bf16`` optimizer keeps one flat fp32 copy of all of them):
+    such state cannot be split or merged by expert.
+    """
+    names: Dict[int, str] = {}
+    for n, p in trainer._model.named_parameters():
+        names.setdefault(id(p), n)
+    for n, p in trainer._criterion.named_parameters():
+        names.setdefault(id(p), "criterion." + n)
+    try:
+        groups = trainer.optimizer.optimizer.param_groups
+    except (AttributeError, NotImplementedError):
+        return None
+    out: List[str] = []
+    seen = set()
+    for group in groups:
+        for p in group["params"]:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) not in names:
+                return None
+            out.append(names[id(p)])
+    return out
+
+
+def _run_id(trainer: Trainer, shard: ExpertShard) -> str:
+    """One id per training run, the same on every rank (rank 0's)."""
+    if getattr(trainer, "_stablemoe_run_id", None) is None:
+        proposal = [uuid.uuid4().hex]
+        if shard.is_parallel:
+            dist.broadcast_object_list(proposal, src=0)
+        trainer._stablemoe_run_id = proposal[0]
+    return trainer._stablemoe_run_id
+
+
+def describe(trainer: Trainer, shard: ExpertShard) -> Dict[str, Any]:
+    """The record saved in ``extra_state[META_KEY]``."""
+    return {
+        "format": META_FORMAT,
+        "world_size": shard.world_size,
+        "rank": shard.rank,
+        "num_experts": shard.num_experts,
+        "expert_layers": [prefix for prefix, _ in expert_layers(trainer._model)],
+        "run_id": _run_id(trainer, shard),
+        "num_updates": trainer.get_num_updates(),
+        "optimizer_param_names": optimizer_param_names(trainer),
+    }
+
+
+# ----------------------------------------------------------------------------- load checks
+
+
+def peek(path: str) -> Dict[str, Any]:
+    """A checkpoint's contents without reading its tensors (memory-mapped) where possible."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # older (non-zip) format: read it all
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def meta_of(state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    extra = state.get("extra_state") or {}
+    return extra.get(META_KEY) if isinstance(extra, dict) else None
+
+
+def shard_problem(path: str, state: Dict[str, Any], shard: ExpertShard, prefixes: List[str]) -> Optional[str]:
+    """Why the checkpoint ``path`` does not fit this process's shard (None if it does)."""
+    W, r = shard.world_size, shard.rank
+    meta = meta_of(state)
+    counts = experts_per_layer(state.get("model") or {})
+    if meta is not None:
+        saved_w, saved_r, saved_n = meta["world_size"], meta["rank"], meta["num_experts"]
+        if saved_n != shard.num_experts:
+            return (
+                f"{path} was trained with {saved_n} experts per MoE layer but this run has "
+                f"--num-experts {shard.num_experts}: use the run's --num-experts"
+            )
+        if saved_w != W:
+            if saved_w == 1:
+                return (
+                    f"{path} is a one-process checkpoint holding all {saved_n} experts, but this run has "
+                    f"{W} processes (each holds {shard.num_local}): split it into per-rank files with "
+                    f"`stablemoe-consolidate {path} --shards {W}` and resume from that name (--restore-file "
+                    f"{path} or its directory as --save-dir; each rank reads its -rankR-of{W} file)"
+                )
+            if W == 1:
+                return (
+                    f"{path} is the rank-{saved_r} file of a {saved_w}-process expert-parallel run "
+                    f"(it holds {saved_n // saved_w} of the {saved_n} experts); to resume or evaluate on one "
+                    f"process, consolidate the run's files with `stablemoe-consolidate {path}`"
+                )
+            return (
+                f"{path} belongs to a {saved_w}-process expert-parallel run but this run has {W} processes: "
+                f"re-shard it with `stablemoe-consolidate {path} --shards {W}`"
+            )
+        if saved_r != r:
+            return (
+                f"{path} holds the experts of rank {saved_r} but is being loaded by rank {r}: every rank "
+                f"loads its own file (pass the name without -rankR-ofW to --restore-file)"
+            )
+    elif W > 1:
+        return (
+            f"{path} has no expert-parallel record (it was not saved per rank by fairseq-stablemoe); if it "
+            f"is a one-process checkpoint, split it with `stablemoe-consolidate {path} --shards {W}`"
+        )
+    for prefix in prefixes:
+        got = counts.get(prefix)
+        if got is not None and got != shard.num_local:
+            return (
+                f"{path} holds {got} experts in {prefix[:-1]} but this process holds {shard.num_local} "
+                f"(--num-experts {shard.num_experts} on {W} process(es)); "
+                + (
+                    f"split it with `stablemoe-consolidate {path} --shards {W}`"
+                    if W > 1 and got == shard.num_experts
+                    else "check --num-experts and the number of processes"
+                )
+            )
+    return None
+
+
+def _alternatives(filename: str, shard: ExpertShard) -> List[str]:
+    """Checkpoints of the same name saved with another number of processes (what to convert)."""
+    tag = shard_tag(shard.rank, shard.world_size) + ".pt" if shard.is_parallel else ".pt"
+    if not filename.endswith(tag):
+        return []
+    base = filename[: -len(tag)] + ".pt"
+    hints = []
+    if shard.is_parallel and os.path.isfile(base):
+        hints.append(
+            f"{base} (a one-process checkpoint): split it with "
+            f"`stablemoe-consolidate {base} --shards {shard.world_size}`"
+        )
+    for world, paths in rank_files_on_disk(base).items():
+        if world == shard.world_size:
+            continue
+        first = rank_path(base, 0, world)
+        if shard.is_parallel:
+            hints.append(
+                f"{first} ... (per-rank files of {world} processes): re-shard them with "
+                f"`stablemoe-consolidate {first} --shards {shard.world_size}`"
+            )
+        else:
+            hints.append(
+                f"{first} ... (per-rank files of {world} processes): consolidate them with "
+                f"`stablemoe-consolidate {first}`"
+            )
+    return hints
+
+
+def _report(filename: str, shard: ExpertShard, prefixes: List[str]) -> Dict[str, Any]:
+    report: Dict[str, Any] = {"rank": shard.rank, "file": filename, "exists": os.path.isfile(filename)}
+    if report["exists"]:
+        try:
+            state = peek(filename)
+        except Exception as e:  # reported on every rank rather than raised on this one only
+            report["problem"] = f"cannot read {filename}: {type(e).__name__}: {e}"
+            return report
+        meta = meta_of(state) or {}
+        report["run_id"] = meta.get("run_id")
+        report["num_updates"] = meta.get("num_updates")
+        report["problem"] = shard_problem(filename, state, shard, prefixes)
+        del state
+    else:
+        report["alternatives"] = _alternatives(filename, shard)
+    return report
+
+
+def check_before_load(trainer: Trainer, filename: str) -> None:
+    """Raise :class:`CheckpointMismatchError` on every rank if any rank's file is wrong or missing.
+
+    One ``all_gather_object`` on an expert-parallel model, so that all ranks
+    take the same decision (load, start from scratch, or stop).
+    """
+    shard = model_shard(trainer)
+    prefixes = [p for p, _ in expert_layers(trainer._model)]
+    mine = _report(filename, shard, prefixes)
+    if shard.is_parallel:
+        reports: List[Any] = [None] * shard.world_size
+        dist.all_gather_object(reports, mine)
+    else:
+        reports = [mine]
+
+    problems = [r["problem"] for r in reports if r["exists"] and r.get("problem")]
+    if problems:
+        raise CheckpointMismatchError("cannot resume from this checkpoint: " + "; ".join(dict.fromkeys(problems)))
+    missing = [r for r in reports if not r["exists"]]
+    if missing and len(missing) < len(reports):
+        names = ", ".join(f"{r['file']} (rank {r['rank']})" for r in missing)
+        have = ", ".join(r["file"] for r in reports if r["exists"])
+        raise CheckpointMismatchError(
+            f"missing per-rank checkpoint file(s): {names}. Every rank of an expert-parallel run needs its own "
+            f"file (found: {have}); restore the missing file or resume from another checkpoint"
+        )
+    if missing:  # nothing to resume from, unless it was saved with another number of processes
+        hints = [h for r in reports for h in r.get("alternatives", [])]
+        if hints:
+            wanted = reports[0]["file"] if shard.is_parallel else filename
+            what = f"per-rank checkpoint files {wanted} ..." if shard.is_parallel else f"checkpoint {filename}"
+            raise CheckpointMismatchError(
+                f"no {what} for {shard.world_size} process(es), but found " + "; ".join(dict.fromkeys(hints))
+            )
+        return
+    saves = {(r["run_id"], r["num_updates"]) for r in reports}
+    if len(saves) > 1:
+        listing = "; ".join(f"{r['file']}: run {r['run_id']} at update {r['num_updates']}" for r in reports)
+        raise CheckpointMismatchError(
+            f"the per-rank checkpoint files are from different runs or updates ({listing}): all ranks must "
+            "resume from the files of one save"
+        )
+
+
+@contextlib.contextmanager
+def _load_on_all_ranks(cfg):
+    old = cfg.checkpoint.load_checkpoint_on_all_dp_ranks
+    cfg.checkpoint.load_checkpoint_on_all_dp_ranks = True
+    try:
+        yield
+    finally:
+        cfg.checkpoint.load_checkpoint_on_all_dp_ranks = old
+
+
+# ----------------------------------------------------------------------------- the Trainer patch
+
+_fairseq: Dict[str, Any] = {}
+
+
+def _should_save_checkpoint_on_current_rank(self) -> bool:
+    if is_expert_parallel(self):
+        return True  # every rank holds experts nobody else has
+    return _fairseq["should_save_checkpoint_on_current_rank"].fget(self)
+
+
+def _checkpoint_suffix(self) -> str:
+    suffix = _fairseq["checkpoint_suffix"].fget(self)
+    if is_expert_parallel(self):
+        shard = model_shard(self)
+        suffix += shard_tag(shard.rank, shard.world_size)
+    return suffix
+
+
+def _save_checkpoint(self, filename, extra_state):
+    shard = model_shard(self)
+    if shard is not None:
+        extra_state = dict(extra_state)
+        extra_state[META_KEY] = describe(self, shard)
+        if shard.is_parallel:  # fairseq creates the directory on rank 0 only
+            os.makedirs(os.path.dirname(os.path.abspath(filename)), exist_ok=True)
+    return _fairseq["save_checkpoint"](self, filename, extra_state)
+
+
+def _load_checkpoint(self, filename, *args, **kwargs):
+    shard = model_shard(self)
+    if shard is None:
+        return _fairseq["load_checkpoint"](self, filename, *args, **kwargs)
+    check_before_load(self, filename)
+    if shard.is_parallel:
+        logger.info("expert parallelism: every rank loads its own checkpoint (%s on rank %d)", filename, shard.rank)
+        with _load_on_all_ranks(self.cfg):
+            extra_state = _fairseq["load_checkpoint"](self, filename, *args, **kwargs)
+    else:
+        extra_state = _fairseq["load_checkpoint"](self, filename, *args, **kwargs)
+    meta = (extra_state or {}).get(META_KEY)
+    if meta is not None:
+        self._stablemoe_run_id = meta["run_id"]  # later saves continue the run
+    else:
+        _run_id(self, shard)  # a new run: agree on its id now, while every rank is here
+    return extra_state
+
+
+def install() -> None:
+    """Patch :class:`fairseq.trainer.Trainer` (idempotent); see the module doc."""
+    if _fairseq:
+        return
+    _fairseq.update(
+        should_save_checkpoint_on_current_rank=Trainer.should_save_checkpoint_on_current_rank,
+        checkpoint_suffix=Trainer.checkpoint_suffix,
+        save_checkpoint=Trainer.save_checkpoint,
+        load_checkpoint=Trainer.load_checkpoint,
+    )
+    Trainer.should_save_checkpoint_on_current_rank = property(
+        _should_save_checkpoint_on_current_rank, doc=_fairseq["should_save_checkpoint_on_current_rank"].__doc__
+    )
+    Trainer.checkpoint_suffix = property(_checkpoint_suffix, doc=_fairseq["checkpoint_suffix"].__doc__)
+    Trainer.save_checkpoint = _save_checkpoint
+    Trainer.load_checkpoint = _load_checkpoint
+
+
+install()

@@ -1,0 +1,466 @@
+"""stablemoe-consolidate: merge an expert-parallel run's per-rank checkpoints, or split one.
+
+An expert-parallel run on ``W`` processes saves ``NAME-rank{r}-of{W}.pt`` on
+every rank ``r`` (see :mod:`.checkpointing`): the shared parameters, the rank's
+``N / W`` experts (``experts.<i>`` = global expert ``r * N / W + i``) and its
+optimizer state.
+
+* ``stablemoe-consolidate DIR/NAME.pt`` (or any one of the rank files) writes
+  ``DIR/NAME.pt``: an ordinary one-process fairseq checkpoint with all ``N``
+  experts, for ``fairseq-eval-lm``, ``fairseq-generate``, hub loading or a
+  one-process resume.
+* ``stablemoe-consolidate DIR/NAME.pt --shards W2`` writes
+  ``DIR/NAME-rank{r}-of{W2}.pt`` for ``r < W2`` (``W2`` must divide ``N``)
+  from a one-process checkpoint, or from per-rank files of another ``W``, so
+  that ``fairseq-train --save-dir DIR`` (or ``--restore-file DIR/NAME.pt``)
+  resumes on ``W2`` processes.
+
+The optimizer state is merged/split by parameter name (each checkpoint of this
+plugin records the name behind every optimizer index); fairseq's flat
+``--fp16``/``--bf16`` optimizer state cannot be, so use ``--no-optimizer``
+there (and ``--reset-optimizer`` when resuming). Shared parameters and
+everything else (update count, data iterator, lr scheduler, metrics) come from
+rank 0, whose copies equal every other rank's.
+"""
+
+import argparse
+import copy
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .checkpointing import (
+    EXPERT_KEY,
+    META_FORMAT,
+    META_KEY,
+    experts_per_layer,
+    meta_of,
+    parse_rank_path,
+    rank_files_on_disk,
+    rank_path,
+)
+
+logger = logging.getLogger("fairseq_stablemoe.consolidate")
+
+State = Dict[str, Any]
+
+
+class ConsolidateError(RuntimeError):
+    """Input that cannot be merged or split; the message says why and what to do."""
+
+
+FLAT_OPTIMIZER = (
+    "holds fairseq's flat --fp16/--bf16 optimizer state (one fp32 vector for all of a rank's parameters), "
+    "which cannot be merged or split by expert: run again with --no-optimizer and resume training with "
+    "--reset-optimizer (or train with --memory-efficient-fp16, whose optimizer state is per parameter)"
+)
+
+
+def load_file(path: str) -> State:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- name bookkeeping
+
+
+def merge_order(name_lists: Sequence[Sequence[str]], num_local: int) -> List[Tuple[str, int, str]]:
+    """``(global name, rank, local name)`` in the order of a one-process model.
+
+    Walks rank 0's names; at the first expert entry of a layer it emits the
+    layer's experts of rank 0, 1, ... (their local ids shifted by
+    ``rank * num_local``), which is where a one-process model (experts
+    ``0 .. N-1`` in one list) has them. Shared names come from rank 0.
+    """
+    out: List[Tuple[str, int, str]] = []
+    done = set()
+    for name in name_lists[0]:
+        m = EXPERT_KEY.match(name)
+        if m is None:
+            out.append((name, 0, name))
+            continue
+        layer = m.group("layer")
+        if layer in done:
+            continue
+        done.add(layer)
+        for rank, names in enumerate(name_lists):
+            for local in names:
+                lm = EXPERT_KEY.match(local)
+                if lm is not None and lm.group("layer") == layer:
+                    glob = rank * num_local + int(lm.group("idx"))
+                    out.append((f"{layer}{glob}{lm.group('rest')}", rank, local))
+    return out
+
+
+def split_order(names: Sequence[str], rank: int, num_local: int) -> List[Tuple[str, str]]:
+    """``(global name, local name)`` of the entries rank ``rank`` of ``N / num_local`` keeps."""
+    out = []
+    lo, hi = rank * num_local, (rank + 1) * num_local
+    for name in names:
+        m = EXPERT_KEY.match(name)
+        if m is None:
+            out.append((name, name))
+            continue
+        glob = int(m.group("idx"))
+        if lo <= glob < hi:
+            out.append((name, f"{m.group('layer')}{glob - lo}{m.group('rest')}"))
+    return out
+
+
+def _num_indices(opt: State) -> int:
+    return sum(len(g["params"]) for g in opt["param_groups"])
+
+
+def _optimizer_names(meta: Optional[Dict[str, Any]], opt: State, path: str) -> List[str]:
+    names = (meta or {}).get("optimizer_param_names")
+    if names is None:
+        if meta is None:
+            raise ConsolidateError(
+                f"{path} has no record of its optimizer's parameter names (not saved by fairseq-stablemoe): "
+                "run again with --no-optimizer and resume training with --reset-optimizer"
+            )
+        raise ConsolidateError(f"{path} {FLAT_OPTIMIZER}")
+    if len(names) != _num_indices(opt):
+        raise ConsolidateError(f"{path} {FLAT_OPTIMIZER}")
+    return list(names)
+
+
+def _by_group(opt: State, names: List[str]) -> List[List[str]]:
+    return [[names[i] for i in g["params"]] for g in opt["param_groups"]]
+
+
+def merge_optimizer(opts: List[State], names: List[List[str]], num_local: int) -> Tuple[State, List[str]]:
+    """One optimizer state dict (and its index -> name list) from the ranks' ones."""
+    first = opts[0]
+    out = {k: v for k, v in first.items() if k not in ("state", "param_groups")}
+    lookup = [{n: i for i, n in enumerate(ns)} for ns in names]
+    groups, state, merged_names = [], {}, []
+    for g, group in enumerate(first["param_groups"]):
+        lists = [_by_group(opts[r], names[r])[g] for r in range(len(opts))]
+        new_group = {k: v for k, v in group.items() if k != "params"}
+        new_group["params"] = []
+        for glob, rank, local in merge_order(lists, num_local):
+            idx = len(merged_names)
+            old = lookup[rank][local]
+            if old in opts[rank]["state"]:
+                state[idx] = opts[rank]["state"][old]
+            new_group["params"].append(idx)
+            merged_names.append(glob)
+        groups.append(new_group)
+    out["state"], out["param_groups"] = state, groups
+    return out, merged_names
+
+
+def split_optimizer(opt: State, names: List[str], rank: int, num_local: int) -> Tuple[State, List[str]]:
+    out = {k: v for k, v in opt.items() if k not in ("state", "param_groups")}
+    lookup = {n: i for i, n in enumerate(names)}
+    groups, state, local_names = [], {}, []
+    for group, group_names in zip(opt["param_groups"], _by_group(opt, names)):
+        new_group = {k: v for k, v in group.items() if k != "params"}
+        new_group["params"] = []
+        for glob, local in split_order(group_names, rank, num_local):
+            idx = len(local_names)
+            old = lookup[glob]
+            if old in opt["state"]:
+                state[idx] = opt["state"][old]
+            new_group["params"].append(idx)
+            local_names.append(local)
+        groups.append(new_group)
+    out["state"], out["param_groups"] = state, groups
+    return out, local_names
+
+
+def _set_world(state: State, world_size: int, rank: int) -> None:
+    """Record the process layout in the saved cfg/args (informational: training takes its own)."""
+    cfg = state.get("cfg")
+    if isinstance(cfg, dict) and isinstance(cfg.get("distributed_training"), dict):
+        cfg = dict(cfg)
+        cfg["distributed_training"] = dict(cfg["distributed_training"])
+        cfg["distributed_training"]["distributed_world_size"] = world_size
+        cfg["distributed_training"]["distributed_rank"] = rank
+        state["cfg"] = cfg
+    args = state.get("args")
+    if args is not None and hasattr(args, "distributed_world_size"):
+        args = copy.copy(args)
+        args.distributed_world_size, args.distributed_rank = world_size, rank
+        state["args"] = args
+
+
+# ----------------------------------------------------------------------------- merge / split
+
+
+def check_shards(states: List[State], paths: List[str]) -> Dict[str, Any]:
+    """Validate a run's per-rank states (rank ``r`` at index ``r``); return rank 0's record."""
+    world = len(states)
+    metas = []
+    for r, (state, path) in enumerate(zip(states, paths)):
+        meta = meta_of(state)
+        if meta is None:
+            raise ConsolidateError(
+                f"{path} has no expert-parallel record: it was not saved per rank by fairseq-stablemoe"
+            )
+        if meta["world_size"] != world or meta["rank"] != r:
+            raise ConsolidateError(
+                f"{path} says it is rank {meta['rank']} of {meta['world_size']} processes, not rank {r} of {world}: "
+                "the file was renamed or copied from another run"
+            )
+        metas.append(meta)
+    saves = {(m["run_id"], m["num_updates"], m["num_experts"]) for m in metas}
+    if len(saves) > 1:
+        listing = "; ".join(
+            f"{p}: run {m['run_id']} at update {m['num_updates']}" for p, m in zip(paths, metas)
+        )
+        raise ConsolidateError(f"the per-rank files are from different runs or updates ({listing})")
+    num_experts = metas[0]["num_experts"]
+    if num_experts % world != 0:
+        raise ConsolidateError(f"{num_experts} experts cannot be held by {world} processes")
+    for state, path in zip(states, paths):
+        for layer, count in experts_per_layer(state["model"]).items():
+            if count != num_experts // world:
+                raise ConsolidateError(
+                    f"{path} holds {count} experts in {layer[:-1]}, expected {num_experts // world} "
+                    f"({num_experts} experts on {world} processes)"
+                )
+    shared = [{k for k in s["model"] if EXPERT_KEY.match(k) is None} for s in states]
+    for state, path, keys in zip(states[1:], paths[1:], shared[1:]):
+        if keys != shared[0]:
+            diff = sorted(keys ^ shared[0])[:5]
+            raise ConsolidateError(f"{path} and {paths[0]} hold different models (e.g. {diff})")
+    return metas[0]
+
+
+def merge_shards(states: List[State], paths: List[str], keep_optimizer: bool = True) -> State:
+    """One one-process checkpoint (all experts) from a run's per-rank checkpoints."""
+    meta = check_shards(states, paths)
+    world = len(states)
+    num_local = meta["num_experts"] // world
+
+    def merge_dicts(dicts: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {glob: dicts[r][local] for glob, r, local in merge_order([list(d) for d in dicts], num_local)}
+
+    for state, path in zip(states[1:], paths[1:]):
+        differ = [
+            k
+            for k, v in states[0]["model"].items()
+            if EXPERT_KEY.match(k) is None and torch.is_tensor(v) and not torch.equal(v, state["model"][k])
+        ]
+        if differ:
+            logger.warning(
+                "%s: %d shared tensors differ from rank 0's (e.g. %s); rank 0's are kept",
+                path, len(differ), differ[0],
+            )
+
+    out = dict(states[0])
+    out["model"] = merge_dicts([s["model"] for s in states])
+    extra = dict(states[0]["extra_state"])
+    if isinstance(extra.get("ema"), dict):
+        extra["ema"] = merge_dicts([s["extra_state"]["ema"] for s in states])
+    if "ema_fp32_params" in extra:
+        logger.warning("dropping the EMA fp32 copy (ema_fp32_params): it is rebuilt from the EMA model on load")
+        del extra["ema_fp32_params"]
+    new_meta = dict(meta, world_size=1, rank=0, optimizer_param_names=None, format=META_FORMAT)
+    new_meta["consolidated_from"] = world
+    if "last_optimizer_state" in out:
+        if keep_optimizer:
+            opts = [s["last_optimizer_state"] for s in states]
+            names = [_optimizer_names(meta_of(s), o, p) for s, o, p in zip(states, opts, paths)]
+            out["last_optimizer_state"], new_meta["optimizer_param_names"] = merge_optimizer(opts, names, num_local)
+        else:
+            del out["last_optimizer_state"]
+    extra[META_KEY] = new_meta
+    out["extra_state"] = extra
+    _set_world(out, 1, 0)
+    return out
+
+
+def one_process_experts(state: State, path: str) -> int:
+    """The expert count ``N`` of a one-process checkpoint (refusing per-rank ones)."""
+    meta = meta_of(state)
+    if meta is not None and meta["world_size"] != 1:
+        raise ConsolidateError(
+            f"{path} is the rank-{meta['rank']} file of a {meta['world_size']}-process run, not a one-process "
+            f"checkpoint: name the run's files instead (stablemoe-consolidate {path} ...)"
+        )
+    counts = set(experts_per_layer(state["model"]).values())
+    if not counts:
+        raise ConsolidateError(f"{path} has no MoE experts (experts.<i> parameters)")
+    if len(counts) > 1:
+        raise ConsolidateError(f"{path} has MoE layers with different expert counts {sorted(counts)}")
+    num = counts.pop()
+    if meta is not None and meta["num_experts"] != num:
+        raise ConsolidateError(f"{path} holds {num} experts per layer but records {meta['num_experts']}")
+    return num
+
+
+def split_checkpoint(state: State, world: int, path: str = "checkpoint", keep_optimizer: bool = True) -> List[State]:
+    """Per-rank checkpoints for ``world`` processes from a one-process checkpoint."""
+    num_experts = one_process_experts(state, path)
+    if world < 1 or num_experts % world != 0:
+        divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+        raise ConsolidateError(
+            f"{num_experts} experts cannot be split over {world} processes (each holds num_experts / processes): "
+            f"use --shards in {divisors}"
+        )
+    num_local = num_experts // world
+    meta = dict(meta_of(state) or {})
+    meta.setdefault("run_id", None)
+    meta.setdefault("num_updates", ((state.get("optimizer_history") or [{}])[-1]).get("num_updates", 0))
+    meta["expert_layers"] = meta.get("expert_layers") or sorted(experts_per_layer(state["model"]))
+    opt = state.get("last_optimizer_state")
+    names = _optimizer_names(meta_of(state), opt, path) if (opt is not None and keep_optimizer) else None
+    parts = []
+    for rank in range(world):
+        part = dict(state)
+        part["model"] = {
+            local: state["model"][glob] for glob, local in split_order(list(state["model"]), rank, num_local)
+        }
+        extra = dict(state["extra_state"])
+        if isinstance(extra.get("ema"), dict):
+            extra["ema"] = {
+                local: extra["ema"][glob] for glob, local in split_order(list(extra["ema"]), rank, num_local)
+            }
+        extra.pop("ema_fp32_params", None)
+        part_meta = dict(meta, format=META_FORMAT, world_size=world, rank=rank, num_experts=num_experts)
+        part_meta["optimizer_param_names"] = None
+        if opt is not None:
+            if keep_optimizer:
+                part["last_optimizer_state"], part_meta["optimizer_param_names"] = split_optimizer(
+                    opt, names, rank, num_local
+                )
+            else:
+                del part["last_optimizer_state"]
+        extra[META_KEY] = part_meta
+        part["extra_state"] = extra
+        _set_world(part, world, rank)
+        parts.append(part)
+    return parts
+
+
+# ----------------------------------------------------------------------------- files and CLI
+
+
+def find_input(path: str, want_split: bool) -> Tuple[str, Optional[int]]:
+    """``(base name, world size of its per-rank files or None for a one-process file)``."""
+    parsed = parse_rank_path(path)
+    if parsed is not None:
+        return parsed[0], parsed[2]
+    if want_split and os.path.isfile(path):
+        return path, None
+    on_disk = rank_files_on_disk(path)
+    if len(on_disk) > 1:
+        examples = ", ".join(rank_path(path, 0, w) for w in on_disk)
+        raise ConsolidateError(
+            f"found per-rank files of {path} for {sorted(on_disk)} processes: name one of the runs' files ({examples})"
+        )
+    if on_disk:
+        return path, next(iter(on_disk))
+    if os.path.isfile(path):
+        return path, None
+    raise ConsolidateError(f"no checkpoint {path} and no per-rank files {path[:-3]}-rank*-of*.pt")
+
+
+def load_shards(base: str, world: int) -> Tuple[List[State], List[str]]:
+    paths = [rank_path(base, r, world) for r in range(world)]
+    missing = [f"{p} (rank {r} of {world})" for r, p in enumerate(paths) if not os.path.isfile(p)]
+    if missing:
+        raise ConsolidateError(f"missing per-rank checkpoint file(s): {', '.join(missing)}")
+    return [load_file(p) for p in paths], paths
+
+
+def save(state: State, path: str, force: bool) -> None:
+    from fairseq.checkpoint_utils import torch_persistent_save
+
+    if os.path.exists(path) and not force:
+        raise ConsolidateError(f"{path} exists: pass --force to overwrite it, or -o for another name")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch_persistent_save(state, path)  # temporary file, then rename
+
+
+def _output_base(output: Optional[str], base: str) -> str:
+    if output is None:
+        return base
+    if output.endswith(os.sep) or os.path.isdir(output):
+        return os.path.join(output, os.path.basename(base))
+    if not output.endswith(".pt"):
+        raise ConsolidateError(f"-o {output}: give a checkpoint name ending in .pt or a directory")
+    return output
+
+
+def run(args: argparse.Namespace) -> List[str]:
+    keep_optimizer = not args.no_optimizer
+    base, world = find_input(args.input, want_split=args.shards is not None)
+    if world is not None:
+        states, paths = load_shards(base, world)
+        state = merge_shards(states, paths, keep_optimizer)
+        source = f"{world} per-rank files {paths[0]} ..."
+    else:
+        if args.shards is None:
+            raise ConsolidateError(
+                f"{base} is already a one-process checkpoint; to split it for W processes pass --shards W"
+            )
+        state = load_file(base)
+        source = base
+    out_base = _output_base(args.output, base)
+    written = []
+    if args.shards is None:
+        save(state, out_base, args.force)
+        written.append(out_base)
+    else:
+        if world == args.shards and os.path.abspath(out_base) == os.path.abspath(base):
+            raise ConsolidateError(f"{base} is already split for {world} processes")
+        parts = split_checkpoint(state, args.shards, base, keep_optimizer)
+        outs = [rank_path(out_base, r, args.shards) for r in range(args.shards)]
+        for path in outs:
+            if os.path.exists(path) and not args.force:
+                raise ConsolidateError(f"{path} exists: pass --force to overwrite it, or -o for another name")
+        for part, path in zip(parts, outs):
+            save(part, path, force=True)
+        written.extend(outs)
+    meta = meta_of(state) or {}
+    print(
+        f"stablemoe-consolidate: {source} -> {', '.join(written)} "
+        f"({meta.get('num_experts', '?')} experts, update {meta.get('num_updates', '?')}, "
+        f"optimizer state {'kept' if keep_optimizer and 'last_optimizer_state' in state else 'dropped'})"
+    )
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stablemoe-consolidate",
+        description="Merge the per-rank checkpoints of an expert-parallel StableMoE run into one ordinary "
+        "fairseq checkpoint (all experts), or split a checkpoint into per-rank files for W processes.",
+    )
+    p.add_argument(
+        "input",
+        help="the run's checkpoint name (e.g. checkpoints/checkpoint_last.pt, meaning its -rankR-ofW.pt "
+        "files), one of its per-rank files, or (with --shards) a one-process checkpoint",
+    )
+    p.add_argument(
+        "-o", "--output",
+        help="output checkpoint name (default: INPUT without -rankR-ofW); with --shards the per-rank files "
+        "are OUTPUT-rankR-ofW.pt; a directory keeps the input's file name",
+    )
+    p.add_argument("--shards", type=int, metavar="W", help="write per-rank files for W processes (W divides N)")
+    p.add_argument(
+        "--no-optimizer", action="store_true",
+        help="drop the optimizer state (needed for --fp16's flat state; resume with --reset-optimizer)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    return p
+
+
+def cli_main(argv: Optional[List[str]] = None) -> None:
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ConsolidateError as e:
+        print(f"stablemoe-consolidate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli_main()
