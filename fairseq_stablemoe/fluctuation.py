@@ -4,7 +4,9 @@ For every non-pad token of a binarised split and every MoE layer, the expert
 chosen at each checkpoint, with the routing training used at that update
 (StableMoE: backbone router in stage 1, distilled router in stage 2; Switch:
 top-1; BASE: the balanced assignment of each batch; Hash: the hash), or with
-the inference routing (``--inference-routing``). Reports
+the inference routing (``--inference-routing``). Per-rank files of an
+expert-parallel run (``checkpoint_1_500-rank0-of2.pt``) are consolidated in
+memory: name any one rank's file. Reports
 
 * per consecutive pair of checkpoints, the fluctuation ratio: the share of
   tokens whose expert changed (over all MoE layers, and per layer);
@@ -25,7 +27,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .safe_globals import CheckpointLoadError, load_fairseq_state
+from .checkpointing import parse_rank_path
+from .consolidate import ConsolidateError, load_shards, merge_shards
+from .safe_globals import CheckpointLoadError, finish_fairseq_state, load_fairseq_state
 
 logger = logging.getLogger("fairseq_stablemoe.fluctuation")
 
@@ -42,7 +46,16 @@ class CheckpointRouting:
 def _load(path: str, data_dir: str, trusted: bool = False):
     from fairseq import checkpoint_utils
 
-    state = load_fairseq_state(path, trusted=trusted)
+    parsed = parse_rank_path(path)
+    if parsed is not None:  # a per-rank file of an expert-parallel run: merge the run's files in memory
+        base, _, world = parsed
+        try:
+            states, paths = load_shards(base, world)
+            state = finish_fairseq_state(merge_shards(states, paths, keep_optimizer=False), path)
+        except ConsolidateError as e:
+            raise ValueError(str(e)) from e
+    else:
+        state = load_fairseq_state(path, trusted=trusted)
     if state.get("cfg") is None or state["cfg"].get("model") is None:
         raise ValueError(f"{path} is not a fairseq model checkpoint (no model config)")
     arch = str(getattr(state["cfg"]["model"], "_name", None) or getattr(state["cfg"]["model"], "arch", ""))

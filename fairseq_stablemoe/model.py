@@ -26,7 +26,7 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 from omegaconf import II
 
-from .layer import BaseLayer, DenseFFNLayer, HashLayer, StableMoELayer, SwitchLayer
+from .layer import BaseLayer, DenseFFNLayer, HashLayer, MoELayer, StableMoELayer, SwitchLayer
 from .parallel import world_size_and_rank
 
 MOE_TYPES = ["stablemoe", "switch", "base", "hash", "dense"]
@@ -331,16 +331,39 @@ class StableMoELanguageModel(TransformerLanguageModel):
         return [layer.moe for layer in self.decoder.moe_layers]
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        for name, param in self.named_parameters():
-            if name.endswith("distill_router.embed_tokens.weight") and name in state_dict:
-                got, want = state_dict[name].shape[0], param.shape[0]
-                if got != want:
-                    raise ValueError(
-                        f"the checkpoint's distilled router ({name}) has {got} token ids but the "
-                        f"dictionary has {want} entries: load it with the dict.txt it was trained "
-                        "with (the data directory given to fairseq-train)"
-                    )
+        check_moe_state_dict(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+def check_moe_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Clear errors, before torch's size-mismatch ones, for a checkpoint that does not fit ``model``.
+
+    * a distilled router whose vocabulary is not the dictionary's;
+    * a file holding another number of experts per layer than this process
+      (a per-rank file opened in one process, or the other way round).
+    """
+    from .checkpointing import experts_per_layer
+
+    for name, param in model.named_parameters():
+        if name.endswith("distill_router.embed_tokens.weight") and name in state_dict:
+            got, want = state_dict[name].shape[0], param.shape[0]
+            if got != want:
+                raise ValueError(
+                    f"the checkpoint's distilled router ({name}) has {got} token ids but the "
+                    f"dictionary has {want} entries: load it with the dictionary it was trained "
+                    "with (the data directory given to fairseq-train)"
+                )
+    held = experts_per_layer(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            prefix = f"{name}.experts."
+            if prefix in held and held[prefix] != len(module.experts):
+                raise ValueError(
+                    f"the checkpoint holds {held[prefix]} experts in {name} but this process holds "
+                    f"{len(module.experts)} of --num-experts {module.num_experts}: a per-rank file of an "
+                    "expert-parallel run opens in one process only after `stablemoe-consolidate FILE`, and "
+                    "a consolidated file resumes on W processes after `stablemoe-consolidate FILE --shards W`"
+                )
 
 
 def _moe_defaults(args, sublayers: int = 1) -> None:

@@ -16,6 +16,7 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,9 @@ class DistilledRouter(nn.Module):
     fairseq's fp16 optimizer steps an fp32 master copy), so :meth:`freeze`
     keeps a snapshot and
 
-    * :meth:`restore_frozen` writes it back before every training step
-      (fairseq calls ``set_num_updates`` there), so routing never changes;
+    * routing uses the snapshot itself, so it never changes;
+    * :meth:`restore_frozen` writes it back into the parameters before every
+      training step (fairseq calls ``set_num_updates`` there);
     * the state dict always holds the snapshot under the parameters' own names,
       so every checkpoint after the boundary has bit-identical router weights;
     * the persistent ``frozen`` flag makes a loaded model re-take the snapshot
@@ -87,6 +89,7 @@ class DistilledRouter(nn.Module):
         nn.init.orthogonal_(centroids, gain=0.1)
         self.centroids = nn.Parameter(centroids)
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self._frozen = False  # python mirror of the buffer: no device sync per forward
         # the snapshot: not saved (the saved parameters are the snapshot)
         self.register_buffer("snapshot_embed_tokens", None, persistent=False)
         self.register_buffer("snapshot_centroids", None, persistent=False)
@@ -98,13 +101,21 @@ class DistilledRouter(nn.Module):
         return self.embed_tokens.num_embeddings
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens``: ``(T,)`` token ids -> affinities ``(T, N)`` in fp32."""
+        """``tokens``: ``(T,)`` token ids -> affinities ``(T, N)`` in fp32.
+
+        Once frozen, the snapshot routes (never the parameters, which an
+        optimizer step may have moved since the last restore, e.g. before a
+        validation that runs between two train steps).
+        """
+        if self.is_frozen:
+            emb = F.embedding(tokens, self.snapshot_embed_tokens, padding_idx=self.embed_tokens.padding_idx)
+            return emb.float().matmul(self.snapshot_centroids.float().t())
         emb = self.embed_tokens(tokens).float()
         return emb.matmul(self.centroids.float().t())
 
     @property
     def is_frozen(self) -> bool:
-        return bool(self.frozen.item())
+        return self._frozen
 
     def _params(self):
         return ((self.embed_tokens.weight, "snapshot_embed_tokens"), (self.centroids, "snapshot_centroids"))
@@ -115,6 +126,7 @@ class DistilledRouter(nn.Module):
         for param, name in self._params():
             setattr(self, name, param.detach().clone())
         self.frozen.fill_(True)
+        self._frozen = True
 
     @torch.no_grad()
     def unfreeze(self) -> None:
@@ -122,6 +134,7 @@ class DistilledRouter(nn.Module):
         for _, name in self._params():
             setattr(self, name, None)
         self.frozen.fill_(False)
+        self._frozen = False
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
@@ -139,7 +152,7 @@ class DistilledRouter(nn.Module):
 
     @staticmethod
     def _after_load(module: "DistilledRouter", incompatible_keys) -> None:
-        if module.is_frozen:
+        if bool(module.frozen.item()):
             module.freeze()
         else:
             module.unfreeze()

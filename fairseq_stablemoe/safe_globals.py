@@ -20,7 +20,7 @@ def fairseq_checkpoint_globals() -> List[object]:
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode
 
-    found: List[object] = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, collections.defaultdict]
+    found: List[object] = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list, int, collections.defaultdict]
     found.append(argparse.Namespace)
     try:
         from fairseq.distributed.utils import _TensorPlaceholder
@@ -78,10 +78,14 @@ def load_checkpoint_file(path: str, trusted: bool = False) -> dict:
 def load_fairseq_state(path: str, trusted: bool = False) -> dict:
     """:func:`load_checkpoint_file` plus what ``fairseq.checkpoint_utils.load_checkpoint_to_cpu``
     does after its own ``torch.load``: the config as an OmegaConf object and fairseq's upgrades."""
+    return finish_fairseq_state(load_checkpoint_file(path, trusted=trusted), path)
+
+
+def finish_fairseq_state(state: dict, path: str) -> dict:
+    """The config of a loaded checkpoint as an OmegaConf object, and fairseq's upgrades."""
     from fairseq import checkpoint_utils
     from omegaconf import OmegaConf
 
-    state = load_checkpoint_file(path, trusted=trusted)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointLoadError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
     if state.get("cfg") is not None:

@@ -16,7 +16,15 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerEncoder, TransformerModel, base_architecture
 from fairseq.utils import safe_getattr
 
-from .model import MoEDecoderLayer, MoEOptions, StableMoEDecoder, build_moe_layer, insert_moe_layers, validate_moe_args
+from .model import (
+    MoEDecoderLayer,
+    MoEOptions,
+    StableMoEDecoder,
+    build_moe_layer,
+    check_moe_state_dict,
+    insert_moe_layers,
+    validate_moe_args,
+)
 
 
 @dataclass
@@ -103,15 +111,7 @@ class StableMoETransformerModel(TransformerModel):
         )
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        for side, dictionary in (("encoder", self.encoder.dictionary), ("decoder", self.decoder.dictionary)):
-            for name, value in state_dict.items():
-                if name.startswith(side + ".") and name.endswith("distill_router.embed_tokens.weight"):
-                    if value.shape[0] != len(dictionary):
-                        raise ValueError(
-                            f"the checkpoint's {side} router ({name}) covers {value.shape[0]} token ids but the "
-                            f"{'source' if side == 'encoder' else 'target'} dictionary has {len(dictionary)}: "
-                            "load it with the dictionaries it was trained with"
-                        )
+        check_moe_state_dict(self, state_dict)
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 

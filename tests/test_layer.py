@@ -237,3 +237,20 @@ def test_nonfinite_affinities_are_replaced_and_counted():
     finite_rows = [t for t in range(16) if t not in (2, 4)]
     assert torch.isfinite(out[finite_rows]).all()
     assert torch.isfinite(stats["distill_loss"])
+
+
+def test_frozen_router_routes_with_snapshot_even_if_parameters_drift():
+    """An optimizer step after the last restore (e.g. Adam momentum under legacy_ddp) must not
+    change routing before the next restore, e.g. in a validation between two train steps."""
+    layer = make_layer(two_stage=1)
+    layer.set_num_updates(1)
+    layer.eval()
+    h, tokens = inputs()
+    with torch.no_grad():
+        before = layer.assignment(h, tokens, training_routing=False)
+        layer.distill_router.centroids.mul_(-1.0)  # a drift that would flip every argmax
+        after = layer.assignment(h, tokens, training_routing=False)
+    assert torch.equal(before, after)
+    layer.distill_router.unfreeze()  # the same drift does change an unfrozen router
+    with torch.no_grad():
+        assert not torch.equal(before, layer.assignment(h, tokens, training_routing=False))
