@@ -58,9 +58,13 @@ VOCAB=$(wc -l < "$DATA/dict.txt")
 echo "vocabulary: $VOCAB sentencepiece pieces (+4 specials)"
 echo "valid perplexity: $VALID_PPL"
 echo "test perplexity:  $TEST_PPL"
-echo "last logged stage-1 vs stage-2 updates:"
-grep -E "\| train_inner \|" "$WORK/train.log" | grep -E "stage 1 " | tail -1 | grep -oE "num_updates [0-9]+|balance_loss [0-9.]+|distill_loss [0-9.]+|router_agree [0-9.]+" | paste -sd' ' | sed 's/^/  stage 1: /'
-grep -E "\| train_inner \|" "$WORK/train.log" | grep -E "stage 2 " | tail -1 | grep -oE "num_updates [0-9]+|balance_loss [0-9.]+|distill_loss [0-9.]+|router_agree [0-9.]+" | paste -sd' ' | sed 's/^/  stage 2: /'
+echo "last logged update of each stage (training routing; losses per token):"
+for STAGE in 1 2; do
+  LINE=$(grep -E "\| train_inner \|.* stage=$STAGE," "$WORK/train.log" | tail -1 || true)
+  if [ -n "$LINE" ]; then
+    echo "  stage $STAGE: $(echo "$LINE" | grep -oE "epoch [0-9]+: +[0-9]+|balance_loss=[0-9.]+|distill_loss=[0-9.]+|router_agree=[0-9.]+|max_load=[0-9.]+" | paste -sd' ' -)"
+  fi
+done
 "$VENV/bin/python" -m fairseq_stablemoe.routing_summary "$DATA" --path "$SAVE/checkpoint_last.pt" --split test --cpu \
   --json "$WORK/routing_summary.json" 2>/dev/null
 echo
