@@ -38,6 +38,13 @@ for any other model every overridden member calls fairseq's own code:
 One-process runs of a MoE model keep fairseq's file names and loading; they
 get the record and the checks (e.g. resuming per-rank files on one process
 asks for consolidation).
+
+Killed runs: fairseq writes each checkpoint atomically, but then *copies* it
+to ``checkpoint_last.pt`` (and ``checkpoint_best.pt``), and a copy cut short by
+a kill leaves a truncated file that would stop every later resume. When the
+file to resume from cannot be read, ``load_checkpoint`` falls back, with a
+warning, to the newest checkpoint of the same save directory that every rank
+can read (for MoE models).
 """
 
 import contextlib
@@ -388,10 +395,67 @@ def _save_checkpoint(self, filename, extra_state):
     return _fairseq["save_checkpoint"](self, filename, extra_state)
 
 
+def readable_updates(path: str) -> Optional[int]:
+    """The update count of a checkpoint that can be read, None for a truncated or corrupt file."""
+    try:
+        state = peek(path)
+        history = state.get("optimizer_history") or [{}]
+        return int(history[-1].get("num_updates", 0))
+    except Exception:
+        return None
+
+
+def newest_intact(filename: str, shard: ExpertShard) -> Optional[str]:
+    """The newest checkpoint next to ``filename`` that every rank can read (same suffix)."""
+    directory = os.path.dirname(filename) or "."
+    found: Dict[int, str] = {}
+    for path in glob.glob(os.path.join(glob.escape(directory), "checkpoint*.pt")):
+        if os.path.abspath(path) == os.path.abspath(filename):
+            continue
+        if shard.is_parallel:
+            parsed = parse_rank_path(path)
+            if parsed is None or (parsed[1], parsed[2]) != (shard.rank, shard.world_size):
+                continue
+        elif parse_rank_path(path) is not None:
+            continue
+        updates = readable_updates(path)
+        if updates is not None and updates not in found:
+            found[updates] = path
+    candidates = sorted(found, reverse=True)
+    if shard.is_parallel:  # the newest save every rank has
+        everyone: List[Any] = [None] * shard.world_size
+        dist.all_gather_object(everyone, candidates)
+        common = set(candidates).intersection(*map(set, everyone))
+        candidates = sorted(common, reverse=True)
+    return found[candidates[0]] if candidates else None
+
+
+def _fall_back_if_unreadable(trainer: Trainer, filename: str, shard: ExpertShard) -> str:
+    broken = os.path.isfile(filename) and readable_updates(filename) is None
+    if shard.is_parallel:
+        flags: List[Any] = [None] * shard.world_size
+        dist.all_gather_object(flags, broken)
+        broken = any(flags)
+    if not broken:
+        return filename
+    fallback = newest_intact(filename, shard)
+    if fallback is None:
+        raise CheckpointMismatchError(
+            f"{filename} is truncated or corrupt (a run killed while writing it?) and no other readable "
+            f"checkpoint is in {os.path.dirname(filename) or '.'}: delete it to start from scratch"
+        )
+    logger.warning(
+        "%s is truncated or corrupt (a run killed while writing it?): resuming from %s, the newest readable "
+        "checkpoint", filename, fallback,
+    )
+    return fallback
+
+
 def _load_checkpoint(self, filename, *args, **kwargs):
     shard = model_shard(self)
     if shard is None:
         return _fairseq["load_checkpoint"](self, filename, *args, **kwargs)
+    filename = _fall_back_if_unreadable(self, filename, shard)
     check_before_load(self, filename)
     if shard.is_parallel:
         logger.info("expert parallelism: every rank loads its own checkpoint (%s on rank %d)", filename, shard.rank)

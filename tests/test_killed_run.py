@@ -1,0 +1,81 @@
+"""A training process killed with SIGKILL leaves a loadable checkpoint, and the next run
+resumes from it with no manual step."""
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kill_data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kill")
+    rng = random.Random(11)
+    lines = [" ".join(f"k{rng.randrange(60)}" for _ in range(rng.randint(5, 15))) for _ in range(1500)]
+    (tmp / "train.txt").write_text("\n".join(lines) + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
+         "--validpref", str(tmp / "train.txt"), "--destdir", str(tmp / "bin"), "--workers", "1"],
+        check=True, capture_output=True,
+    )
+    return tmp / "bin"
+
+
+def _cmd(data: Path, save: Path, max_update: int):
+    return [
+        sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_stablemoe"),
+        "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
+        "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128",
+        "--decoder-attention-heads", "2", "--num-experts", "4", "--two-stage-updates", "6",
+        "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "512", "--tokens-per-sample", "32",
+        "--max-update", str(max_update), "--cpu", "--save-dir", str(save), "--save-interval-updates", "3",
+        "--keep-interval-updates", "2", "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0",
+    ]
+
+
+def _loaded_update(output: str) -> int:
+    m = re.search(r"Loaded checkpoint .* \(epoch \d+ @ (\d+) updates\)", output)
+    assert m, output[-3000:]
+    return int(m.group(1))
+
+
+def test_sigkill_at_a_random_moment_then_resume(kill_data, tmp_path):
+    save = tmp_path / "ckpt"
+    proc = subprocess.Popen(_cmd(kill_data, save, 150), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(save.glob("checkpoint_*_*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random().uniform(0.0, 1.5))  # during a step or a checkpoint write
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # the next run is the same command: it resumes from the last complete checkpoint
+    resumed = subprocess.run(_cmd(kill_data, save, 150), capture_output=True, text=True)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert _loaded_update(output) >= 3
+    assert "num_updates: 150 >= max_update" in output
+
+
+def test_truncated_checkpoint_last_falls_back_to_newest_intact(kill_data, tmp_path):
+    save = tmp_path / "ckpt"
+    first = subprocess.run(_cmd(kill_data, save, 10), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = save / "checkpoint_last.pt"
+    # a kill while fairseq copies the new checkpoint to checkpoint_last.pt leaves it cut short
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    resumed = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert "is truncated or corrupt" in output and "checkpoint_1_9.pt" in output
+    assert _loaded_update(output) == 9
+    assert "num_updates: 12 >= max_update" in output
