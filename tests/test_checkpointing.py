@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -29,6 +28,7 @@ import torch
 from fairseq_stablemoe import consolidate
 from fairseq_stablemoe.checkpointing import META_KEY
 from fairseq_stablemoe.launch import PACKAGE_DIR, launch_args
+from corpus import free_port, markov_corpus
 
 TWO_STAGE = 3
 TINY = [
@@ -42,34 +42,9 @@ TINY = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import random
-
-    tmp = tmp_path_factory.mktemp("ckpt_corpus")
-    rng = random.Random(0)
-    lines = []
-    for _ in range(700):
-        w = rng.randrange(120)
-        sent = []
-        for _ in range(rng.randint(6, 20)):
-            sent.append(f"w{w}")
-            w = (w * 7 + rng.randint(0, 2)) % 120
-        lines.append(" ".join(sent))
-    (tmp / "train.txt").write_text("\n".join(lines[:600]) + "\n")
-    (tmp / "valid.txt").write_text("\n".join(lines[600:]) + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
-         "--validpref", str(tmp / "valid.txt"), "--destdir", str(tmp / "bin"), "--workers", "1"],
-        check=True, capture_output=True,
-    )
-    return tmp / "bin"
+    return markov_corpus(tmp_path_factory.mktemp("ckpt_corpus"), 600, 100, vocab=120, seed=0)
 
 
 def train(data, save, *extra, nproc=2, max_update=8, ok=True):

@@ -7,7 +7,6 @@ boundary. SGD shows a gradient scale error that Adam would hide.
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,9 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 
+from corpus import free_port
+
 WORKER = Path(__file__).with_name("ep_equivalence_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """stablemoe-fluctuation: the analysis maths and real runs of every routed type."""
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from fairseq_stablemoe.fluctuation import CheckpointRouting, analyse
+from corpus import markov_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,30 +35,9 @@ def test_analyse_by_hand():
         analyse(runs[:1])
 
 
-def _corpus(tmp: Path) -> Path:
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(120)]
-    lines = []
-    for _ in range(1200):
-        w = rng.randrange(120)
-        sent = []
-        for _ in range(rng.randint(6, 20)):
-            sent.append(words[w])
-            w = (w * 7 + rng.randint(0, 2)) % 120
-        lines.append(" ".join(sent))
-    (tmp / "train.txt").write_text("\n".join(lines[:1000]) + "\n")
-    (tmp / "valid.txt").write_text("\n".join(lines[1000:]) + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
-         "--validpref", str(tmp / "valid.txt"), "--destdir", str(tmp / "bin"), "--workers", "1"],
-        check=True, capture_output=True,
-    )
-    return tmp / "bin"
-
-
 @pytest.fixture(scope="module")
 def fluct_data(tmp_path_factory):
-    return _corpus(tmp_path_factory.mktemp("fluct"))
+    return markov_corpus(tmp_path_factory.mktemp("fluct"), 1000, 200, vocab=120, seed=0)
 
 
 def _train(data: Path, save: Path, moe_type: str) -> list:

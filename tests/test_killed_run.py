@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from corpus import binarise
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,13 +22,7 @@ def kill_data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kill")
     rng = random.Random(11)
     lines = [" ".join(f"k{rng.randrange(60)}" for _ in range(rng.randint(5, 15))) for _ in range(1500)]
-    (tmp / "train.txt").write_text("\n".join(lines) + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
-         "--validpref", str(tmp / "train.txt"), "--destdir", str(tmp / "bin"), "--workers", "1"],
-        check=True, capture_output=True,
-    )
-    return tmp / "bin"
+    return binarise(tmp, {"train": lines, "valid": lines[:100]})
 
 
 def _cmd(data: Path, save: Path, max_update: int):

@@ -1,7 +1,6 @@
 """Exact resume: 2N updates in one run == N updates, stop, resume, N more (bit-for-bit on CPU)."""
 
 import json
-import random
 import re
 import subprocess
 import sys
@@ -11,30 +10,15 @@ import pytest
 import torch
 
 import fairseq_stablemoe  # noqa: F401
+from corpus import markov_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def resume_data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    rng = random.Random(5)
-    lines = []
-    for _ in range(900):
-        w = rng.randrange(80)
-        sent = []
-        for _ in range(rng.randint(5, 15)):
-            sent.append(f"t{w}")
-            w = (w * 3 + rng.randint(0, 3)) % 80
-        lines.append(" ".join(sent))
-    (tmp / "train.txt").write_text("\n".join(lines[:800]) + "\n")
-    (tmp / "valid.txt").write_text("\n".join(lines[800:]) + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
-         "--validpref", str(tmp / "valid.txt"), "--destdir", str(tmp / "bin"), "--workers", "1"],
-        check=True, capture_output=True,
-    )
-    return tmp / "bin"
+    return markov_corpus(tmp_path_factory.mktemp("resume"), 800, 100, vocab=80, seed=5, prefix="t", mult=3,
+                         min_len=5, max_len=15)
 
 
 def _train(data: Path, save: Path, max_update: int, two_stage: int):

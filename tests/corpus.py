@@ -1,0 +1,46 @@
+"""Shared test helpers: a small synthetic corpus with Markov structure, binarised by fairseq."""
+
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+
+def markov_lines(n: int, vocab: int, seed: int, prefix: str = "w", mult: int = 7, min_len: int = 6, max_len: int = 20):
+    """``n`` sentences over ``vocab`` word types where each word mostly determines the next."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        w = rng.randrange(vocab)
+        sent = []
+        for _ in range(rng.randint(min_len, max_len)):
+            sent.append(f"{prefix}{w}")
+            w = (w * mult + rng.randint(0, 2)) % vocab
+        lines.append(" ".join(sent))
+    return lines
+
+
+def binarise(tmp: Path, splits: Dict[str, list]) -> Path:
+    """Write ``{split: lines}`` as text and run ``fairseq-preprocess --only-source``; returns the data dir."""
+    for name, lines in splits.items():
+        (tmp / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    args = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--destdir", str(tmp / "bin"),
+            "--workers", "1", "--trainpref", str(tmp / "train.txt")]
+    for name in ("valid", "test"):
+        if name in splits:
+            args += [f"--{name}pref", str(tmp / f"{name}.txt")]
+    subprocess.run(args, check=True, capture_output=True)
+    return tmp / "bin"
+
+
+def markov_corpus(tmp: Path, n_train: int, n_valid: int, vocab: int, seed: int, **kwargs) -> Path:
+    lines = markov_lines(n_train + n_valid, vocab, seed, **kwargs)
+    return binarise(tmp, {"train": lines[:n_train], "valid": lines[n_train:]})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
