@@ -1,0 +1,220 @@
+"""The MoE layer against a dense FFN of the same d and f, measured side by side.
+
+Forward+backward time (forward only for ``inference``) of each case and of a
+dense FFN (one residual FFN sublayer, the same as one expert) on the same
+tokens, in one process: warm-up, then rounds in which every case runs once in
+turn (so a slow spell of the machine hits all cases alike), and the median
+over rounds. Cases: StableMoE ``stage1`` (training, both auxiliary losses in
+the backward), ``stage2`` (training after the boundary), ``inference`` (eval,
+forward only, against the dense forward only), fairscale's ``MOELayer`` with
+its ``Top2Gate`` (one-hot einsum dispatch; ``fairscale_top2``), and the
+plugin's ``switch``, ``base`` and ``hash`` layers (training).
+
+``mem_ratio`` is the case's peak of live tensor bytes created during its
+forward (the activations, including what autograd saves for the backward)
+over the dense FFN's, tracked exactly with a ``TorchDispatchMode`` that counts
+every new storage until it is freed.
+
+Prints one line per case:
+
+    case=<stage1|stage2|inference|fairscale_top2|switch|base|hash> experts=<N> ms=<median> mem_ratio=<x> ratio_vs_dense=<x>
+
+    python benchmarks/moe_layer.py            # N in {4, 16, 64}
+    python benchmarks/moe_layer.py --quick    # N = 16 only
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fairseq_stablemoe.layer import BaseLayer, DenseFFNLayer, HashLayer, StableMoELayer, SwitchLayer  # noqa: E402
+
+PAD = 1
+VOCAB = 8000
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of storages created inside the mode and still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, List[int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[ptr]
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0:
+            return
+        entry = self.live.get(ptr)
+        if entry is None:
+            entry = self.live[ptr] = [storage.nbytes(), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def dense_layer(d: int, f: int) -> nn.Module:
+    return DenseFFNLayer(d, f, 1)
+
+
+def fairscale_top2(d: int, f: int, n: int) -> nn.Module:
+    from fairscale.nn.moe import MOELayer, Top2Gate
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29599", rank=0, world_size=1)
+    experts = nn.ModuleList([nn.Sequential(nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d)) for _ in range(n)])
+    return MOELayer(Top2Gate(d, n), experts)
+
+
+def make_cases(d: int, f: int, n: int, with_fairscale: bool) -> Dict[str, Callable]:
+    """``name -> (layer, train, stage2)``; each layer is called as ``layer(h, tokens)``."""
+    stable = StableMoELayer(d, f, n, 1, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=1)
+    cases = {
+        "stage1": (stable, True, False),
+        "stage2": (stable, True, True),
+        "inference": (stable, False, True),
+    }
+    if with_fairscale:
+        cases["fairscale_top2"] = (fairscale_top2(d, f, n), True, False)
+    cases["switch"] = (SwitchLayer(d, f, n, 1, PAD), True, False)
+    cases["base"] = (BaseLayer(d, f, n, 1, PAD), True, False)
+    symbols = [f"tok{i}" for i in range(VOCAB)]
+    cases["hash"] = (HashLayer(d, f, n, 1, PAD, symbols=symbols), True, False)
+    return cases
+
+
+def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, track=None):
+    """One forward(+backward); returns seconds."""
+    is_fairscale = type(layer).__name__ == "MOELayer"
+    if hasattr(layer, "set_num_updates"):
+        layer.set_num_updates(1 if stage2 else 0)
+    layer.train(train)
+    start = time.perf_counter()
+    if not train:
+        with torch.no_grad():
+            if track is not None:
+                with track:
+                    out = layer(h, tokens)
+            else:
+                out = layer(h, tokens)
+        return time.perf_counter() - start
+    x = h.detach().requires_grad_()
+    ctx = track if track is not None else _Null()
+    with ctx:
+        if is_fairscale:
+            # fairscale wants a leading dimension divisible by its number of experts
+            out = layer(x.view(len(layer.experts), -1, x.shape[-1])).reshape_as(x)
+            aux = 0.01 * layer.l_aux
+        else:
+            out, stats = layer(x, tokens)
+            aux = 0.0
+            if stats:
+                aux = 0.3 * stats.get("balance_loss", 0.0) + 0.3 * stats.get("distill_loss", 0.0)
+        loss = (out * g).sum() + aux
+    loss.backward()
+    return time.perf_counter() - start
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def measure(opts, n: int) -> None:
+    torch.manual_seed(0)
+    d, f, T = opts.dim, opts.ffn, opts.tokens
+    h = torch.randn(T, d)
+    tokens = torch.randint(4, VOCAB, (T,))
+    g = torch.randn(T, d) / T
+    dense = dense_layer(d, f)
+    cases = make_cases(d, f, n, not opts.no_fairscale)
+    runs = {"dense_train": (dense, True, False), "dense_infer": (dense, False, False), **cases}
+    # routing sanity: the assignment is not degenerate
+    stable = cases["stage1"][0]
+    stable.train()
+    stable.set_num_updates(0)
+    with torch.no_grad():
+        _, stats = stable(h, tokens)
+    load = stats["load"]
+    print(f"# experts={n}: stage-1 load max/mean {float(load.max() * n / load.sum()):.2f}", flush=True)
+
+    peaks = {}
+    for name, (layer, train, stage2) in runs.items():
+        tracker = PeakLiveBytes()
+        run_once(layer, train, stage2, h, tokens, g, track=tracker)
+        peaks[name] = tracker.peak
+        for _ in range(opts.warmup - 1):
+            run_once(layer, train, stage2, h, tokens, g)
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(opts.repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            layer, train, stage2 = runs[name]
+            times[name].append(run_once(layer, train, stage2, h, tokens, g))
+    med = {name: statistics.median(v) * 1000 for name, v in times.items()}
+    for name in cases:
+        ref = "dense_infer" if name == "inference" else "dense_train"
+        print(
+            f"case={name} experts={n} ms={med[name]:.1f} mem_ratio={peaks[name] / peaks[ref]:.2f} "
+            f"ratio_vs_dense={med[name] / med[ref]:.3f}",
+            flush=True,
+        )
+    print(f"# experts={n}: dense ms train={med['dense_train']:.1f} inference={med['dense_infer']:.1f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N = 16 only")
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-fairscale", action="store_true")
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} f={opts.ffn}, "
+          f"median of {opts.repeats} interleaved rounds; cpu count {os.cpu_count()}", flush=True)
+    for n in [16] if opts.quick else opts.experts:
+        measure(opts, n)
+
+
+if __name__ == "__main__":
+    main()
