@@ -1,0 +1,87 @@
+"""Training words per second of ``fairseq-train``: ``stablemoe_lm`` against its dense twin
+(``--moe-type dense``: the same model with one FFN of the same sublayers in place of each
+MoE layer, i.e. the same active parameters per token), same data, batch and updates.
+
+Runs alternate (stablemoe, dense, stablemoe, dense, ...) so that a slow spell of the
+machine hits both; each run's words/s is the median of fairseq's logged ``wps`` after the
+first log interval (warm-up). Prints
+
+    stablemoe_wps=<median> dense_wps=<median> ratio=<stablemoe/dense>
+
+    python benchmarks/train_throughput.py [--data DATA_BIN] [--rounds 2] [--updates 60]
+"""
+
+import argparse
+import json
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_data(tmp: Path) -> Path:
+    rng = random.Random(0)
+    lines = []
+    for _ in range(20000):
+        w = rng.randrange(2000)
+        sent = []
+        for _ in range(rng.randint(8, 40)):
+            sent.append(f"w{w}")
+            w = (w * 7 + rng.randint(0, 5)) % 2000
+        lines.append(" ".join(sent))
+    (tmp / "train.txt").write_text("\n".join(lines) + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
+         "--validpref", str(tmp / "train.txt"), "--destdir", str(tmp / "bin"), "--workers", "2"],
+        check=True, capture_output=True,
+    )
+    return tmp / "bin"
+
+
+def run(data: Path, moe_type: str, opts) -> float:
+    cmd = [
+        sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_stablemoe"),
+        "--task", "language_modeling", "--arch", "stablemoe_lm", "--moe-type", moe_type, "--criterion", "stablemoe",
+        "--num-experts", str(opts.experts), "--two-stage-updates", str(opts.updates // 2),
+        "--tokens-per-sample", "128", "--sample-break-mode", "none", "--max-tokens", str(opts.max_tokens),
+        "--optimizer", "adam", "--lr", "0.001", "--max-update", str(opts.updates), "--cpu", "--num-workers", "0",
+        "--no-save", "--disable-validation", "--log-format", "json", "--log-interval", str(opts.log_interval),
+        "--seed", "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    wps = [float(json.loads(m.group(1))["wps"])
+           for m in re.finditer(r"\| train_inner \| (\{.*\})", out.stdout + out.stderr)]
+    if len(wps) < 2:
+        raise RuntimeError("too few log intervals: raise --updates")
+    return statistics.median(wps[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="binarised LM data (default: a synthetic corpus)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = opts.data or synthetic_data(Path(tmp))
+        results = {"stablemoe": [], "dense": []}
+        for _ in range(opts.rounds):
+            for moe_type in ("stablemoe", "dense"):
+                results[moe_type].append(run(data, moe_type, opts))
+                print(f"# {moe_type}: {results[moe_type][-1]:.0f} words/s", flush=True)
+    s, d = statistics.median(results["stablemoe"]), statistics.median(results["dense"])
+    print(f"stablemoe_wps={s:.0f} dense_wps={d:.0f} ratio={s / d:.3f}")
+
+
+if __name__ == "__main__":
+    main()
