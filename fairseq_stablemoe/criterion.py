@@ -58,8 +58,12 @@ class StableMoECriterion(FairseqCriterion):
         self.distill_factor = distill_factor
         self.sentence_avg = sentence_avg
         self.eps = label_smoothing
+        self._marked = False
 
     def forward(self, model, sample, reduce=True):
+        if not self._marked:  # tell the decoder(s) that the auxiliary losses are used
+            model.apply(lambda m: setattr(m, "aux_loss_consumer", True) if hasattr(m, "aux_loss_consumer") else None)
+            self._marked = True
         net_output = model(**sample["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         lprobs = lprobs.view(-1, lprobs.size(-1))

@@ -209,6 +209,10 @@ class StableMoEDecoder(TransformerDecoder):
     :meth:`StableMoELayer.forward`).
     """
 
+    #: set by the ``stablemoe`` criterion: training with a criterion that ignores the
+    #: auxiliary losses is refused at the first training forward
+    aux_loss_consumer = False
+
     def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True, num_moe_layers: Optional[int] = None):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         self.moe_layers: List[MoEDecoderLayer] = insert_moe_layers(
@@ -245,6 +249,14 @@ class StableMoEDecoder(TransformerDecoder):
             # the encoder's MoE statistics (translation) come first
             encoder_stats = encoder_out.get("moe", []) if isinstance(encoder_out, dict) else []
             extra["moe"] = list(encoder_stats) + [layer.last_stats for layer in self.moe_layers]
+            if self.training and not self.aux_loss_consumer and any(
+                s is not None and ("balance_loss" in s or "distill_loss" in s) for s in extra["moe"]
+            ):
+                raise RuntimeError(
+                    "the MoE layers' balance/distillation losses are not used by this criterion, so the "
+                    "routers would not learn (StableMoE's distilled router would stay random): train with "
+                    "--criterion stablemoe"
+                )
         finally:
             for layer in self.moe_layers:
                 layer.input_tokens = None
