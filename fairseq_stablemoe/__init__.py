@@ -5,6 +5,7 @@ importing this package registers the ``stablemoe_lm`` and ``stablemoe_transforme
 their architectures and the ``stablemoe`` criterion.
 """
 
+from . import compat  # noqa: F401  (np.compat for fairseq under numpy 2)
 from . import safe_globals  # noqa: F401  (before anything loads a checkpoint)
 from . import criterion, model, translation  # noqa: F401  (registers with fairseq)
 from . import checkpointing  # noqa: F401  (per-rank checkpoints of expert-parallel runs)
