@@ -44,7 +44,7 @@ def _reference_output(layer, h, tokens, choice, gate):
     return torch.stack(rows)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     num_tokens=st.integers(1, 24),
     num_experts=st.sampled_from([1, 2, 3, 5]),
@@ -65,6 +65,8 @@ def test_layer_matches_per_token_reference(num_tokens, num_experts, pad_mask, st
             layer.distill_router.centroids.zero_()
             layer.distill_router.centroids[0] = 1.0
             layer.distill_router.embed_tokens.weight.abs_()
+        if stage2:  # the router routes with the snapshot taken at the freeze: take it again
+            layer.distill_router.freeze()
     h = torch.randn(num_tokens, 4, generator=g)
     if collapse:
         h[:, 0] = h[:, 0].abs() + 5
