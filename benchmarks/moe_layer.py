@@ -13,7 +13,8 @@ plugin's ``switch``, ``base`` and ``hash`` layers (training).
 ``mem_ratio`` is the case's peak of live tensor bytes created during its
 forward (the activations, including what autograd saves for the backward)
 over the dense FFN's, tracked exactly with a ``TorchDispatchMode`` that counts
-every new storage until it is freed.
+every new storage until it is freed (outputs that alias an untracked input,
+such as views of the weights, are not new storages and are not counted).
 
 Prints one line per case:
 
@@ -34,6 +35,7 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,8 +79,19 @@ class PeakLiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # outputs that alias an input's storage (views such as ``weight.t()``,
+        # in-place ops) are new allocations only if that storage is tracked:
+        # parameters and the layer's input are not activations
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in pytree.tree_leaves((args, kwargs or {}))
+            if isinstance(a, torch.Tensor)
+        }
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in inputs and ptr not in self.live:
+                    continue
                 self._track(t)
         return out
 
