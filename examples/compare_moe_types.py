@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,6 +106,16 @@ def fluctuation(opts, checkpoints: Sequence[Path], out_json: Path) -> Dict[str, 
 
 def run_one(opts, moe_type: str, seed: int) -> Dict[str, object]:
     save_dir = opts.work / f"{moe_type}-seed{seed}"
+    done = save_dir / "result.json"
+    config = {k: str(v) for k, v in sorted(vars(opts).items()) if k not in ("out", "fresh", "types", "seeds", "work")}
+    cached = json.loads(done.read_text()) if done.exists() and not opts.fresh else None
+    if cached is not None and cached.get("config") == config:
+        result = cached
+        print(f"[compare] {moe_type} seed {seed}: reusing {done} (--fresh retrains)", flush=True)
+        return result
+    if save_dir.exists():
+        # an interrupted run: start it over rather than resume with another budget
+        shutil.rmtree(save_dir)
     log = train(opts, moe_type, seed, save_dir)
     final = save_dir / "checkpoint_last.pt"
     interval_ckpts = sorted(save_dir.glob("checkpoint_*_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
@@ -125,6 +136,8 @@ def run_one(opts, moe_type: str, seed: int) -> Dict[str, object]:
         result["fluctuation"] = [(p["to_update"], p["ratio"]) for p in fl["pairs"]]
         result["final_fluctuation"] = fl["final_pair_ratio"]
         result["late_share"] = fl["share_last_fluctuation_after_20pct"]
+    result["config"] = config
+    done.write_text(json.dumps(result))
     print(f"[compare] {moe_type} seed {seed}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
           f"{result['train_seconds']:.0f}s", flush=True)
     return result
@@ -224,6 +237,8 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--lr", type=float, default=0.002)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain every run (default: reuse a run's result.json from an earlier, identical study)")
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parser.parse_args(argv)
     opts.types = [t.strip() for t in opts.types.split(",") if t.strip()]
