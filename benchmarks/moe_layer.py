@@ -132,6 +132,8 @@ def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Te
     if hasattr(layer, "set_num_updates"):
         layer.set_num_updates(1 if stage2 else 0)
     layer.train(train)
+    # as fairseq's optimizer.zero_grad: every step starts without gradient buffers
+    layer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     if not train:
         with torch.no_grad():

@@ -1,8 +1,8 @@
-"""Sort-based token dispatch: one argsort, one gather in, one gather out.
+"""Sort-based token dispatch: one argsort, one gather in, one ``index_add`` out.
 
 No one-hot dispatch tensors and no per-token Python work: tokens are ordered
 by expert with a stable sort, every expert reads a contiguous segment, and the
-inverse permutation brings the results back.
+results are added back onto the residual stream at their tokens' positions.
 """
 
 import math
@@ -66,14 +66,19 @@ class Dispatch:
         """``(T, d)`` -> ``(T_kept, d)`` sorted by expert."""
         return features.index_select(0, self.order)
 
-    def scatter(self, sorted_values: torch.Tensor) -> torch.Tensor:
-        """``(T_kept, d)`` sorted by expert -> ``(T, d)`` in token order, zeros for dropped tokens."""
-        if self.kept is None:
-            inverse = torch.empty_like(self.order)
-            inverse[self.order] = torch.arange(self.num_tokens, device=self.order.device)
-            return sorted_values.index_select(0, inverse)
-        out = sorted_values.new_zeros((self.num_tokens,) + tuple(sorted_values.shape[1:]))
-        return out.index_copy(0, self.order, sorted_values)
+    def combine(self, features: torch.Tensor, sorted_updates: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+        """``features + gate * update`` in token order, in one ``index_add``.
+
+        Args:
+            features: ``(T, d)`` the layer's input (the residual stream).
+            sorted_updates: ``(T_kept, d)`` expert updates, sorted by expert.
+            gate: ``(T,)`` per-token gate in token order, or None (gate 1).
+        Returns:
+            ``(T, d)``; tokens no expert processed keep ``features`` unchanged.
+        """
+        if gate is not None:
+            sorted_updates = gate.index_select(0, self.order).to(sorted_updates.dtype).unsqueeze(1) * sorted_updates
+        return features.index_add(0, self.order, sorted_updates)
 
 
 def capacity_for(num_tokens: int, num_experts: int, capacity_factor: Optional[float]) -> Optional[int]:

@@ -1,6 +1,6 @@
 """Expert networks: each expert is a stack of residual FFN sublayers."""
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,9 +19,13 @@ class FFNSublayer(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         self.activation_fn: Callable = utils.get_activation_fn(activation_fn)
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The update alone, ``W2 act(W1 LN(x))``: ``(T, d)`` -> ``(T, d)``."""
+        return self.fc2(self.activation_fn(self.fc1(self.norm(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(T, d)`` -> ``(T, d)``."""
-        return x + self.fc2(self.activation_fn(self.fc1(self.norm(x))))
+        return x + self.residual(x)
 
 
 class Expert(nn.Sequential):
@@ -29,6 +33,16 @@ class Expert(nn.Sequential):
 
     def __init__(self, embed_dim: int, ffn_dim: int, num_sublayers: int, activation_fn: str = "relu"):
         super().__init__(*[FFNSublayer(embed_dim, ffn_dim, activation_fn) for _ in range(num_sublayers)])
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """``Expert(x) - x`` as the sum of the sublayers' updates (no cancellation): ``(T, d)`` -> ``(T, d)``."""
+        total: Optional[torch.Tensor] = None
+        for i, sublayer in enumerate(self):
+            if i > 0:
+                x = x + r
+            r = sublayer.residual(x)
+            total = r if total is None else total + r
+        return total
 
 
 class Experts(nn.ModuleList):
@@ -65,12 +79,13 @@ class Experts(nn.ModuleList):
             ``(T, d)``: each expert's output minus its input (the residual
             update ``FFN_i(h)`` that the gate scales), in the same order.
         """
-        outputs: List[torch.Tensor] = []
-        for expert, chunk in zip(self, torch.split(sorted_features, list(counts))):
-            if chunk.shape[0] > 0:
-                outputs.append(expert(chunk) - chunk)
-            else:
-                outputs.append(chunk)
+        outputs: List[torch.Tensor] = [
+            expert.update(chunk)
+            for expert, chunk in zip(self, torch.split(sorted_features, list(counts)))
+            if chunk.shape[0] > 0
+        ]
         if not outputs:
             return sorted_features.new_zeros(sorted_features.shape)
+        if len(outputs) == 1:
+            return outputs[0]
         return torch.cat(outputs, dim=0)

@@ -152,10 +152,7 @@ class MoELayer(nn.Module):
             expert_out = exchange(routed, plan.counts, self.shard, self.experts)
         else:
             expert_out = self.experts(routed, plan.counts)
-        delta = plan.scatter(expert_out)
-        if routing.gate is not None:
-            delta = routing.gate.to(h.dtype).unsqueeze(1) * delta
-        output = h + delta
+        output = plan.combine(h, expert_out, routing.gate)
 
         num_tokens = valid.sum()
         load = self._count(routing.choice, valid)
