@@ -85,7 +85,10 @@ class Experts(nn.ModuleList):
             if chunk.shape[0] > 0
         ]
         if not outputs:
-            return sorted_features.new_zeros(sorted_features.shape)
+            # no token here (T = 0): return the empty input itself, not a new tensor, so
+            # the result stays in the autograd graph and every process runs the same
+            # all-to-alls in the backward (a detached result would leave the others waiting)
+            return sorted_features
         if len(outputs) == 1:
             return outputs[0]
         return torch.cat(outputs, dim=0)
