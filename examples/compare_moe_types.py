@@ -110,9 +110,8 @@ def run_one(opts, moe_type: str, seed: int) -> Dict[str, object]:
     config = {k: str(v) for k, v in sorted(vars(opts).items()) if k not in ("out", "fresh", "types", "seeds", "work")}
     cached = json.loads(done.read_text()) if done.exists() and not opts.fresh else None
     if cached is not None and cached.get("config") == config:
-        result = cached
         print(f"[compare] {moe_type} seed {seed}: reusing {done} (--fresh retrains)", flush=True)
-        return result
+        return cached
     if save_dir.exists():
         # an interrupted run: start it over rather than resume with another budget
         shutil.rmtree(save_dir)

@@ -19,9 +19,6 @@ class Dispatch:
             an expert tokens keep their original order); skipped tokens and
             tokens over capacity are left out.
         counts: python list of ``N`` segment lengths (kept tokens per expert).
-        kept: ``(T,)`` bool, False for tokens that no expert processes
-            (padding, or over capacity), or None when every token is kept.
-        num_tokens: ``T``.
     """
 
     def __init__(
@@ -39,7 +36,6 @@ class Dispatch:
             capacity: max tokens per expert (``--capacity-factor``), or None.
             skip: ``(T,)`` bool, tokens that go to no expert (padding), or None.
         """
-        self.num_tokens = expert_index.numel()
         if skip is not None:
             # padding goes to an extra bucket N that no expert reads
             expert_index = expert_index.masked_fill(skip, num_experts)
@@ -50,14 +46,11 @@ class Dispatch:
         if capacity is not None:
             # rank of each sorted token inside its expert's segment
             starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(self.num_tokens, device=order.device) - starts[sorted_experts]
+            rank = torch.arange(expert_index.numel(), device=order.device) - starts[sorted_experts]
             keep_sorted = keep_sorted & (rank < capacity)
             counts = counts.clamp(max=capacity)
         counts = counts[:num_experts]
-        self.kept: Optional[torch.Tensor] = None
         if skip is not None or capacity is not None:
-            self.kept = torch.zeros(self.num_tokens, dtype=torch.bool, device=order.device)
-            self.kept[order[keep_sorted]] = True
             order = order[keep_sorted]
         self.order = order
         self.counts: List[int] = counts.tolist()

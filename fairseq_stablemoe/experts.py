@@ -1,6 +1,6 @@
 """Expert networks: each expert is a stack of residual FFN sublayers."""
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,12 +36,13 @@ class Expert(nn.Sequential):
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """``Expert(x) - x`` as the sum of the sublayers' updates (no cancellation): ``(T, d)`` -> ``(T, d)``."""
-        total: Optional[torch.Tensor] = None
-        for i, sublayer in enumerate(self):
-            if i > 0:
-                x = x + r
+        sublayers = iter(self)
+        r = next(sublayers).residual(x)
+        total = r
+        for sublayer in sublayers:
+            x = x + r
             r = sublayer.residual(x)
-            total = r if total is None else total + r
+            total = total + r
         return total
 
 

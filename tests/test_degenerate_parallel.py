@@ -106,13 +106,12 @@ def worker(rank: int, port: int, case: str, queue) -> None:
                 ref_p = dict(ref.named_parameters())[name]
                 want = ref_p.grad if ref_p.grad is not None else torch.zeros_like(ref_p)
             checks[f"grad {name}"] = torch.allclose(got, want, rtol=1e-4, atol=1e-6)
-        load = st["load"].clone()
         checks["finite"] = bool(torch.isfinite(out).all()) and bool(torch.isfinite(loss.detach()))
-        queue.put((rank, checks, load.tolist(), st_ref["load"].tolist()))
+        queue.put((rank, checks, st_ref["load"].tolist()))
         dist.barrier()
         dist.destroy_process_group()
     except Exception as e:  # report instead of hanging the other process
-        queue.put((rank, {"exception": repr(e)}, None, None))
+        queue.put((rank, {"exception": repr(e)}, None))
         raise
 
 
@@ -128,8 +127,8 @@ def test_degenerate_batches_across_processes(case):
     try:
         for _ in range(W):
             # a process stuck in a collective (mismatched all-to-alls) shows up as a timeout here
-            rank, checks, load, ref_load = queue.get(timeout=180)
-            results[rank] = (checks, load, ref_load)
+            rank, checks, ref_load = queue.get(timeout=180)
+            results[rank] = (checks, ref_load)
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0, f"a process failed: {results}"
@@ -137,9 +136,10 @@ def test_degenerate_batches_across_processes(case):
         for p in procs:
             if p.is_alive():
                 p.terminate()
-    for rank, (checks, load, ref_load) in results.items():
+    for rank, (checks, _) in results.items():
         failed = [k for k, ok in checks.items() if not ok]
         assert not failed, f"rank {rank}: {failed}"
     if case == "starved_experts":
-        # the case is what it claims: no token of either process reached experts 2 and 3
-        assert results[0][2][2:] == [0.0, 0.0]
+        # the case is what it claims: no token of the global batch went to experts 2 and 3
+        ref_load = results[0][1]
+        assert ref_load[2:] == [0.0, 0.0] and sum(ref_load) > 0
