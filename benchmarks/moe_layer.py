@@ -2,19 +2,23 @@
 
 Forward+backward time (forward only for ``inference``) of each case and of a
 dense FFN (one residual FFN sublayer, the same as one expert) on the same
-tokens, in one process: warm-up, then rounds in which every case runs once in
-turn (so a slow spell of the machine hits all cases alike), and the median
-over rounds. Cases: StableMoE ``stage1`` (training, both auxiliary losses in
-the backward), ``stage2`` (training after the boundary), ``inference`` (eval,
-forward only, against the dense forward only), fairscale's ``MOELayer`` with
-its ``Top2Gate`` (one-hot einsum dispatch; ``fairscale_top2``), and the
-plugin's ``switch``, ``base`` and ``hash`` layers (training).
+tokens, in one process. After a warm-up, every round runs each case once,
+right before or after a run of the dense FFN (alternating which goes first),
+so each case has its own dense run next to it in time; ``ratio_vs_dense`` is
+the median over rounds of these paired ratios, ``ms`` the median time.
+Cases: StableMoE ``stage1`` (training, both auxiliary losses in the
+backward), ``stage2`` (training after the boundary), ``inference`` (eval,
+forward only, against the dense forward only), the plugin's ``switch``,
+``base`` and ``hash`` layers (training), and fairscale's ``MOELayer`` with its
+``Top2Gate`` (one-hot einsum dispatch; ``fairscale_top2``), which has rounds
+of its own after the others (each of its calls allocates over a GB).
 
 ``mem_ratio`` is the case's peak of live tensor bytes created during its
 forward (the activations, including what autograd saves for the backward)
 over the dense FFN's, tracked exactly with a ``TorchDispatchMode`` that counts
 every new storage until it is freed (outputs that alias an untracked input,
-such as views of the weights, are not new storages and are not counted).
+such as views of the weights, are not new storages and are not counted;
+experts that run in worker threads are tracked there too).
 
 Prints one line per case:
 
@@ -25,9 +29,11 @@ Prints one line per case:
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -40,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fairseq_stablemoe.experts import Expert  # noqa: E402
 from fairseq_stablemoe.layer import BaseLayer, DenseFFNLayer, HashLayer, StableMoELayer, SwitchLayer  # noqa: E402
 
 PAD = 1
@@ -51,11 +58,17 @@ class PeakLiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
+        # the experts may run in worker threads (see ``in_expert_threads``): one lock for the counts
+        self.lock = threading.RLock()
         self.live: Dict[int, List[int]] = {}
         self.current = 0
         self.peak = 0
 
     def _release(self, ptr: int) -> None:
+        with self.lock:
+            self._release_locked(ptr)
+
+    def _release_locked(self, ptr: int) -> None:
         entry = self.live.get(ptr)
         if entry is None:
             return
@@ -65,6 +78,10 @@ class PeakLiveBytes(TorchDispatchMode):
             del self.live[ptr]
 
     def _track(self, t: torch.Tensor) -> None:
+        with self.lock:
+            self._track_locked(t)
+
+    def _track_locked(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr == 0:
@@ -94,6 +111,25 @@ class PeakLiveBytes(TorchDispatchMode):
                     continue
                 self._track(t)
         return out
+
+
+@contextlib.contextmanager
+def in_expert_threads(tracker: PeakLiveBytes):
+    """Also track the experts when they run in worker threads (dispatch modes are per thread)."""
+    plain = Expert.update
+    main = threading.main_thread()
+
+    def update(self, x):
+        if threading.current_thread() is main:
+            return plain(self, x)
+        with tracker:
+            return plain(self, x)
+
+    Expert.update = update
+    try:
+        yield
+    finally:
+        Expert.update = plain
 
 
 def dense_layer(d: int, f: int) -> nn.Module:
@@ -168,6 +204,11 @@ class _Null:
         return False
 
 
+def reference(case: str) -> str:
+    """The dense run a case is compared with."""
+    return "dense_infer" if case == "inference" else "dense_train"
+
+
 def measure(opts, n: int) -> None:
     torch.manual_seed(0)
     d, f, T = opts.dim, opts.ffn, opts.tokens
@@ -183,29 +224,52 @@ def measure(opts, n: int) -> None:
     stable.set_num_updates(0)
     with torch.no_grad():
         _, stats = stable(h, tokens)
-    load = stats["load"]
-    print(f"# experts={n}: stage-1 load max/mean {float(load.max() * n / load.sum()):.2f}", flush=True)
+    load1 = stats["load"]
+    stable.set_num_updates(1)
+    with torch.no_grad():
+        _, stats = stable(h, tokens)
+    load2 = stats["load"]
+    print(
+        f"# experts={n}: load max/mean stage 1 {float(load1.max() * n / load1.sum()):.2f}, "
+        f"stage 2 {float(load2.max() * n / load2.sum()):.2f}",
+        flush=True,
+    )
 
     peaks = {}
     for name, (layer, train, stage2) in runs.items():
         tracker = PeakLiveBytes()
-        run_once(layer, train, stage2, h, tokens, g, track=tracker)
+        with in_expert_threads(tracker):
+            run_once(layer, train, stage2, h, tokens, g, track=tracker)
         peaks[name] = tracker.peak
         for _ in range(opts.warmup - 1):
             run_once(layer, train, stage2, h, tokens, g)
     times: Dict[str, List[float]] = {name: [] for name in runs}
-    names = list(runs)
+    ratios: Dict[str, List[float]] = {name: [] for name in cases}
+
+    def paired(name: str, r: int) -> None:
+        """The case and its dense reference back to back (alternating which goes first)."""
+        ref = reference(name)
+        pair = [ref, name] if r % 2 == 0 else [name, ref]
+        took = {k: run_once(*runs[k], h, tokens, g) for k in pair}
+        times[ref].append(took[ref])
+        times[name].append(took[name])
+        ratios[name].append(took[name] / took[ref])
+
+    plugin = [name for name in cases if name != "fairscale_top2"]
     for r in range(opts.repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            layer, train, stage2 = runs[name]
-            times[name].append(run_once(layer, train, stage2, h, tokens, g))
+        for name in plugin[r % len(plugin):] + plugin[: r % len(plugin)]:
+            paired(name, r)
+    if "fairscale_top2" in cases:
+        # its own rounds: each call allocates and faults in over a GB of one-hot tensors,
+        # which would otherwise land in the timings of the cases run after it
+        for r in range(opts.repeats):
+            paired("fairscale_top2", r)
     med = {name: statistics.median(v) * 1000 for name, v in times.items()}
     for name in cases:
-        ref = "dense_infer" if name == "inference" else "dense_train"
+        ref = reference(name)
         print(
             f"case={name} experts={n} ms={med[name]:.1f} mem_ratio={peaks[name] / peaks[ref]:.2f} "
-            f"ratio_vs_dense={med[name] / med[ref]:.3f}",
+            f"ratio_vs_dense={statistics.median(ratios[name]):.3f}",
             flush=True,
         )
     print(f"# experts={n}: dense ms train={med['dense_train']:.1f} inference={med['dense_infer']:.1f}", flush=True)
@@ -226,7 +290,7 @@ def main() -> None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} f={opts.ffn}, "
-          f"median of {opts.repeats} interleaved rounds; cpu count {os.cpu_count()}", flush=True)
+          f"median of {opts.repeats} rounds, each case paired with a dense run; cpu count {os.cpu_count()}", flush=True)
     for n in [16] if opts.quick else opts.experts:
         measure(opts, n)
 

@@ -7,6 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fairseq import utils
 
+from .expert_threads import num_workers, run_experts
+
 
 class FFNSublayer(nn.Module):
     """``x + W2 act(W1 LN(x))``, with ``W2`` initialised to zero (as the paper's code)."""
@@ -73,6 +75,9 @@ class Experts(nn.ModuleList):
     def forward(self, sorted_features: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Run each expert on its contiguous segment of tokens.
 
+        On a CPU with several intra-op threads the experts run side by side
+        (see :mod:`.expert_threads`), else one after the other.
+
         Args:
             sorted_features: ``(T, d)`` tokens sorted by expert.
             counts: ``len(self)`` segment lengths (python ints), summing to ``T``.
@@ -80,16 +85,17 @@ class Experts(nn.ModuleList):
             ``(T, d)``: each expert's output minus its input (the residual
             update ``FFN_i(h)`` that the gate scales), in the same order.
         """
-        outputs: List[torch.Tensor] = [
-            expert.update(chunk)
-            for expert, chunk in zip(self, torch.split(sorted_features, list(counts)))
-            if chunk.shape[0] > 0
-        ]
-        if not outputs:
+        chunks = torch.split(sorted_features, list(counts))
+        busy = [i for i, chunk in enumerate(chunks) if chunk.shape[0] > 0]
+        if not busy:
             # no token here (T = 0): return the empty input itself, not a new tensor, so
             # the result stays in the autograd graph and every process runs the same
             # all-to-alls in the backward (a detached result would leave the others waiting)
             return sorted_features
+        workers = num_workers(sorted_features, len(busy))
+        if workers > 1:
+            return run_experts(self, chunks, sorted_features, workers)
+        outputs: List[torch.Tensor] = [self[i].update(chunks[i]) for i in busy]
         if len(outputs) == 1:
             return outputs[0]
         return torch.cat(outputs, dim=0)
