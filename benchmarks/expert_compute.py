@@ -1,0 +1,123 @@
+"""How to run the experts: the plugin's paths against torch's grouped matrix multiply.
+
+The experts' forward+backward alone (one residual FFN sublayer each, T tokens split
+evenly over N experts; no routing), measured side by side in one process with the
+dense FFN on all T tokens as the reference (each case paired with an adjacent dense
+run, median of the paired ratios, as ``moe_layer.py``):
+
+* ``side_by_side``: the plugin's default on a multi-threaded CPU, the experts in worker
+  threads (:mod:`fairseq_stablemoe.expert_threads`);
+* ``one_after_other``: the plain loop over experts, each GEMM on all intra-op threads;
+* ``grouped_mm``: ``torch.nn.functional.grouped_mm`` over weights stacked ``(N, d, f)``,
+  one call per matrix product. The stacked weights are made once, outside the timing:
+  the best case for it (the plugin keeps one module per expert, so using it for real
+  would add a copy of every expert weight per step, or a change of checkpoint layout).
+
+Prints ``case=<name> experts=<N> ms=<median> ratio_vs_dense=<x>``; the plugin uses
+``grouped_mm`` only if it measures faster (it does not, on the CPU measured here).
+
+    python benchmarks/expert_compute.py [--experts 16 64] [--tokens 8192 --dim 512 --ffn 2048]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fairseq_stablemoe.experts import Expert, Experts  # noqa: E402
+
+
+def grouped_case(experts: Experts, counts: List[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The experts' update with ``grouped_mm`` on stacked copies of their weights."""
+    stack = lambda get: torch.stack([get(e[0]).detach() for e in experts]).requires_grad_()  # noqa: E731
+    ln_w, ln_b = stack(lambda s: s.norm.weight), stack(lambda s: s.norm.bias)
+    w1, b1 = stack(lambda s: s.fc1.weight.t()), stack(lambda s: s.fc1.bias)  # (N, d, f), (N, f)
+    w2, b2 = stack(lambda s: s.fc2.weight.t()), stack(lambda s: s.fc2.bias)  # (N, f, d), (N, d)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    expert_of_token = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    params = [ln_w, ln_b, w1, b1, w2, b2]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(x, x.shape[-1:]) * ln_w[expert_of_token] + ln_b[expert_of_token]
+        hidden = torch.relu(F.grouped_mm(normed, w1, offs=offs) + b1[expert_of_token])
+        return F.grouped_mm(hidden, w2, offs=offs) + b2[expert_of_token]
+
+    run.params = params
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=7)
+    opts = parser.parse_args()
+    if not hasattr(F, "grouped_mm"):
+        sys.exit(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} "
+          f"f={opts.ffn}, median of {opts.repeats} rounds, each case paired with a dense run", flush=True)
+    torch.manual_seed(0)
+    T, d, f = opts.tokens, opts.dim, opts.ffn
+    x0 = torch.randn(T, d)
+    g = torch.randn(T, d) / T
+    dense = Expert(d, f, 1)
+    for n in opts.experts:
+        counts = [T // n + (1 if i < T % n else 0) for i in range(n)]
+        experts = Experts(n, d, f, 1)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        grouped = grouped_case(experts, counts)
+        threads = torch.get_num_threads()
+
+        def step(fn: Callable[[torch.Tensor], torch.Tensor], params) -> float:
+            for p in params:
+                p.grad = None
+            x = x0.detach().requires_grad_()
+            start = time.perf_counter()
+            ((fn(x) * g).sum()).backward()
+            return time.perf_counter() - start
+
+        cases: Dict[str, Callable[[], float]] = {
+            "dense": lambda: step(dense.update, list(dense.parameters())),
+            "side_by_side": lambda: step(lambda x: experts(x, counts), list(experts.parameters())),
+            "one_after_other": lambda: step(
+                lambda x: torch.cat([e.update(c) for e, c in zip(experts, torch.split(x, counts))]),
+                list(experts.parameters()),
+            ),
+            "grouped_mm": lambda: step(grouped, grouped.params),
+        }
+        # the outputs agree (so the three compute the same thing)
+        with torch.no_grad():
+            ref = torch.cat([e.update(c) for e, c in zip(experts, torch.split(x0, counts))])
+            torch.testing.assert_close(grouped(x0), ref, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(experts(x0, counts), ref, rtol=1e-4, atol=1e-5)
+        for fn in cases.values():
+            fn()
+        times: Dict[str, List[float]] = {k: [] for k in cases}
+        ratios: Dict[str, List[float]] = {k: [] for k in cases if k != "dense"}
+        names = list(ratios)
+        for r in range(opts.repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                pair = ["dense", name] if r % 2 == 0 else [name, "dense"]
+                took = {k: cases[k]() for k in pair}
+                for k in pair:
+                    times[k].append(took[k])
+                ratios[name].append(took[name] / took["dense"])
+        assert torch.get_num_threads() == threads
+        for name in names:
+            print(f"case={name} experts={n} ms={statistics.median(times[name]) * 1000:.1f} "
+                  f"ratio_vs_dense={statistics.median(ratios[name]):.3f}", flush=True)
+        print(f"# experts={n}: dense ms={statistics.median(times['dense']) * 1000:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
