@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from allocator import steady_malloc  # noqa: E402
+
 from fairseq_stablemoe.experts import Expert, Experts  # noqa: E402
 
 
@@ -60,11 +62,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default mmap/trim thresholds (see benchmarks/allocator.py)")
     opts = parser.parse_args()
+    allocator = steady_malloc(opts.system_malloc)
     if not hasattr(F, "grouped_mm"):
         sys.exit(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} "
-          f"f={opts.ffn}, median of {opts.repeats} rounds, each case paired with a dense run", flush=True)
+          f"f={opts.ffn}, median of {opts.repeats} rounds, each case paired with a dense run; {allocator}", flush=True)
     torch.manual_seed(0)
     T, d, f = opts.tokens, opts.dim, opts.ffn
     x0 = torch.randn(T, d)

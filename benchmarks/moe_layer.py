@@ -20,6 +20,10 @@ every new storage until it is freed (outputs that alias an untracked input,
 such as views of the weights, are not new storages and are not counted;
 experts that run in worker threads are tracked there too).
 
+The script re-runs itself with glibc's mmap and trim thresholds fixed high, so
+that no case pays for page faults that another does not (see
+``benchmarks/allocator.py``; ``--system-malloc`` keeps the defaults).
+
 Prints one line per case:
 
     case=<stage1|stage2|inference|fairscale_top2|switch|base|hash> experts=<N> ms=<median> mem_ratio=<x> ratio_vs_dense=<x>
@@ -45,6 +49,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allocator import steady_malloc  # noqa: E402
 
 from fairseq_stablemoe.experts import Expert  # noqa: E402
 from fairseq_stablemoe.layer import BaseLayer, DenseFFNLayer, HashLayer, StableMoELayer, SwitchLayer  # noqa: E402
@@ -286,11 +292,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-fairscale", action="store_true")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default mmap/trim thresholds (see benchmarks/allocator.py)")
     opts = parser.parse_args()
+    allocator = steady_malloc(opts.system_malloc)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} f={opts.ffn}, "
-          f"median of {opts.repeats} rounds, each case paired with a dense run; cpu count {os.cpu_count()}", flush=True)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (cpu count {os.cpu_count()}), "
+          f"T={opts.tokens} d={opts.dim} f={opts.ffn}, median of {opts.repeats} rounds, each case paired with "
+          f"a dense run; {allocator}", flush=True)
     for n in [16] if opts.quick else opts.experts:
         measure(opts, n)
 

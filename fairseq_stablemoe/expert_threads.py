@@ -74,7 +74,7 @@ def run_experts(
             # tie it to a placeholder that does (the parameters themselves get their
             # gradients in the workers, so they are not inputs here)
             return _ExpertsFunction.apply(features, job, torch.empty(0, requires_grad=True))
-    return job.forward(needs_grad=False)
+    return job.forward(features, needs_grad=False)
 
 
 class _Job:
@@ -85,16 +85,24 @@ class _Job:
         self.chunks = chunks
         self.busy = busy
         self.pool = pool
+        # first row of every expert's segment (the chunks are consecutive)
+        self.starts = [0]
+        for chunk in chunks[:-1]:
+            self.starts.append(self.starts[-1] + chunk.shape[0])
         # expert -> (its input leaf, the gradient edge of its output)
         self.graphs: Dict[int, Tuple[torch.Tensor, Optional[object]]] = {}
 
     def _largest_first(self) -> List[int]:
         return sorted(self.busy, key=lambda i: -self.chunks[i].shape[0])
 
-    def forward(self, needs_grad: bool, input_grad: bool = False) -> torch.Tensor:
-        inference = torch.is_inference_mode_enabled()
+    def _rows(self, i: int) -> slice:
+        return slice(self.starts[i], self.starts[i] + self.chunks[i].shape[0])
 
-        def run(i: int) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, needs_grad: bool, input_grad: bool = False) -> torch.Tensor:
+        inference = torch.is_inference_mode_enabled()
+        out = features.new_empty(features.shape)
+
+        def run(i: int) -> None:
             # grad mode and inference mode are per thread: set them as the caller has them
             with torch.inference_mode(inference), torch.set_grad_enabled(needs_grad):
                 x = self.chunks[i].detach()
@@ -103,32 +111,33 @@ class _Job:
                 y = self.experts[i].update(x)
             if needs_grad:
                 self.graphs[i] = (x, get_gradient_edge(y) if y.requires_grad else None)
-            return y
+            with torch.inference_mode(inference), torch.no_grad():
+                out[self._rows(i)].copy_(y)  # while it is in this core's cache (no torch.cat after)
 
-        order = self._largest_first()
-        outputs = dict(zip(order, self.pool.map(run, order)))
-        return torch.cat([outputs[i] for i in self.busy], dim=0)
+        for _ in self.pool.map(run, self._largest_first()):
+            pass
+        return out
 
     def backward(self, grad: torch.Tensor, input_grad: bool) -> Optional[torch.Tensor]:
-        grads = dict(zip(self.busy, torch.split(grad, [self.chunks[i].shape[0] for i in self.busy])))
+        grad_features = grad.new_empty(grad.shape) if input_grad else None
 
-        def run(i: int) -> Optional[torch.Tensor]:
+        def run(i: int) -> None:
             x, edge = self.graphs.pop(i)
-            if edge is None:
-                return None
-            inputs = [p for p in self.experts[i].parameters() if p.requires_grad]
+            if edge is not None:
+                inputs = [p for p in self.experts[i].parameters() if p.requires_grad]
+                if input_grad:
+                    inputs.append(x)
+                torch.autograd.backward([edge], [grad[self._rows(i)].contiguous()], inputs=inputs)
             if input_grad:
-                inputs.append(x)
-            torch.autograd.backward([edge], [grads[i].contiguous()], inputs=inputs)
-            return x.grad if input_grad else None
+                with torch.no_grad():
+                    if x.grad is None:
+                        grad_features[self._rows(i)].zero_()
+                    else:
+                        grad_features[self._rows(i)].copy_(x.grad)
 
-        order = self._largest_first()
-        input_grads = dict(zip(order, self.pool.map(run, order)))
-        if not input_grad:
-            return None
-        return torch.cat(
-            [input_grads[i] if input_grads[i] is not None else torch.zeros_like(grads[i]) for i in self.busy], dim=0
-        )
+        for _ in self.pool.map(run, self._largest_first()):
+            pass
+        return grad_features
 
 
 class _ExpertsFunction(torch.autograd.Function):
@@ -144,7 +153,7 @@ class _ExpertsFunction(torch.autograd.Function):
         ctx.job = job
         ctx.num_placeholders = len(placeholder)
         ctx.input_grad = features.requires_grad
-        return job.forward(needs_grad=True, input_grad=features.requires_grad)
+        return job.forward(features, needs_grad=True, input_grad=features.requires_grad)
 
     @staticmethod
     @once_differentiable
