@@ -3,13 +3,16 @@
 On a CPU, a top-1 MoE layer's expert work is ``N`` small matrix products of
 about ``T / N`` rows each. Run one after the other, each product is split
 across all intra-op threads, and at ~128 rows that split costs a good part of
-the speed (on 2 cores, d=512, f=2048, T=8192: the 64 expert FFNs' forward and
-backward took 1.19 times a dense FFN's, against 1.12 with the experts run side
-by side, one core each; ``benchmarks/moe_layer.py`` shows the layer figures).
-So on a CPU with more than one intra-op thread, :func:`run_experts` hands the
-experts to a pool of worker threads (at most one per intra-op thread), each
-running whole experts with ``torch.get_num_threads() // workers`` threads of
-its own; the operators release the GIL while they compute.
+the speed. So on a CPU with more than one intra-op thread, :func:`run_experts`
+hands the experts to a pool of worker threads (at most one per intra-op
+thread; largest expert first, each worker taking the next expert when it is
+free), each running whole experts with ``torch.get_num_threads() // workers``
+threads of its own; the operators release the GIL while they compute. Each
+worker writes its experts' results into one output buffer. Measured with
+``python benchmarks/expert_compute.py`` (2 cores, T=8192, d=512, f=2048, the
+experts' forward+backward over a dense FFN's): N=64 1.22 side by side against
+1.40 one after the other (torch's ``grouped_mm`` on stacked weights: 1.52);
+N=16 1.02 against 1.03.
 
 What each expert computes is what the sequential loop computes: its own
 ``Expert.update`` on its own tokens, with the same number of intra-op threads
@@ -21,9 +24,17 @@ gradient of the tokens goes back through the outer graph. (So
 ``torch.autograd.grad(loss, expert_params)`` cannot reach the expert
 parameters on this path; ``loss.backward()``, which fairseq uses, can.)
 
+Numerics: every expert runs its GEMMs on ``torch.get_num_threads() // workers``
+threads (one on a 2-core machine), so results equal a run with that many
+intra-op threads bit for bit (``tests/test_expert_threads.py``) and may differ
+in the last bits from a run whose expert GEMMs use all threads.
+
 Used only where it can help and is safe: CPU tensors, more than one intra-op
 thread, at least two experts with tokens, no autocast, not under
-``torch.compile``; otherwise the experts run one after the other.
+``torch.compile``; otherwise the experts run one after the other (so
+``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` turns it off, as in the
+usual one-thread-per-process multi-process CPU runs). The pool is made again
+in a forked child (a fork keeps the pool object but not its threads).
 """
 
 import os
