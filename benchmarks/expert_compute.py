@@ -62,10 +62,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="keep glibc's default mmap/trim thresholds (see benchmarks/allocator.py)")
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")
     opts = parser.parse_args()
-    allocator = steady_malloc(opts.system_malloc)
+    allocator = steady_malloc(opts.steady_malloc)
     if not hasattr(F, "grouped_mm"):
         sys.exit(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} "

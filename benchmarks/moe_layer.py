@@ -20,9 +20,10 @@ every new storage until it is freed (outputs that alias an untracked input,
 such as views of the weights, are not new storages and are not counted;
 experts that run in worker threads are tracked there too).
 
-The script re-runs itself with glibc's mmap and trim thresholds fixed high, so
-that no case pays for page faults that another does not (see
-``benchmarks/allocator.py``; ``--system-malloc`` keeps the defaults).
+Allocator: as it is (as in ``fairseq-train``); with ``--steady-malloc`` the
+script re-runs itself with glibc's mmap and trim thresholds fixed high, so that
+no case pays for page faults that another does not (the dense FFN's 64 MB
+buffers are otherwise faulted in on every call): see ``benchmarks/allocator.py``.
 
 Prints one line per case:
 
@@ -292,10 +293,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-fairscale", action="store_true")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="keep glibc's default mmap/trim thresholds (see benchmarks/allocator.py)")
+    parser.add_argument("--steady-malloc", action="store_true",
+                        help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")
     opts = parser.parse_args()
-    allocator = steady_malloc(opts.system_malloc)
+    allocator = steady_malloc(opts.steady_malloc)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (cpu count {os.cpu_count()}), "

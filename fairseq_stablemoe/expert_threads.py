@@ -9,7 +9,7 @@ thread; largest expert first, each worker taking the next expert when it is
 free), each running whole experts with ``torch.get_num_threads() // workers``
 threads of its own; the operators release the GIL while they compute. Each
 worker writes its experts' results into one output buffer. Measured with
-``python benchmarks/expert_compute.py`` (2 cores, T=8192, d=512, f=2048, the
+``python benchmarks/expert_compute.py --steady-malloc`` (2 cores, T=8192, d=512, f=2048, the
 experts' forward+backward over a dense FFN's): N=64 1.22 side by side against
 1.40 one after the other (torch's ``grouped_mm`` on stacked weights: 1.52);
 N=16 1.02 against 1.03.
