@@ -10,9 +10,9 @@ free), each running whole experts with ``torch.get_num_threads() // workers``
 threads of its own; the operators release the GIL while they compute. Each
 worker writes its experts' results into one output buffer. Measured with
 ``python benchmarks/expert_compute.py --steady-malloc`` (2 cores, T=8192, d=512, f=2048, the
-experts' forward+backward over a dense FFN's): N=64 1.22 side by side against
-1.40 one after the other (torch's ``grouped_mm`` on stacked weights: 1.52);
-N=16 1.02 against 1.03.
+experts' forward+backward over a dense FFN's): N=64 1.21 side by side against
+1.48 one after the other (torch's ``grouped_mm`` on stacked weights: 1.54);
+N=16 1.02 against 1.12 (1.19).
 
 What each expert computes is what the sequential loop computes: its own
 ``Expert.update`` on its own tokens, with the same number of intra-op threads
