@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocator import steady_malloc  # noqa: E402
+from pairing import paired_rounds  # noqa: E402
 
 from fairseq_stablemoe.experts import Expert, Experts  # noqa: E402
 
@@ -110,13 +111,7 @@ def main() -> None:
         times: Dict[str, List[float]] = {k: [] for k in cases}
         ratios: Dict[str, List[float]] = {k: [] for k in cases if k != "dense"}
         names = list(ratios)
-        for r in range(opts.repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                pair = ["dense", name] if r % 2 == 0 else [name, "dense"]
-                took = {k: cases[k]() for k in pair}
-                for k in pair:
-                    times[k].append(took[k])
-                ratios[name].append(took[name] / took["dense"])
+        paired_rounds(names, lambda name: "dense", lambda name: cases[name](), opts.repeats, times, ratios)
         assert torch.get_num_threads() == threads
         for name in names:
             print(f"case={name} experts={n} ms={statistics.median(times[name]) * 1000:.1f} "

@@ -52,6 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocator import steady_malloc  # noqa: E402
+from pairing import paired_rounds  # noqa: E402
 
 from fairseq_stablemoe.experts import Expert  # noqa: E402
 from fairseq_stablemoe.layer import BaseLayer, DenseFFNLayer, HashLayer, StableMoELayer, SwitchLayer  # noqa: E402
@@ -253,24 +254,15 @@ def measure(opts, n: int) -> None:
     times: Dict[str, List[float]] = {name: [] for name in runs}
     ratios: Dict[str, List[float]] = {name: [] for name in cases}
 
-    def paired(name: str, r: int) -> None:
-        """The case and its dense reference back to back (alternating which goes first)."""
-        ref = reference(name)
-        pair = [ref, name] if r % 2 == 0 else [name, ref]
-        took = {k: run_once(*runs[k], h, tokens, g) for k in pair}
-        times[ref].append(took[ref])
-        times[name].append(took[name])
-        ratios[name].append(took[name] / took[ref])
+    def run(name: str) -> float:
+        return run_once(*runs[name], h, tokens, g)
 
     plugin = [name for name in cases if name != "fairscale_top2"]
-    for r in range(opts.repeats):
-        for name in plugin[r % len(plugin):] + plugin[: r % len(plugin)]:
-            paired(name, r)
+    paired_rounds(plugin, reference, run, opts.repeats, times, ratios)
     if "fairscale_top2" in cases:
         # its own rounds: each call allocates and faults in over a GB of one-hot tensors,
         # which would otherwise land in the timings of the cases run after it
-        for r in range(opts.repeats):
-            paired("fairscale_top2", r)
+        paired_rounds(["fairscale_top2"], reference, run, opts.repeats, times, ratios)
     med = {name: statistics.median(v) * 1000 for name, v in times.items()}
     for name in cases:
         ref = reference(name)

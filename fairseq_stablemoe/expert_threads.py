@@ -62,7 +62,11 @@ def num_workers(features: torch.Tensor, num_busy: int) -> int:
 
 
 def run_experts(
-    experts: Sequence[nn.Module], chunks: Sequence[torch.Tensor], features: torch.Tensor, workers: int
+    experts: Sequence[nn.Module],
+    chunks: Sequence[torch.Tensor],
+    busy: List[int],
+    features: torch.Tensor,
+    workers: int,
 ) -> torch.Tensor:
     """Every expert's ``update`` on its chunk, ``workers`` experts at a time.
 
@@ -70,12 +74,12 @@ def run_experts(
         experts: the local experts (each has ``update``).
         chunks: ``len(experts)`` views of ``features``, ``(T_i, d)`` each,
             contiguous segments in expert order.
+        busy: the experts whose chunk is not empty, in order.
         features: ``(T, d)`` the tokens sorted by expert (``chunks`` concatenated).
         workers: from :func:`num_workers`, at least 2.
     Returns:
         ``(T, d)`` the updates in the order of ``features``.
     """
-    busy = [i for i, chunk in enumerate(chunks) if chunk.shape[0] > 0]
     job = _Job(experts, chunks, busy, _pool(workers))
     if torch.is_grad_enabled():
         if features.requires_grad:

@@ -94,7 +94,7 @@ class Experts(nn.ModuleList):
             return sorted_features
         workers = num_workers(sorted_features, len(busy))
         if workers > 1:
-            return run_experts(self, chunks, sorted_features, workers)
+            return run_experts(self, chunks, busy, sorted_features, workers)
         outputs: List[torch.Tensor] = [self[i].update(chunks[i]) for i in busy]
         if len(outputs) == 1:
             return outputs[0]
