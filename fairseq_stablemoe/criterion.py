@@ -90,20 +90,24 @@ class StableMoECriterion(FairseqCriterion):
                 loss = loss + self.balance_factor * balance + self.distill_factor * distill
             num_experts = layers[0]["load"].numel()
             moe_tokens = sum(s["num_tokens"] for s in layers)
+            # "load" counts the global batch (every process); each process logs its share of
+            # the global figures, so the sum over processes is the global batch's value
+            share = [s["num_tokens"] / s["global_tokens"].clamp(min=1.0) for s in layers]
             logging_output.update(
                 {
                     "balance_loss": _detach(balance),
                     "distill_loss": _detach(distill),
                     "moe_tokens": moe_tokens.detach(),
-                    "moe_max_load": sum(s["load"].max() * num_experts for s in layers).detach(),
+                    "moe_max_load": sum(s["load"].max() * num_experts * w for s, w in zip(layers, share)).detach(),
                     "moe_entropy": sum(_load_entropy(s["load"]) * s["num_tokens"] for s in layers).detach(),
                     "moe_dropped": sum(s["dropped"] for s in layers).detach(),
                 }
             )
             # per-layer health: the busiest expert's share of tokens and the experts left idle
+            # (idle: every process logs the global count once per forward; averaged over forwards)
             logging_output["moe_batches"] = 1
-            for j, s in enumerate(layers):
-                logging_output[f"moe{j}_top"] = s["load"].max().detach()
+            for j, (s, w) in enumerate(zip(layers, share)):
+                logging_output[f"moe{j}_top"] = (s["load"].max() * w).detach()
                 logging_output[f"moe{j}_tokens"] = s["num_tokens"].detach()
                 logging_output[f"moe{j}_idle"] = (s["load"] == 0).sum().detach()
             for key, stat in (("moe_agree", "agree"), ("moe_nonfinite", "nonfinite")):

@@ -14,46 +14,53 @@ import torch
 class Dispatch:
     """The plan for sending ``T`` tokens to ``N`` experts.
 
+    Made in two steps so that the layer needs a single host sync: the
+    constructor sorts the tokens and counts them per expert on the device
+    (:attr:`load`); once the (global) counts are on the host, :meth:`keep`
+    fixes the tokens each expert runs.
+
     Attributes:
         order: ``(T_kept,)`` token indices sorted by expert (stable, so within
-            an expert tokens keep their original order); skipped tokens and
-            tokens over capacity are left out.
-        counts: python list of ``N`` segment lengths (kept tokens per expert).
+            an expert tokens keep their original order); skipped tokens (and,
+            after :meth:`keep`, tokens over capacity) are left out.
+        load: ``(N,)`` long, tokens per expert before capacity (skipped ones
+            not counted), on the device.
     """
 
-    def __init__(
-        self,
-        expert_index: torch.Tensor,
-        num_experts: int,
-        capacity: Optional[int] = None,
-        skip: Optional[torch.Tensor] = None,
-    ):
-        """Plan the dispatch.
+    def __init__(self, expert_index: torch.Tensor, num_experts: int, skip: Optional[torch.Tensor] = None):
+        """Sort the tokens by expert.
 
         Args:
             expert_index: ``(T,)`` long, the expert of each token.
             num_experts: ``N``.
-            capacity: max tokens per expert (``--capacity-factor``), or None.
             skip: ``(T,)`` bool, tokens that go to no expert (padding), or None.
         """
         if skip is not None:
-            # padding goes to an extra bucket N that no expert reads
+            # padding goes to an extra bucket N, sorted last, that no expert reads
             expert_index = expert_index.masked_fill(skip, num_experts)
-        order = torch.argsort(expert_index, stable=True)
-        counts = torch.bincount(expert_index, minlength=num_experts + 1)
-        sorted_experts = expert_index.index_select(0, order)
-        keep_sorted = sorted_experts < num_experts
-        if capacity is not None:
-            # rank of each sorted token inside its expert's segment
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(expert_index.numel(), device=order.device) - starts[sorted_experts]
-            keep_sorted = keep_sorted & (rank < capacity)
-            counts = counts.clamp(max=capacity)
-        counts = counts[:num_experts]
-        if skip is not None or capacity is not None:
-            order = order[keep_sorted]
-        self.order = order
-        self.counts: List[int] = counts.tolist()
+        self.num_experts = num_experts
+        self.order = torch.argsort(expert_index, stable=True)
+        ones = torch.ones_like(expert_index)
+        # index_add, not bincount: bincount's output size needs a host sync on CUDA
+        self.load = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_index.device).index_add_(
+            0, expert_index, ones
+        )[:num_experts]
+        self._expert_index = expert_index
+
+    def keep(self, kept: List[int], capacity: Optional[int] = None) -> None:
+        """Keep ``kept[i]`` tokens of expert ``i`` (python ints: :attr:`load` capped at ``capacity``)."""
+        num_kept = sum(kept)
+        if capacity is not None and num_kept < self.order.numel():
+            # rank of each sorted token inside its expert's segment; the first `capacity` stay
+            sorted_experts = self._expert_index.index_select(0, self.order)
+            starts = torch.cumsum(self.load, 0) - self.load
+            starts = torch.cat([starts, starts.new_zeros(1)])  # the padding bucket
+            rank = torch.arange(self.order.numel(), device=self.order.device) - starts[sorted_experts]
+            dropped = (rank >= capacity) | (sorted_experts == self.num_experts)
+            # kept tokens first, still sorted by expert (no boolean indexing: it syncs)
+            self.order = self.order.index_select(0, torch.argsort(dropped.to(torch.uint8), stable=True))
+        self.order = self.order[:num_kept]
+        self._expert_index = None
 
     def gather(self, features: torch.Tensor) -> torch.Tensor:
         """``(T, d)`` -> ``(T_kept, d)`` sorted by expert."""
@@ -71,7 +78,8 @@ class Dispatch:
         """
         if gate is not None:
             sorted_updates = gate.index_select(0, self.order).to(sorted_updates.dtype).unsqueeze(1) * sorted_updates
-        return features.index_add(0, self.order, sorted_updates)
+        # under autocast the experts' output may be half precision while the residual stream is not
+        return features.index_add(0, self.order, sorted_updates.to(features.dtype))
 
 
 def capacity_for(num_tokens: int, num_experts: int, capacity_factor: Optional[float]) -> Optional[int]:

@@ -10,6 +10,11 @@ from fairseq import utils
 from .expert_threads import num_workers, run_experts
 
 
+def expert_seed(seed: int, expert: int) -> int:
+    """The seed of global expert ``expert``'s initialisation in a layer seeded ``seed``."""
+    return (seed * 1_000_003 + expert) % (2**63 - 1)
+
+
 class FFNSublayer(nn.Module):
     """``x + W2 act(W1 LN(x))``, with ``W2`` initialised to zero (as the paper's code)."""
 
@@ -54,8 +59,14 @@ class Experts(nn.ModuleList):
     Each expert is its own module (``experts.<i>.<sublayer>.fc1.weight``), so its
     gradient is its own buffer: no full-size gradient per expert from slicing a
     stacked weight. Every parameter carries ``expert = True`` so that fairseq's
-    ``legacy_ddp`` does not all-reduce it and grad clipping treats it as
-    unshared.
+    ``legacy_ddp`` does not all-reduce it, and ``expert_replicas`` (how many
+    processes hold a copy) for the global gradient norm (:mod:`.training_hooks`).
+
+    Initialisation does not depend on the process layout: local expert ``i`` is
+    global expert ``g = first_expert + i`` and is initialised from its own
+    generator, seeded with ``(seed, g)``, so expert ``g`` starts the same on 1
+    process or on any rank of ``W``, and the caller's random stream is left as
+    it was (the rest of the model does not depend on ``W`` either).
     """
 
     def __init__(
@@ -65,12 +76,20 @@ class Experts(nn.ModuleList):
         ffn_dim: int,
         num_sublayers: int,
         activation_fn: str = "relu",
+        first_expert: int = 0,
+        seed: int = 0,
+        replicas: int = 1,
     ):
-        super().__init__(
-            [Expert(embed_dim, ffn_dim, num_sublayers, activation_fn) for _ in range(num_experts)]
-        )
+        experts = []
+        for g in range(first_expert, first_expert + num_experts):
+            with torch.random.fork_rng(devices=[]):
+                # the CPU generator only (torch.manual_seed would also reseed every GPU's)
+                torch.default_generator.manual_seed(expert_seed(seed, g))
+                experts.append(Expert(embed_dim, ffn_dim, num_sublayers, activation_fn))
+        super().__init__(experts)
         for p in self.parameters():
             p.expert = True
+            p.expert_replicas = replicas
 
     def forward(self, sorted_features: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Run each expert on its contiguous segment of tokens.

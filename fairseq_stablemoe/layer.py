@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .dispatch import Dispatch, capacity_for
 from .experts import Expert, Experts
 from .health import CollapseMonitor
-from .parallel import ExpertShard, all_reduce_sum, exchange, scale_expert_gradients
+from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
 from .router import BackboneRouter, DistilledRouter, make_finite
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Routing(NamedTuple):
     choice: torch.Tensor  # (T,) long: expert of every token
     gate: Optional[torch.Tensor]  # (T,) fp32 scale of the expert output, None for 1
     stats: Stats  # losses and diagnostics (0-dim tensors)
+    scores: Optional[torch.Tensor] = None  # (T, N) fp32 with grad, for losses that need the global load
 
 
 class MoELayer(nn.Module):
@@ -85,8 +86,15 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.layer_name = layer_name
         self.shard = ExpertShard.current(num_experts)
-        self.experts = Experts(self.shard.num_local, embed_dim, ffn_dim, num_sublayers, activation_fn)
+        # one draw from the caller's generator whatever the layout; each expert is seeded from it
+        # and its global id, so the model does not depend on the number of processes
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.experts = Experts(
+            self.shard.num_local, embed_dim, ffn_dim, num_sublayers, activation_fn,
+            first_expert=self.shard.first_expert, seed=seed, replicas=self.shard.replicas,
+        )
         scale_expert_gradients(list(self.experts.parameters()), self.shard.world_size)
+        replica_group(self.shard)  # collective: made now, on every process in the same order
         self.num_updates = 0
         self.collapse = CollapseMonitor(layer_name, collapse_share, collapse_updates)
 
@@ -97,13 +105,17 @@ class MoELayer(nn.Module):
         self.collapse.step(num_updates)
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
-        """Assign tokens to experts.
+        """Assign tokens to experts (no collective: called once per forward on each process).
 
         Args:
             h: ``(T, d)`` hidden states; tokens: ``(T,)`` ids; valid: ``(T,)``
             fp32, 1.0 for non-pad tokens.
         """
         raise NotImplementedError
+
+    def aux_losses(self, routing: Routing, load: torch.Tensor, valid: torch.Tensor) -> Stats:
+        """Losses that need the global load ``(N,)`` (fp32, all processes) of ``routing.choice``."""
+        return {}
 
     @torch.no_grad()
     def assignment(self, features: torch.Tensor, tokens: torch.Tensor, training_routing: bool = True) -> torch.Tensor:
@@ -117,7 +129,8 @@ class MoELayer(nn.Module):
         try:
             h = features.reshape(-1, features.shape[-1])
             tok = tokens.reshape(-1)
-            routing = self.route(h, tok, tok.ne(self.padding_idx).float())
+            with _fp32(h):
+                routing = self.route(h, tok, tok.ne(self.padding_idx).float())
         finally:
             self.train(was_training)
         return routing.choice.view(tokens.shape)
@@ -125,14 +138,19 @@ class MoELayer(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
         """Route, run the experts and gate.
 
+        Collective with expert parallelism: every process must call it the
+        same number of times (one ``all_gather`` of the counts, two
+        ``all_to_all`` forward and two backward). One host sync (the counts).
+
         Args:
             features: ``(..., d)`` hidden states (``(T, B, d)`` in the decoder).
             tokens: ``(...)`` token ids at the same positions (``(T, B)``).
         Returns:
             ``(output, stats)``: output of the shape of ``features``; ``stats``
-            holds 0-dim tensors ``num_tokens`` (non-pad), ``dropped`` (tokens
-            over capacity), ``load`` (``(N,)`` non-pad tokens per expert) and
-            the router's own entries (``balance_loss``, ``distill_loss``, ...).
+            holds 0-dim tensors ``num_tokens`` (this process's non-pad tokens),
+            ``global_tokens`` (all processes'), ``dropped`` (tokens over
+            capacity), ``load`` (``(N,)`` non-pad tokens per expert over all
+            processes) and the router's own entries (``balance_loss``, ...).
         """
         if tokens.shape != features.shape[:-1]:
             raise ValueError(
@@ -143,38 +161,48 @@ class MoELayer(nn.Module):
         tok = tokens.reshape(-1)
         pad = tok.eq(self.padding_idx)
         valid = (~pad).to(torch.float32)
-        routing = self.route(h, tok, valid)
+        with _fp32(h):  # routing maths in fp32, also under --amp
+            routing = self.route(h, tok, valid)
+        plan = Dispatch(routing.choice, self.num_experts, skip=pad)
 
-        capacity = capacity_for(h.shape[0], self.num_experts, self.capacity_factor)
-        plan = Dispatch(routing.choice, self.num_experts, capacity=capacity, skip=pad if pad.any() else None)
+        # every process's per-expert counts and capacity: the one collective and host sync
+        N, shard = self.num_experts, self.shard
+        capacity = capacity_for(h.shape[0], N, self.capacity_factor)
+        cap = plan.load.new_full((1,), -1 if capacity is None else capacity)
+        counts = gather_counts(torch.cat([plan.load, cap]), shard.world_size)
+        host = counts.tolist()
+        kept = [[c if row[N] < 0 else min(c, row[N]) for c in row[:N]] for row in host]
+        load = counts[:, :N].sum(0).to(torch.float32)
+        with _fp32(h):
+            stats = dict(routing.stats, **self.aux_losses(routing, load, valid))
+
+        plan.keep(kept[shard.rank], capacity)
         routed = plan.gather(h)
-        if self.shard.is_parallel:
-            expert_out = exchange(routed, plan.counts, self.shard, self.experts)
+        if shard.is_parallel:
+            expert_out = exchange(routed, Splits(kept, shard), shard, self.experts)
         else:
-            expert_out = self.experts(routed, plan.counts)
+            expert_out = self.experts(routed, kept[0])
         output = plan.combine(h, expert_out, routing.gate)
 
-        num_tokens = valid.sum()
-        load = self._count(routing.choice, valid)
         if self.training:
             self.collapse.observe(load)
-        stats: Stats = {
-            "num_tokens": num_tokens,
-            "load": load,
-            "dropped": (num_tokens - float(sum(plan.counts))).clamp(min=0.0),
-        }
-        stats.update(routing.stats)
+        stats.update(
+            num_tokens=valid.sum(),
+            global_tokens=load.sum(),
+            load=load,
+            dropped=torch.tensor(float(sum(host[shard.rank][:N]) - sum(kept[shard.rank]))),
+        )
         return output.view_as(features), stats
 
+
     def _count(self, choice: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` fp32 number of non-pad tokens per expert."""
+        """``(N,)`` fp32 number of this process's non-pad tokens per expert."""
         return torch.zeros(self.num_experts, dtype=torch.float32, device=choice.device).index_add_(0, choice, valid)
 
-    def _global_counts(self, choice: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(|A_i|, n)`` over the global batch (all processes), as constants."""
-        counts_n = torch.cat([self._count(choice, valid), valid.sum().view(1)])
-        all_reduce_sum(counts_n)
-        return counts_n[: self.num_experts], counts_n[self.num_experts]
+
+def _fp32(h: torch.Tensor):
+    """Autocast off (routing affinities, gates and losses stay fp32 under ``--amp``)."""
+    return torch.autocast(device_type=h.device.type, enabled=False)
 
 
 class StableMoELayer(MoELayer):
@@ -260,20 +288,26 @@ class StableMoELayer(MoELayer):
             "nonfinite": (nonfinite + nonfinite_distill).float(),
             "stage": torch.tensor(2.0 if stage2 else 1.0),
         }
+        scores_for_loss = None
         if not stage2:
-            stats["balance_loss"] = self._balance_loss(scores, backbone_choice, valid)
             stats["distill_loss"] = (
                 F.cross_entropy(distill_scores, backbone_choice, reduction="none") * valid
             ).sum()
-        return Routing(choice, gate, stats)
+            if self.training:  # the balance loss counts the backbone's choice, which routes in training
+                scores_for_loss = scores
+        return Routing(choice, gate, stats, scores_for_loss)
 
-    def _balance_loss(self, scores: torch.Tensor, choice: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``sum_i ((|A_i| - n/N) / (n/N)) * sum_{t in A_i} sigmoid(s[t, i])`` over non-pad tokens."""
-        counts, n = self._global_counts(choice, valid)
-        mean_load = n / self.num_experts
-        weight = (counts - mean_load) / mean_load.clamp(min=1e-9)  # 0 for an all-padding batch
-        gate_own = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
-        return (weight[choice] * gate_own * valid).sum()
+    def aux_losses(self, routing: Routing, load: torch.Tensor, valid: torch.Tensor) -> Stats:
+        """Stage 1 (training): ``sum_i ((|A_i| - n/N) / (n/N)) * sum_{t in A_i} sigmoid(s[t, i])`` over non-pad tokens.
+
+        ``|A_i|`` and ``n`` count the global batch, as constants; the gate of
+        a stage-1 training forward is ``sigmoid(s[t, a_t])``.
+        """
+        if routing.scores is None:
+            return {}
+        mean_load = load.sum() / self.num_experts
+        weight = (load - mean_load) / mean_load.clamp(min=1e-9)  # 0 for an all-padding batch
+        return {"balance_loss": (weight[routing.choice] * routing.gate * valid).sum()}
 
 
 class SwitchLayer(MoELayer):
@@ -295,10 +329,12 @@ class SwitchLayer(MoELayer):
         probs = torch.softmax(torch.where(torch.isfinite(raw), raw, finite), dim=1)
         choice = finite.argmax(dim=1)
         gate = probs.gather(1, choice.unsqueeze(1)).squeeze(1)
-        counts, n = self._global_counts(choice, valid)
-        frac = counts / n.clamp(min=1.0)
-        balance = self.num_experts * (frac * (probs * valid.unsqueeze(1)).sum(0)).sum()
-        return Routing(choice, gate, {"balance_loss": balance, "nonfinite": nonfinite.float()})
+        return Routing(choice, gate, {"nonfinite": nonfinite.float()}, probs)
+
+    def aux_losses(self, routing: Routing, load: torch.Tensor, valid: torch.Tensor) -> Stats:
+        frac = load / load.sum().clamp(min=1.0)
+        probs = routing.scores
+        return {"balance_loss": self.num_experts * (frac * (probs * valid.unsqueeze(1)).sum(0)).sum()}
 
 
 class BaseLayer(MoELayer):

@@ -27,7 +27,7 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 
 from .layer import BaseLayer, DenseFFNLayer, HashLayer, MoELayer, StableMoELayer, SwitchLayer
-from .parallel import world_size_and_rank
+from .parallel import layout_problem, world_size_and_rank
 
 MOE_TYPES = ["stablemoe", "switch", "base", "hash", "dense"]
 
@@ -298,11 +298,16 @@ def validate_moe_args(args, placements: Sequence[Tuple[str, int, str, int]], mod
             f"--ddp-backend {ddp_backend} would average (and at start-up overwrite) the experts, "
             "which differ between processes: use --ddp-backend legacy_ddp"
         )
-    if world_size > 1 and args.num_experts % world_size != 0:
-        problems.append(
-            f"--num-experts {args.num_experts} is not a multiple of the {world_size} data-parallel "
-            f"processes (each holds num_experts / world_size experts): use a multiple of {world_size}"
-        )
+    if has_experts and layout_problem(args.num_experts, world_size):
+        problems.append(layout_problem(args.num_experts, world_size))
+    for opt, count, dense_opt, _ in placements:
+        layerdrop_opt = dense_opt.replace("-layers", "-layerdrop")
+        layerdrop = safe_getattr(args, layerdrop_opt[2:].replace("-", "_"), 0.0) or 0.0
+        if world_size > 1 and has_experts and count > 0 and layerdrop > 0:
+            problems.append(
+                f"{layerdrop_opt} {layerdrop} could skip an MoE layer on some processes and not on others, "
+                f"whose all-to-alls would then wait forever: use {layerdrop_opt} 0 with expert parallelism"
+            )
     for opt in ("character_embeddings", "adaptive_input"):
         if safe_getattr(args, opt, False):
             problems.append(f"--{opt.replace('_', '-')} is not supported by {model_name}")

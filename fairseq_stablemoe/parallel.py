@@ -1,21 +1,35 @@
 """Expert parallelism over fairseq's data-parallel processes.
 
-With ``W`` processes and ``N`` experts, process ``r`` owns the experts
-``r * N/W ... (r + 1) * N/W - 1``. Tokens travel to their expert's process
-with ``all_to_all`` (fairseq's autograd ``All2All``, uneven splits exchanged
-first) and come back in their original order. As fairseq's BASE layers, the
-expert-parallel group is the default (global) process group.
+Layouts (``W`` processes, ``N`` experts), as in fairseq's BASE layers the
+expert-parallel group is the default (global) process group:
+
+* ``N`` a multiple of ``W``: process ``r`` holds the ``L = N / W`` experts
+  ``r * L ... r * L + L - 1``.
+* ``W`` a multiple of ``N`` (expert replicas, as fairseq's moe branch, Tutel
+  and DeepSpeed): every expert lives on ``R = W / N`` processes, process ``r``
+  holds expert ``r // R``. A process's tokens go to the replicas in its own
+  *replica group* (the processes with the same ``r % R``), so every replica
+  serves ``N`` processes' tokens; the replicas' gradients are then summed
+  among themselves (:func:`reduce_replica_gradients`), never with another
+  expert's.
+
+Tokens travel to their expert's process with ``all_to_all`` (fairseq's
+autograd ``All2All``) and come back in their original order. The split sizes
+come from one ``all_gather`` of every process's per-expert counts
+(:func:`gather_counts`), which also gives the global load for the balance
+losses and the logged statistics: one collective and one host sync per
+forward for all of it.
 
 Gradients: expert parameters carry ``expert = True`` so ``--ddp-backend
 legacy_ddp`` does not all-reduce them. Their gradient on the owning process
-already sums the contributions of every process's tokens, but fairseq then
-multiplies every gradient by ``world_size / sample_size`` (it assumes DDP
-averaged them), so :func:`scale_expert_gradients` divides expert gradients by
-``W`` in a backward hook: the result equals the single-process gradient.
+sums the contributions of every token it served, but fairseq then multiplies
+every gradient by ``W / sample_size`` (it assumes DDP averaged them), so
+:func:`scale_expert_gradients` divides expert gradients by ``W`` in a backward
+hook: after the replicas' sum the result equals the single-process gradient.
 """
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,37 +43,97 @@ def world_size_and_rank() -> Tuple[int, int]:
     return 1, 0
 
 
+def layout_problem(num_experts: int, world_size: int) -> str:
+    """Why ``N`` experts cannot be laid out on ``W`` processes ("" if they can)."""
+    if num_experts < 1 or num_experts % world_size == 0 or world_size % num_experts == 0:
+        return ""
+    fits = [n for n in range(1, 4 * max(num_experts, world_size) + 1) if n % world_size == 0 or world_size % n == 0]
+    nearest = sorted(fits, key=lambda n: (abs(n - num_experts), n))[:3]
+    return (
+        f"--num-experts {num_experts} does not fit {world_size} data-parallel processes: the experts must be a "
+        f"multiple of the processes (each holds N / W experts) or a divisor of them (each expert has W / N "
+        f"replicas). Use --num-experts {' or '.join(map(str, sorted(nearest)))}, or a number of processes that "
+        f"divides or is a multiple of {num_experts}"
+    )
+
+
 @dataclass(frozen=True)
 class ExpertShard:
-    """Which experts this process holds."""
+    """Which experts this process holds, and where every other expert lives."""
 
     world_size: int
     rank: int
     num_experts: int
 
+    def __post_init__(self):
+        problem = layout_problem(self.num_experts, self.world_size)
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def replicas(self) -> int:
+        """``R``: processes holding each expert (1 unless ``W > N``)."""
+        return max(1, self.world_size // self.num_experts)
+
     @property
     def num_local(self) -> int:
-        return self.num_experts // self.world_size
+        """``L``: experts held by each process."""
+        return max(1, self.num_experts // self.world_size)
 
     @property
     def first_expert(self) -> int:
-        return self.rank * self.num_local
+        """Global id of this process's first expert (``experts.<i>`` is ``first_expert + i``)."""
+        return self.first_expert_of(self.rank)
+
+    def first_expert_of(self, rank: int) -> int:
+        return (rank // self.replicas) * self.num_local
 
     @property
     def is_parallel(self) -> bool:
         return self.world_size > 1
 
+    def replica_ranks(self) -> List[int]:
+        """The processes holding the same experts as this one (itself included)."""
+        start = (self.rank // self.replicas) * self.replicas
+        return list(range(start, start + self.replicas))
+
+    def serves(self, sender: int, receiver: int) -> bool:
+        """Whether ``receiver`` runs ``sender``'s tokens for ``receiver``'s experts (same replica group)."""
+        return sender % self.replicas == receiver % self.replicas
+
     @classmethod
     def current(cls, num_experts: int) -> "ExpertShard":
         """The shard of this process in the running job (1 process if none)."""
         world_size, rank = world_size_and_rank()
-        if num_experts % world_size != 0:
-            raise ValueError(
-                f"--num-experts {num_experts} is not a multiple of the {world_size} data-parallel "
-                f"processes: every process holds num_experts / world_size experts. Use a multiple "
-                f"of {world_size} experts or a number of processes that divides {num_experts}"
-            )
         return cls(world_size, rank, num_experts)
+
+
+class Splits:
+    """Every size the all-to-all exchange needs, from the ``(W, N)`` kept-count matrix (python ints)."""
+
+    def __init__(self, kept: Sequence[Sequence[int]], shard: ExpertShard):
+        W, L, me = shard.world_size, shard.num_local, shard.rank
+        mine = slice(shard.first_expert, shard.first_expert + L)
+        #: tokens this process sends to each process
+        self.send = [
+            sum(kept[me][shard.first_expert_of(d): shard.first_expert_of(d) + L]) if shard.serves(me, d) else 0
+            for d in range(W)
+        ]
+        #: ``(W, L)`` tokens received from each process for each local expert
+        self.recv_by_expert = [list(kept[s][mine]) if shard.serves(s, me) else [0] * L for s in range(W)]
+        #: tokens received from each process
+        self.recv = [sum(row) for row in self.recv_by_expert]
+        #: tokens each local expert runs
+        self.per_expert = [sum(col) for col in zip(*self.recv_by_expert)]
+
+
+def gather_counts(counts: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``(W, K)`` every process's ``(K,)`` count vector (all_gather; no autograd)."""
+    if world_size == 1:
+        return counts.unsqueeze(0)
+    parts = [torch.empty_like(counts) for _ in range(world_size)]
+    dist.all_gather(parts, counts)
+    return torch.stack(parts)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -86,38 +160,80 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 
 def exchange(
     sorted_features: torch.Tensor,
-    counts: List[int],
+    splits: Splits,
     shard: ExpertShard,
     run_local_experts: Callable[[torch.Tensor, List[int]], torch.Tensor],
 ) -> torch.Tensor:
     """Send tokens to their experts' processes, run them there, and bring them back.
 
     Args:
-        sorted_features: ``(T_kept, d)`` this process's tokens sorted by global expert id.
-        counts: ``N`` tokens per global expert (python ints).
+        sorted_features: ``(T_kept, d)`` this process's tokens sorted by global expert id
+            (so also by destination process).
+        splits: the exchange's sizes (:class:`Splits`).
         shard: this process's experts.
         run_local_experts: ``(tokens sorted by local expert, per-local-expert counts)``
             -> outputs in the same order.
     Returns:
         ``(T_kept, d)`` outputs, in the order of ``sorted_features``.
     """
-    W, L = shard.world_size, shard.num_local
-    device = sorted_features.device
-    send_counts = torch.tensor(counts, dtype=torch.long, device=device)
-    # tell every process how many tokens of each of its experts to expect from us
-    recv_counts = All2All.apply(send_counts, [L] * W, [L] * W).view(W, L)
-    input_splits = send_counts.view(W, L).sum(1).tolist()
-    output_splits = recv_counts.sum(1).tolist()
-    received = All2All.apply(sorted_features, input_splits, output_splits)
-    # received: grouped by source process, then local expert; regroup by local expert
-    local_expert = torch.arange(L, device=device).repeat(W)
-    token_expert = torch.repeat_interleave(local_expert, recv_counts.reshape(-1))
-    perm = torch.argsort(token_expert, stable=True)
-    out = run_local_experts(received.index_select(0, perm), recv_counts.sum(0).tolist())
-    out = out.index_select(0, _inverse(perm))
-    return All2All.apply(out, output_splits, input_splits)
+    received = All2All.apply(sorted_features, splits.send, splits.recv)
+    L = shard.num_local
+    if L == 1 or sum(1 for n in splits.recv if n) <= 1:
+        out = run_local_experts(received, splits.per_expert)
+    else:
+        # received: grouped by source process, then local expert; regroup by local expert
+        device = sorted_features.device
+        recv_counts = torch.tensor(splits.recv_by_expert, dtype=torch.long).reshape(-1).to(device, non_blocking=True)
+        local_expert = torch.arange(L, device=device).repeat(shard.world_size)
+        token_expert = torch.repeat_interleave(local_expert, recv_counts, output_size=sum(splits.recv))
+        perm = torch.argsort(token_expert, stable=True)
+        out = run_local_experts(received.index_select(0, perm), splits.per_expert)
+        out = out.index_select(0, _inverse(perm))
+    return All2All.apply(out, splits.recv, splits.send)
 
 
-def shard_slice(shard: ExpertShard) -> Tuple[int, int]:
-    """Global expert ids ``[start, stop)`` held by ``shard``."""
-    return shard.first_expert, shard.first_expert + shard.num_local
+# ----------------------------------------------------------------------------- replicas
+
+_replica_groups: Dict[Tuple[int, int], object] = {}
+
+
+def replica_group(shard: ExpertShard):
+    """The process group of this process's replicas (None without replicas).
+
+    Made once per layout; ``new_group`` is collective, so every process creates
+    every group, in the same order (at model construction, on every process).
+    """
+    if shard.replicas == 1:
+        return None
+    key = (shard.world_size, shard.num_experts)
+    if key not in _replica_groups:
+        groups = [
+            dist.new_group(list(range(start, start + shard.replicas)))
+            for start in range(0, shard.world_size, shard.replicas)
+        ]
+        _replica_groups[key] = groups
+    return _replica_groups[key][shard.rank // shard.replicas]
+
+
+def reduce_replica_gradients(layers: Sequence[torch.nn.Module]) -> None:
+    """Sum the expert gradients of replicas among themselves (after fairseq's own all-reduce).
+
+    ``layers``: MoE layers (with ``shard``, ``replica_group`` and ``experts``).
+    One flat all-reduce per layer.
+    """
+    for layer in layers:
+        group = getattr(layer, "replica_group", None)
+        if group is None:
+            continue
+        params = [p for p in layer.experts.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            if p.grad is None:
+                p.grad = flat[offset: offset + n].view_as(p).clone()
+            else:
+                p.grad.copy_(flat[offset: offset + n].view_as(p))
+            offset += n

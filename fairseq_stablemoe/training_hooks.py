@@ -1,0 +1,177 @@
+"""What the plugin changes in fairseq's training step: one gradient norm for the whole model.
+
+fairseq leaves parameters with ``expert = True`` out of the gradient norm
+(``fairseq.utils.clip_grad_norm_``), and its flat ``--fp16``/``--bf16`` master
+copy drops the attribute altogether. For an expert-parallel MoE that makes the
+norm differ between processes (fairseq's cross-process check,
+``Trainer._check_grad_norms``, then stops the run on GPUs), lets an inf in one
+process's expert gradients past the loss scaler, and clips with a norm that is
+not the model's (the paper's code adds the experts' part, all-reduced).
+
+With this module imported, for models whose parameters come from this plugin
+(they carry ``expert_replicas``), the norm that fairseq clips with, logs as
+``gnorm``, checks across processes and tests for overflow is::
+
+    sqrt(||shared grads||^2 + all_reduce_sum(||local expert grads||^2 / replicas))
+
+the same value on every process (the shared gradients are identical after
+``legacy_ddp``'s all-reduce, the experts' part is one all-reduced scalar), and
+non-finite on every process if any process's gradients are. The fairseq code
+it relies on, each a small wrapper that calls fairseq's own:
+
+* ``fairseq.utils.clip_grad_norm_``, called by every fairseq optimizer's
+  ``clip_grad_norm`` (fp32, ``FP16Optimizer``, ``MemoryEfficientFP16Optimizer``,
+  ``AMPOptimizer``): replaced by :func:`clip_grad_norm_`, which calls
+  fairseq's original for any model without this plugin's experts;
+* ``_FP16OptimizerMixin.build_fp32_params`` (flat master weights): records
+  where the experts lie in the flat vector (``expert_slices``);
+* ``AMPOptimizer.clip_grad_norm``: torch's ``GradScaler`` decides to skip a
+  step from the process's *own* gradients; when the global norm is not
+  finite, a NaN is written into this process's gradients too, so every
+  process skips the step and lowers the scale together;
+* ``LegacyDistributedDataParallel.all_reduce_grads``: after fairseq's
+  all-reduce of the shared gradients, expert replicas sum their gradients
+  among themselves (:func:`.parallel.reduce_replica_gradients`).
+"""
+
+from typing import Iterable, List, Tuple
+
+import torch
+import torch.distributed as dist
+from fairseq import utils
+from fairseq.distributed.legacy_distributed_data_parallel import LegacyDistributedDataParallel
+from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
+
+from .layer import MoELayer
+from .parallel import reduce_replica_gradients
+
+_fairseq = {}
+
+
+def _owned(p: torch.Tensor) -> bool:
+    return hasattr(p, "expert_replicas") or hasattr(p, "expert_slices")
+
+
+def _split(params: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[Tuple[torch.Tensor, int]], List[torch.Tensor]]:
+    """``(shared grads, (expert grad, replicas) pairs, every grad)`` of ``params``."""
+    shared, experts, every = [], [], []
+    for p in params:
+        if getattr(p, "grad", None) is None:
+            continue
+        g = p.grad.detach()
+        every.append(g)
+        if hasattr(p, "expert_slices"):  # fairseq's flat fp32 copy of the whole model
+            flat = g.view(-1)
+            experts.extend((flat[a:b], r) for a, b, r in p.expert_slices)
+            shared.extend(flat[a:b] for a, b in p.shared_slices)
+        elif hasattr(p, "expert_replicas"):
+            experts.append((g, p.expert_replicas))
+        elif not hasattr(p, "expert"):  # another module's `expert` parameters: fairseq's rule
+            shared.append(g)
+    return shared, experts, every
+
+
+def _sum_sq(grads: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square().sum()
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, aggregate_norm_fn=None) -> torch.Tensor:
+    """fairseq's ``clip_grad_norm_`` over the whole model, experts included (see the module doc)."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    if not any(_owned(p) for p in params):
+        return _fairseq["clip_grad_norm_"](params, max_norm, aggregate_norm_fn)
+    shared, experts, every = _split(params)
+    if not every:
+        return params[0].new_tensor(0.0) if params else torch.tensor(0.0)
+    device = every[0].device
+    shared_sq = _sum_sq(shared, device)
+    if aggregate_norm_fn is not None:  # fairseq's FSDP aggregation of the shared part
+        shared_sq = aggregate_norm_fn(shared_sq.sqrt()) ** 2
+    by_replicas = {}
+    for g, r in experts:
+        by_replicas.setdefault(r, []).append(g)
+    expert_sq = sum((_sum_sq(gs, device) / r for r, gs in by_replicas.items()), _sum_sq([], device))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(expert_sq)
+    total_norm = (shared_sq + expert_sq).sqrt()
+    if max_norm > 0:
+        clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp_(max=1)
+        torch._foreach_mul_(every, clip_coef)
+    return total_norm
+
+
+def _mark_flat(fp32_params, params: List[torch.nn.Parameter]) -> None:
+    """Record on fairseq's flat fp32 copy where this plugin's experts lie in it."""
+    for device, flat in fp32_params.items():
+        members = params if len(fp32_params) == 1 else [p for p in params if p.device.index == device]
+        experts, shared, offset = [], [], 0
+        for p in members:
+            end = offset + p.numel()
+            if hasattr(p, "expert_replicas"):
+                experts.append((offset, end, p.expert_replicas))
+            else:
+                shared.append((offset, end))
+            offset = end
+        if experts:
+            flat.expert_slices = _merge(experts)
+            flat.shared_slices = [(a, b) for a, b, _ in _merge([(a, b, None) for a, b in shared])]
+
+
+def _merge(slices):
+    """Adjacent ``(start, end, tag)`` slices with the same tag merged into one."""
+    out = []
+    for a, b, r in slices:
+        if out and out[-1][1] == a and out[-1][2] == r:
+            out[-1] = (out[-1][0], b, r)
+        else:
+            out.append((a, b, r))
+    return out
+
+
+def _build_fp32_params(cls, args, params, flatten=True):
+    fp32_params = _fairseq["build_fp32_params"].__func__(cls, args, params, flatten=flatten)
+    if flatten:
+        _mark_flat(fp32_params, list(params))
+    return fp32_params
+
+
+def _amp_clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
+    grad_norm = _fairseq["amp_clip_grad_norm"](self, max_norm, aggregate_norm_fn)
+    if not torch.isfinite(grad_norm).all():
+        # the scaler skips a step from this process's own gradients: make them agree with the norm
+        for p in self.fp32_optimizer.params:
+            if p.grad is not None and p.grad.numel() > 0:
+                p.grad.view(-1)[:1].fill_(float("nan"))
+                break
+    return grad_norm
+
+
+def _all_reduce_grads(self):
+    _fairseq["all_reduce_grads"](self)
+    if "_stablemoe_layers" not in self.__dict__:
+        self._stablemoe_layers = [m for m in self.module.modules() if isinstance(m, MoELayer)]
+    reduce_replica_gradients(self._stablemoe_layers)
+
+
+def install() -> None:
+    """Install the wrappers (idempotent)."""
+    if _fairseq:
+        return
+    _fairseq.update(
+        clip_grad_norm_=utils.clip_grad_norm_,
+        build_fp32_params=_FP16OptimizerMixin.__dict__["build_fp32_params"],
+        amp_clip_grad_norm=AMPOptimizer.clip_grad_norm,
+        all_reduce_grads=LegacyDistributedDataParallel.all_reduce_grads,
+    )
+    utils.clip_grad_norm_ = clip_grad_norm_
+    _FP16OptimizerMixin.build_fp32_params = classmethod(_build_fp32_params)
+    AMPOptimizer.clip_grad_norm = _amp_clip_grad_norm
+    LegacyDistributedDataParallel.all_reduce_grads = _all_reduce_grads
+
+
+install()
