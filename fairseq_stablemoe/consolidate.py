@@ -42,6 +42,7 @@ from .checkpointing import (
     rank_files_on_disk,
     rank_path,
 )
+from .parallel import ExpertShard, layout_problem
 
 logger = logging.getLogger("fairseq_stablemoe.consolidate")
 
@@ -66,13 +67,19 @@ def load_file(path: str) -> State:
 # ----------------------------------------------------------------------------- name bookkeeping
 
 
-def merge_order(name_lists: Sequence[Sequence[str]], num_local: int) -> List[Tuple[str, int, str]]:
+def layout(world: int, num_experts: int) -> List[ExpertShard]:
+    """Every rank's shard of a ``world``-process run (replicas included)."""
+    return [ExpertShard(world, r, num_experts) for r in range(world)]
+
+
+def merge_order(name_lists: Sequence[Sequence[str]], shards: Sequence[ExpertShard]) -> List[Tuple[str, int, str]]:
     """``(global name, rank, local name)`` in the order of a one-process model.
 
     Walks rank 0's names; at the first expert entry of a layer it emits the
-    layer's experts of rank 0, 1, ... (their local ids shifted by
-    ``rank * num_local``), which is where a one-process model (experts
-    ``0 .. N-1`` in one list) has them. Shared names come from rank 0.
+    layer's experts of the ranks in order (their local ids shifted by the
+    rank's first expert; of an expert's replicas, the first), which is where
+    a one-process model (experts ``0 .. N-1`` in one list) has them. Shared
+    names come from rank 0.
     """
     out: List[Tuple[str, int, str]] = []
     done = set()
@@ -86,18 +93,20 @@ def merge_order(name_lists: Sequence[Sequence[str]], num_local: int) -> List[Tup
             continue
         done.add(layer)
         for rank, names in enumerate(name_lists):
+            if shards[rank].rank % shards[rank].replicas:
+                continue  # a replica: the first copy is taken
             for local in names:
                 lm = EXPERT_KEY.match(local)
                 if lm is not None and lm.group("layer") == layer:
-                    glob = rank * num_local + int(lm.group("idx"))
+                    glob = shards[rank].first_expert + int(lm.group("idx"))
                     out.append((f"{layer}{glob}{lm.group('rest')}", rank, local))
     return out
 
 
-def split_order(names: Sequence[str], rank: int, num_local: int) -> List[Tuple[str, str]]:
-    """``(global name, local name)`` of the entries rank ``rank`` of ``N / num_local`` keeps."""
+def split_order(names: Sequence[str], shard: ExpertShard) -> List[Tuple[str, str]]:
+    """``(global name, local name)`` of the entries ``shard``'s rank keeps."""
     out = []
-    lo, hi = rank * num_local, (rank + 1) * num_local
+    lo, hi = shard.first_expert, shard.first_expert + shard.num_local
     for name in names:
         m = EXPERT_KEY.match(name)
         if m is None:
@@ -131,7 +140,7 @@ def _by_group(opt: State, names: List[str]) -> List[List[str]]:
     return [[names[i] for i in g["params"]] for g in opt["param_groups"]]
 
 
-def merge_optimizer(opts: List[State], names: List[List[str]], num_local: int) -> Tuple[State, List[str]]:
+def merge_optimizer(opts: List[State], names: List[List[str]], shards: Sequence[ExpertShard]) -> Tuple[State, List[str]]:
     """One optimizer state dict (and its index -> name list) from the ranks' ones."""
     first = opts[0]
     out = {k: v for k, v in first.items() if k not in ("state", "param_groups")}
@@ -141,7 +150,7 @@ def merge_optimizer(opts: List[State], names: List[List[str]], num_local: int) -
         lists = [_by_group(opts[r], names[r])[g] for r in range(len(opts))]
         new_group = {k: v for k, v in group.items() if k != "params"}
         new_group["params"] = []
-        for glob, rank, local in merge_order(lists, num_local):
+        for glob, rank, local in merge_order(lists, shards):
             idx = len(merged_names)
             old = lookup[rank][local]
             if old in opts[rank]["state"]:
@@ -153,14 +162,14 @@ def merge_optimizer(opts: List[State], names: List[List[str]], num_local: int) -
     return out, merged_names
 
 
-def split_optimizer(opt: State, names: List[str], rank: int, num_local: int) -> Tuple[State, List[str]]:
+def split_optimizer(opt: State, names: List[str], shard: ExpertShard) -> Tuple[State, List[str]]:
     out = {k: v for k, v in opt.items() if k not in ("state", "param_groups")}
     lookup = {n: i for i, n in enumerate(names)}
     groups, state, local_names = [], {}, []
     for group, group_names in zip(opt["param_groups"], _by_group(opt, names)):
         new_group = {k: v for k, v in group.items() if k != "params"}
         new_group["params"] = []
-        for glob, local in split_order(group_names, rank, num_local):
+        for glob, local in split_order(group_names, shard):
             idx = len(local_names)
             old = lookup[glob]
             if old in opt["state"]:
@@ -214,13 +223,14 @@ def check_shards(states: List[State], paths: List[str]) -> Dict[str, Any]:
         )
         raise ConsolidateError(f"the per-rank files are from different runs or updates ({listing})")
     num_experts = metas[0]["num_experts"]
-    if num_experts % world != 0:
+    if layout_problem(num_experts, world):
         raise ConsolidateError(f"{num_experts} experts cannot be held by {world} processes")
+    num_local = ExpertShard(world, 0, num_experts).num_local
     for state, path in zip(states, paths):
         for layer, count in experts_per_layer(state["model"]).items():
-            if count != num_experts // world:
+            if count != num_local:
                 raise ConsolidateError(
-                    f"{path} holds {count} experts in {layer[:-1]}, expected {num_experts // world} "
+                    f"{path} holds {count} experts in {layer[:-1]}, expected {num_local} "
                     f"({num_experts} experts on {world} processes)"
                 )
     shared = [{k for k in s["model"] if EXPERT_KEY.match(k) is None} for s in states]
@@ -235,22 +245,28 @@ def merge_shards(states: List[State], paths: List[str], keep_optimizer: bool = T
     """One one-process checkpoint (all experts) from a run's per-rank checkpoints."""
     meta = check_shards(states, paths)
     world = len(states)
-    num_local = meta["num_experts"] // world
+    shards = layout(world, meta["num_experts"])
 
     def merge_dicts(dicts: List[Dict[str, Any]]) -> Dict[str, Any]:
-        return {glob: dicts[r][local] for glob, r, local in merge_order([list(d) for d in dicts], num_local)}
+        return {glob: dicts[r][local] for glob, r, local in merge_order([list(d) for d in dicts], shards)}
 
-    for state, path in zip(states[1:], paths[1:]):
-        differ = [
-            k
-            for k, v in states[0]["model"].items()
-            if EXPERT_KEY.match(k) is None and torch.is_tensor(v) and not torch.equal(v, state["model"][k])
-        ]
-        if differ:
-            logger.warning(
-                "%s: %d shared tensors differ from rank 0's (e.g. %s); rank 0's are kept",
-                path, len(differ), differ[0],
-            )
+    for rank in range(1, world):
+        # shared tensors against rank 0's, an expert replica's against its first copy
+        first = shards[rank].replica_ranks()[0]
+        for ref, experts in ((0, False), (first, True)):
+            if experts and ref == rank:
+                continue
+            differ = [
+                k
+                for k, v in states[ref]["model"].items()
+                if (EXPERT_KEY.match(k) is not None) == experts
+                and torch.is_tensor(v) and not torch.equal(v, states[rank]["model"][k])
+            ]
+            if differ:
+                logger.warning(
+                    "%s: %d tensors differ from %s's copies (e.g. %s); the first copy is kept",
+                    paths[rank], len(differ), paths[ref], differ[0],
+                )
 
     out = dict(states[0])
     out["model"] = merge_dicts([s["model"] for s in states])
@@ -266,7 +282,7 @@ def merge_shards(states: List[State], paths: List[str], keep_optimizer: bool = T
         if keep_optimizer:
             opts = [s["last_optimizer_state"] for s in states]
             names = [_optimizer_names(meta_of(s), o, p) for s, o, p in zip(states, opts, paths)]
-            out["last_optimizer_state"], new_meta["optimizer_param_names"] = merge_optimizer(opts, names, num_local)
+            out["last_optimizer_state"], new_meta["optimizer_param_names"] = merge_optimizer(opts, names, shards)
         else:
             del out["last_optimizer_state"]
     extra[META_KEY] = new_meta
@@ -297,13 +313,13 @@ def one_process_experts(state: State, path: str) -> int:
 def split_checkpoint(state: State, world: int, path: str = "checkpoint", keep_optimizer: bool = True) -> List[State]:
     """Per-rank checkpoints for ``world`` processes from a one-process checkpoint."""
     num_experts = one_process_experts(state, path)
-    if world < 1 or num_experts % world != 0:
+    if world < 1 or layout_problem(num_experts, world):
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
         raise ConsolidateError(
-            f"{num_experts} experts cannot be split over {world} processes (each holds num_experts / processes): "
-            f"use --shards in {divisors}"
+            f"{num_experts} experts cannot be split over {world} processes (each holds num_experts / processes, "
+            f"or each expert has processes / num_experts replicas): use --shards in {divisors} or a multiple "
+            f"of {num_experts}"
         )
-    num_local = num_experts // world
     meta = dict(meta_of(state) or {})
     meta.setdefault("run_id", None)
     meta.setdefault("num_updates", ((state.get("optimizer_history") or [{}])[-1]).get("num_updates", 0))
@@ -311,24 +327,19 @@ def split_checkpoint(state: State, world: int, path: str = "checkpoint", keep_op
     opt = state.get("last_optimizer_state")
     names = _optimizer_names(meta_of(state), opt, path) if (opt is not None and keep_optimizer) else None
     parts = []
-    for rank in range(world):
+    for shard in layout(world, num_experts):
+        rank = shard.rank
         part = dict(state)
-        part["model"] = {
-            local: state["model"][glob] for glob, local in split_order(list(state["model"]), rank, num_local)
-        }
+        part["model"] = {local: state["model"][glob] for glob, local in split_order(list(state["model"]), shard)}
         extra = dict(state["extra_state"])
         if isinstance(extra.get("ema"), dict):
-            extra["ema"] = {
-                local: extra["ema"][glob] for glob, local in split_order(list(extra["ema"]), rank, num_local)
-            }
+            extra["ema"] = {local: extra["ema"][glob] for glob, local in split_order(list(extra["ema"]), shard)}
         extra.pop("ema_fp32_params", None)
         part_meta = dict(meta, format=META_FORMAT, world_size=world, rank=rank, num_experts=num_experts)
         part_meta["optimizer_param_names"] = None
         if opt is not None:
             if keep_optimizer:
-                part["last_optimizer_state"], part_meta["optimizer_param_names"] = split_optimizer(
-                    opt, names, rank, num_local
-                )
+                part["last_optimizer_state"], part_meta["optimizer_param_names"] = split_optimizer(opt, names, shard)
             else:
                 del part["last_optimizer_state"]
         extra[META_KEY] = part_meta

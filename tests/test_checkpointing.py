@@ -248,7 +248,7 @@ def test_split_resumes_on_two_processes(run_a, corpus, tmp_path):
 
 def test_experts_not_divisible_by_processes(corpus, tmp_path):
     out = train(corpus, tmp_path, "--num-experts", "3", ok=False)
-    assert "--num-experts 3 is not a multiple of the 2 data-parallel processes" in out
+    assert "--num-experts 3 does not fit 2 data-parallel processes" in out
 
 
 def test_missing_rank_file_is_named(run_a, corpus, tmp_path):

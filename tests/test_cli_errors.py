@@ -74,4 +74,4 @@ def test_c10d_with_expert_parallelism_and_experts_not_divisible(data):
     assert all(c != 0 for c in codes) and "use --ddp-backend legacy_ddp" in text
     codes, text = two_procs("--ddp-backend", "legacy_ddp", "--num-experts", "3")
     assert all(c != 0 for c in codes)
-    assert "--num-experts 3 is not a multiple of the 2 data-parallel processes" in text
+    assert "--num-experts 3 does not fit 2 data-parallel processes" in text
