@@ -9,6 +9,7 @@ from . import compat  # noqa: F401  (np.compat for fairseq under numpy 2)
 from . import safe_globals  # noqa: F401  (before anything loads a checkpoint)
 from . import criterion, model, translation  # noqa: F401  (registers with fairseq)
 from . import checkpointing  # noqa: F401  (per-rank checkpoints of expert-parallel runs)
+from . import distributed_eval  # noqa: F401  (fairseq's eval tools on per-rank files, MoE forwards in step)
 from . import training_hooks  # noqa: F401  (one gradient norm over the whole model, expert replicas)
 
 __version__ = "0.1.0"

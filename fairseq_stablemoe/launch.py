@@ -1,7 +1,12 @@
-"""stablemoe-train: ``fairseq-train`` with the plugin and, under torchrun, the distributed flags.
+"""stablemoe-train: fairseq's tools with the plugin and, under torchrun, the distributed flags.
 
     torchrun --nproc_per_node 8 $(which stablemoe-train) DATA --arch stablemoe_lm ...
     torchrun --nproc_per_node 2 -m fairseq_stablemoe.launch DATA ... --cpu
+    torchrun --nproc_per_node 2 -m fairseq_stablemoe.launch eval-lm DATA --path ckpt/checkpoint_last.pt --cpu
+    torchrun --nproc_per_node 2 -m fairseq_stablemoe.launch generate DATA --path ckpt/checkpoint_best.pt --cpu
+
+A first argument ``train`` (the default), ``eval-lm``, ``generate``,
+``interactive`` or ``validate`` picks the fairseq tool (``fairseq_cli.<tool>``).
 
 fairseq's own detection of torchrun derives the world size from the number of
 CUDA devices (and divides by it for the device id), so with torchrun the
@@ -13,16 +18,31 @@ flags have to be given by hand. Under torchrun (``RANK``, ``WORLD_SIZE``,
     --distributed-backend gloo            (with --cpu only)
 
 and, in every case, ``--user-dir`` of this package if missing. Then it runs
-``fairseq_cli.train``. Without torchrun it is plain ``fairseq-train`` (fairseq's
-own multi-GPU spawning and Slurm support apply).
+the tool. Without torchrun it is the plain fairseq tool (fairseq's own
+multi-GPU spawning and Slurm support apply).
 """
 
 import logging
 import os
 import sys
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Tuple
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: first argument -> fairseq module whose ``cli_main`` runs
+TOOLS = {
+    "train": "fairseq_cli.train",
+    "eval-lm": "fairseq_cli.eval_lm",
+    "generate": "fairseq_cli.generate",
+    "interactive": "fairseq_cli.interactive",
+    "validate": "fairseq_cli.validate",
+}
+
+
+def split_tool(argv: List[str]) -> Tuple[str, List[str]]:
+    """``(tool, rest of argv)``; ``train`` when the first argument names no tool."""
+    if argv and argv[0] in TOOLS:
+        return argv[0], argv[1:]
+    return "train", argv
 
 
 def given(argv: List[str], flag: str) -> bool:
@@ -52,10 +72,10 @@ def launch_args(argv: List[str], env: Mapping[str, str]) -> List[str]:
 
 
 def cli_main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    tool, argv = split_tool(list(sys.argv[1:] if argv is None else argv))
     added = launch_args(argv, os.environ)
     if added and os.environ.get("RANK", "0") == "0":
-        print("stablemoe-train adds: " + " ".join(added), file=sys.stderr)
+        print(f"stablemoe-train ({tool}) adds: " + " ".join(added), file=sys.stderr)
     sys.argv = [sys.argv[0]] + argv + added
     # fairseq-train's own logging (importing this package, and so fairseq, before
     # fairseq_cli.train has already given the root logger a plain stderr handler)
@@ -66,9 +86,13 @@ def cli_main(argv: Optional[List[str]] = None) -> None:
         stream=sys.stdout,
         force=True,
     )
-    from fairseq_cli.train import cli_main as train_main
+    import importlib
 
-    train_main()
+    module = importlib.import_module(TOOLS[tool])
+    from . import distributed_eval
+
+    distributed_eval.install()  # this package was imported before the tool's module: wrap its entry points now
+    module.cli_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,469 @@
+"""fairseq-eval-lm, -generate, -interactive and -validate on W processes, from per-rank files.
+
+An expert-parallel run on ``W`` processes saves ``NAME-rank{r}-of{W}.pt`` on
+every rank (:mod:`.checkpointing`). Under torchrun (``python -m
+fairseq_stablemoe.launch eval-lm|generate|interactive|validate ...``, or the
+tool with fairseq's distributed flags) this module lets fairseq's own tools
+use them, with the logical name (``--path DIR/checkpoint_last.pt``):
+
+* **Loading.** fairseq's ``checkpoint_utils.load_model_ensemble_and_task``
+  (which every tool calls) is wrapped: when ``NAME`` (with fairseq's
+  ``--checkpoint-suffix``) has per-rank files, each process loads its own, after
+  one ``all_gather_object`` that checks, before the first batch, that every
+  rank's file exists, that all are from the same save, and that they were
+  written for this number of processes (otherwise the error names the missing
+  file or the ``stablemoe-consolidate ... --shards W`` command). Other
+  checkpoints load as fairseq loads them.
+* **Lockstep.** Every forward of an MoE layer is collective, but processes
+  hold different batches: eval-lm skips the empty filler batches of shorter
+  shards, beam search ends at different steps, a process runs out of
+  sentences first. :class:`Lockstep` puts a forward pre-hook on every MoE
+  layer: before each forward the processes exchange which layer each wants to
+  run next (one small ``all_gather``; ``-1`` for a process that has finished);
+  the processes that want the chosen layer run it, the others run it on one
+  padding token (a forward that sends nothing) and ask again. A process that
+  finishes its work keeps answering (:meth:`Lockstep.finish`) until every
+  process has finished. The choice goes to the process that has waited
+  longest, so no process waits for another's whole shard. An MoE layer's
+  output depends only on its own tokens (no capacity limit at inference
+  unless ``--capacity-factor`` is set, and then per process), so results do
+  not depend on which forwards meet.
+* **Totals.** ``fairseq-eval-lm`` computes its loss per process; here the
+  summed log-probabilities and token counts are all-reduced, so every process
+  reports the perplexity of the whole split. ``fairseq-generate`` prints each
+  process's sentences (its shard of the split, as fairseq shards it); with
+  ``--results-path`` each process writes ``generate-SUBSET-rank{r}-of{W}.txt``.
+  ``fairseq-generate`` itself never starts a distributed job; here it does
+  (``call_main``) when the distributed flags or torchrun's environment are
+  there. ``fairseq-validate`` skips the empty filler batches it would
+  otherwise crash on.
+
+Every collective of this module waits at most ``STABLEMOE_LOCKSTEP_TIMEOUT``
+seconds (default 600) and then stops with an error naming the likely cause.
+"""
+
+import datetime
+import logging
+import math
+import os
+import sys
+from argparse import Namespace
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from fairseq import checkpoint_utils
+from fairseq.distributed import utils as distributed_utils
+
+from .checkpointing import CheckpointMismatchError, meta_of, peek, rank_files_on_disk, rank_path
+from .layer import MoELayer
+from .parallel import world_size_and_rank
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "STABLEMOE_LOCKSTEP_TIMEOUT"
+
+
+def _timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+
+
+# ----------------------------------------------------------------------------- lockstep
+
+
+class Lockstep:
+    """Keeps the MoE forwards of ``W`` processes in step (see the module doc)."""
+
+    def __init__(self, layers: Sequence[MoELayer]):
+        self.layers = list(layers)
+        self.world_size, self.rank = world_size_and_rank()
+        self.dummy_forwards = 0
+        self.rounds = 0
+        self._waited = 0
+        self._in_dummy = False
+        self._handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _agree(self, want: int) -> int:
+        """The layer every process runs next (-1: all have finished)."""
+        mine = torch.tensor([want, self._waited], dtype=torch.long)
+        everyone = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        work = dist.all_gather(everyone, mine, async_op=True)
+        try:
+            work.wait(_timeout())
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"rank {self.rank}: the other processes did not join the MoE lockstep within "
+                f"{_timeout().total_seconds():.0f} s (set {TIMEOUT_ENV} to wait longer). Likely causes: a process "
+                "stopped with an error (see its log), or a process ran a collective outside the MoE layers "
+                f"(a tool this plugin does not wrap). ({e})"
+            ) from e
+        self.rounds += 1
+        asks = [(int(t[0]), int(t[1]), r) for r, t in enumerate(everyone)]
+        busy = [a for a in asks if a[0] >= 0]
+        if not busy:
+            return -1
+        chosen = max(busy, key=lambda a: (a[1], -a[2]))[0]
+        self._waited = 0 if (want == chosen or want < 0) else self._waited + 1
+        return chosen
+
+    def _dummy(self, index: int) -> None:
+        """Join layer ``index``'s collectives with one padding token (which goes to no expert)."""
+        layer = self.layers[index]
+        weight = _fc1_weight(layer)
+        dim = weight.shape[1]
+        self._in_dummy = True
+        try:
+            with torch.no_grad():
+                layer(
+                    torch.zeros(1, dim, dtype=weight.dtype, device=weight.device),
+                    torch.full((1,), layer.padding_idx, dtype=torch.long, device=weight.device),
+                )
+        finally:
+            self._in_dummy = False
+        self.dummy_forwards += 1
+
+    def _hook(self, index: int) -> Callable:
+        def before_forward(module, args):
+            if self._in_dummy:
+                return None
+            while True:
+                chosen = self._agree(index)
+                if chosen == index:
+                    return None
+                self._dummy(chosen)
+
+        return before_forward
+
+    def finish(self) -> None:
+        """Join the others' MoE forwards until every process has finished."""
+        while True:
+            chosen = self._agree(-1)
+            if chosen < 0:
+                return
+            self._dummy(chosen)
+
+    def total_dummy_forwards(self) -> int:
+        """All processes' forwards on one padding token (collective)."""
+        t = torch.tensor([self.dummy_forwards], dtype=torch.long)
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+def _fc1_weight(layer: MoELayer) -> torch.Tensor:
+    for name, p in layer.named_parameters():
+        if name.endswith("fc1.weight"):
+            return p
+    raise RuntimeError(f"{layer.layer_name}: cannot find the model dimension of its experts (no fc1.weight)")
+
+
+#: the lockstep of the models loaded in this process (one per process, for every model of an ensemble)
+_active: List[Lockstep] = []
+
+
+def active() -> Optional[Lockstep]:
+    return _active[0] if _active else None
+
+
+def install_lockstep(models: Sequence[torch.nn.Module]) -> Optional[Lockstep]:
+    """Lockstep for the MoE layers of ``models`` when they are expert-parallel; None otherwise."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers or not layers[0].shard.is_parallel:
+        return None
+    for lock in _active:
+        lock.remove()
+    _active[:] = [Lockstep(layers)]
+    logger.info("expert parallelism: %d MoE layers kept in step across %d processes", len(layers), _active[0].world_size)
+    return _active[0]
+
+
+def finish_all() -> None:
+    """End of a tool's work on this process: serve the others' MoE forwards until all are done."""
+    lock = active()
+    if lock is not None:
+        lock.finish()
+
+
+# ----------------------------------------------------------------------------- loading per-rank files
+
+
+def _under_torchrun_without_job() -> Optional[int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world if world > 1 and not (dist.is_available() and dist.is_initialized()) else None
+
+
+def resolve(path: str, world: int, rank: int) -> Dict[str, Any]:
+    """What this process would load for the logical checkpoint ``path``: a small report."""
+    report: Dict[str, Any] = {"rank": rank, "path": path, "file": None, "problem": None, "missing": None}
+    on_disk = rank_files_on_disk(path)
+    if world > 1 and world in on_disk:
+        mine = rank_path(path, rank, world)
+        if not os.path.isfile(mine):
+            report["missing"] = mine
+            return report
+        report["file"] = mine
+        try:
+            meta = meta_of(peek(mine)) or {}
+        except Exception as e:
+            report["problem"] = f"cannot read {mine}: {type(e).__name__}: {e}"
+            return report
+        report["save"] = (meta.get("run_id"), meta.get("num_updates"))
+        if (meta.get("world_size"), meta.get("rank")) != (world, rank):
+            report["problem"] = (
+                f"{mine} records rank {meta.get('rank')} of {meta.get('world_size')} processes: the file was "
+                "renamed or copied from another run"
+            )
+        return report
+    if world == 1 and os.path.isfile(path):
+        return report  # an ordinary checkpoint: fairseq loads it (and the model reports a mismatch)
+    if on_disk:
+        w_other = sorted(on_disk)[0]
+        report["problem"] = (
+            f"{path} was saved as per-rank files of {w_other} processes ({on_disk[w_other][0]} ...) but this job "
+            f"has {world} process(es): "
+            + (
+                f"write files for {world} processes with `stablemoe-consolidate {path} --shards {world}`"
+                if world > 1
+                else f"consolidate them into one file with `stablemoe-consolidate {path}`"
+            )
+        )
+        torchrun = _under_torchrun_without_job()
+        if world == 1 and torchrun:
+            report["problem"] += (
+                f"; or, as this runs under torchrun with WORLD_SIZE={torchrun} but fairseq started no "
+                "distributed job, launch with `python -m fairseq_stablemoe.launch <tool> ...` (it adds "
+                "--distributed-init-method env:// --distributed-world-size ... --distributed-rank ...)"
+            )
+        return report
+    if world > 1 and os.path.isfile(path):
+        try:
+            meta = meta_of(peek(path))
+        except Exception:
+            meta = None  # fairseq reports an unreadable file itself
+        if meta is not None and meta.get("world_size") == 1 and meta.get("num_experts", 0) > 1:
+            report["problem"] = (
+                f"{path} holds all {meta['num_experts']} experts (one process) but this job has {world} processes, "
+                f"each holding its share: split it with `stablemoe-consolidate {path} --shards {world}` "
+                "(add -o DIR/ to write elsewhere), or run on one process"
+            )
+    return report
+
+
+def resolve_all(filenames: Sequence[str], suffix: str) -> List[str]:
+    """The file each logical name stands for on this process; raises before anything is loaded."""
+    world, rank = world_size_and_rank()
+    resolved = []
+    for name in filenames:
+        logical = checkpoint_utils.get_maybe_sharded_checkpoint_filename(name, suffix, 0, 1)
+        mine = resolve(logical, world, rank)
+        reports = [mine]
+        if world > 1:
+            reports = [None] * world
+            dist.all_gather_object(reports, mine)
+        problems = [r["problem"] for r in reports if r.get("problem")]
+        if problems:
+            raise CheckpointMismatchError("; ".join(dict.fromkeys(problems)))
+        missing = [r["missing"] for r in reports if r["missing"]]
+        have = [r for r in reports if r["file"] is not None]
+        if missing:
+            names = ", ".join(missing)
+            raise CheckpointMismatchError(
+                f"missing per-rank checkpoint file(s) {names} of {logical}: every one of the {world} processes "
+                f"loads its own file (found: {', '.join(r['file'] for r in have) or 'none'})"
+            )
+        if have:
+            saves = {r["save"] for r in have}
+            if len(saves) > 1:
+                listing = "; ".join(f"{r['file']}: run {r['save'][0]} at update {r['save'][1]}" for r in have)
+                raise CheckpointMismatchError(
+                    f"the per-rank files of {logical} are from different saves ({listing}): every rank must load "
+                    "the files of one save"
+                )
+            logger.info("expert parallelism: rank %d loads %s", rank, mine["file"])
+            resolved.append(mine["file"])
+        else:
+            resolved.append(logical)
+    return resolved
+
+
+_fairseq: Dict[str, Any] = {}
+
+
+def _load_model_ensemble_and_task(filenames, arg_overrides=None, task=None, strict=True, suffix="", num_shards=1,
+                                  state=None):
+    if state is None and num_shards == 1:
+        filenames, suffix = resolve_all(filenames, suffix), ""
+    out = _fairseq["load_model_ensemble_and_task"](
+        filenames, arg_overrides=arg_overrides, task=task, strict=strict, suffix=suffix, num_shards=num_shards,
+        state=state,
+    )
+    if install_lockstep(out[0]) is not None:
+        _skip_empty_valid_batches(out[2])
+    return out
+
+
+def _skip_empty_valid_batches(task) -> None:
+    """fairseq-validate runs the empty filler batches of shorter shards; the lockstep covers them instead."""
+    valid_step = task.valid_step
+
+    def valid_step_skipping_fillers(sample, model, criterion, *args, **kwargs):
+        if not sample or "net_input" not in sample:
+            return torch.tensor(0.0), 0, {}
+        return valid_step(sample, model, criterion, *args, **kwargs)
+
+    task.valid_step = valid_step_skipping_fillers
+
+
+# ----------------------------------------------------------------------------- the tools
+
+
+def _distributed_main(i, main, cfg, kwargs):
+    def main_then_finish(cfg, **kw):
+        result = main(cfg, **kw)
+        finish_all()  # before fairseq's closing barrier: the others may still run MoE forwards
+        lock = active()
+        if lock is not None:
+            total = lock.total_dummy_forwards()
+            logger.info("expert parallelism: %d forwards on a padding token kept the processes in step", total)
+        return result
+
+    return _fairseq["distributed_main"](i, main_then_finish, cfg, kwargs)
+
+
+def _all_gather_list(*args, **kwargs):
+    finish_all()  # fairseq-validate gathers its logs after its loop
+    return _fairseq["all_gather_list"](*args, **kwargs)
+
+
+class _Tally:
+    """Sum of log-probabilities and token count as ``fairseq_cli.eval_lm.eval_lm`` computes them."""
+
+    def __init__(self, dictionary, post_process: Optional[str], remove_bos: bool):
+        self.score_sum, self.count = 0.0, 0
+        self.remove_bos = remove_bos
+        self.bpe_toks = None
+        if post_process in {"subword_nmt", "@@ "}:
+            cont = post_process.rstrip()
+            self.bpe_toks = {i for i in range(len(dictionary)) if dictionary[i].endswith(cont)}
+
+    def add(self, hypos) -> None:
+        for hypos_i in hypos:
+            hypo = hypos_i[0]
+            tokens = hypo["tokens"]
+            tgt_len = tokens.numel()
+            pos_scores = hypo["positional_scores"].float()
+            if self.remove_bos:
+                tokens, pos_scores = tokens[1:], pos_scores[1:]
+            skipped = 0
+            if self.bpe_toks is not None:
+                for i in range(tgt_len - 1):
+                    if tokens[i].item() in self.bpe_toks:
+                        skipped += 1
+                        pos_scores[i + 1] += pos_scores[i]
+                        pos_scores[i] = 0
+            finite = pos_scores[torch.isfinite(pos_scores)]
+            self.score_sum += float(finite.double().sum())
+            self.count += finite.numel() - skipped
+
+
+def _eval_lm(models, source_dictionary, batch_iterator, post_process=None, output_word_probs=False,
+             output_word_stats=False, target_dictionary=None, softmax_batch=0, remove_bos_token=False, device=None):
+    lock = active()
+    original = _fairseq["eval_lm"]
+    names = original.__globals__  # the SequenceScorer eval_lm builds
+    kwargs = dict(
+        post_process=post_process, output_word_probs=output_word_probs, output_word_stats=output_word_stats,
+        target_dictionary=target_dictionary, softmax_batch=softmax_batch, remove_bos_token=remove_bos_token,
+        device=device,
+    )
+    if lock is None:
+        return original(models, source_dictionary, batch_iterator, **kwargs)
+    tally = _Tally(source_dictionary, post_process, remove_bos_token)
+    scorer_class = names["SequenceScorer"]
+
+    class TallyingScorer(scorer_class):
+        def generate(self, *args, **kw):
+            hypos = super().generate(*args, **kw)
+            tally.add(hypos)
+            return hypos
+
+    names["SequenceScorer"] = TallyingScorer
+    try:
+        original(models, source_dictionary, batch_iterator, **kwargs)
+    finally:
+        names["SequenceScorer"] = scorer_class
+    lock.finish()
+    sums = torch.tensor([tally.score_sum, float(tally.count)], dtype=torch.float64)
+    dist.all_reduce(sums)
+    score_sum, count = sums.tolist()
+    loss = -score_sum / count / math.log(2) if count > 0 else 0.0
+    logger.info(
+        "expert parallelism: %d processes scored %d tokens in all: loss (base 2) %.8f, perplexity %.6f",
+        lock.world_size, int(count), loss, 2**loss,
+    )
+    return {"loss": loss, "perplexity": 2**loss}
+
+
+def _wants_distributed(cfg) -> bool:
+    dt = cfg.distributed_training
+    if dist.is_available() and dist.is_initialized():
+        return False
+    if dt.distributed_init_method is not None:
+        return True
+    return dt.distributed_world_size > 1 and all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+
+
+def _generate_main(cfg):
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    if isinstance(cfg, Namespace):
+        cfg = convert_namespace_to_omegaconf(cfg)
+    if _wants_distributed(cfg):  # fairseq-generate never starts a distributed job itself
+        return distributed_utils.call_main(cfg, _generate_main)
+    world, rank = world_size_and_rank()
+    results = cfg.common_eval.results_path
+    if world > 1 and results is not None and active() is not None:
+        os.makedirs(results, exist_ok=True)
+        out = os.path.join(results, f"generate-{cfg.dataset.gen_subset}-rank{rank}-of{world}.txt")
+        with open(out, "w", buffering=1, encoding="utf-8") as h:
+            return _fairseq["generate_main"].__globals__["_main"](cfg, h)
+    return _fairseq["generate_main"](cfg)
+
+
+def _tool_modules(name: str) -> List[Any]:
+    """The loaded module ``name``, and ``__main__`` when it is that module run with ``python -m``."""
+    found = []
+    if name in sys.modules:
+        found.append(sys.modules[name])
+    main = sys.modules.get("__main__")
+    if main is not None and getattr(getattr(main, "__spec__", None), "name", None) == name:
+        found.append(main)
+    return found
+
+
+def install() -> None:
+    """Wrap fairseq's loading, ``distributed_main`` and the tools' entry points (idempotent)."""
+    if not _fairseq:
+        _fairseq.update(
+            load_model_ensemble_and_task=checkpoint_utils.load_model_ensemble_and_task,
+            distributed_main=distributed_utils.distributed_main,
+            all_gather_list=distributed_utils.all_gather_list,
+        )
+        checkpoint_utils.load_model_ensemble_and_task = _load_model_ensemble_and_task
+        distributed_utils.distributed_main = _distributed_main
+        distributed_utils.all_gather_list = _all_gather_list
+    for module in _tool_modules("fairseq_cli.eval_lm"):
+        if module.eval_lm is not _eval_lm:
+            _fairseq.setdefault("eval_lm", module.eval_lm)
+            module.eval_lm = _eval_lm
+    for module in _tool_modules("fairseq_cli.generate"):
+        if module.main is not _generate_main:
+            _fairseq.setdefault("generate_main", module.main)
+            module.main = _generate_main
+
+
+install()
