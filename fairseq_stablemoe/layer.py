@@ -212,6 +212,11 @@ class StableMoELayer(MoELayer):
         vocab_size: of the token ids read by the distilled router.
         distill_dim: embedding size of the distilled router (``--distill-dim``).
         two_stage_updates: update count at which stage 2 starts.
+        stage1_assignment: ``greedy`` (top-1 of the backbone, the paper's) or
+            ``balanced`` (BASE layers' balanced assignment) in stage-1 training;
+            the distillation target is the backbone's top-1 either way.
+        distill_router, distill_router_layers, distill_router_heads: the
+            distilled router's kind and sizes (see :class:`DistilledRouter`).
     """
 
     def __init__(
@@ -227,6 +232,10 @@ class StableMoELayer(MoELayer):
         capacity_factor: Optional[float] = None,
         activation_fn: str = "relu",
         layer_name: str = "moe",
+        stage1_assignment: str = "greedy",
+        distill_router: str = "wordemb",
+        distill_router_layers: int = 1,
+        distill_router_heads: int = 2,
         **kwargs,
     ):
         super().__init__(
@@ -234,8 +243,39 @@ class StableMoELayer(MoELayer):
             **kwargs,
         )
         self.two_stage_updates = two_stage_updates
+        if stage1_assignment not in ("greedy", "balanced"):
+            raise ValueError(f"unknown --stage1-assignment {stage1_assignment!r}: choose greedy or balanced")
+        self.stage1_assignment = stage1_assignment
+        self._libbase = load_libbase("--stage1-assignment balanced") if stage1_assignment == "balanced" else None
         self.backbone = BackboneRouter(embed_dim, num_experts)
-        self.distill_router = DistilledRouter(vocab_size, distill_dim, num_experts, padding_idx)
+        self.distill_router = DistilledRouter(
+            vocab_size, distill_dim, num_experts, padding_idx,
+            kind=distill_router, layers=distill_router_layers, heads=distill_router_heads,
+        )
+        # (token ids the distilled router reads, time steps to route) during forward/assignment
+        self._router_input: Optional[Tuple[torch.Tensor, int]] = None
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether routing reads earlier tokens (incremental decoding then passes the whole prefix)."""
+        return self.distill_router.causal_context
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor, context: Optional[torch.Tensor] = None):
+        """:meth:`MoELayer.forward`; ``context``: ``(T_ctx, B)`` the token ids up to and including
+        ``tokens`` (``(T, B)``), for a causal distilled router in incremental decoding (default: ``tokens``)."""
+        self._router_input = (tokens if context is None else context, tokens.shape[0] if tokens.dim() else 1)
+        try:
+            return super().forward(features, tokens)
+        finally:
+            self._router_input = None
+
+    @torch.no_grad()
+    def assignment(self, features: torch.Tensor, tokens: torch.Tensor, training_routing: bool = True) -> torch.Tensor:
+        self._router_input = (tokens, tokens.shape[0] if tokens.dim() else 1)
+        try:
+            return super().assignment(features, tokens, training_routing)
+        finally:
+            self._router_input = None
 
     @property
     def in_stage2(self) -> bool:
@@ -275,12 +315,24 @@ class StableMoELayer(MoELayer):
         backbone_choice = finite_scores.argmax(dim=1)
 
         # distilled affinities; no autograd once the router is frozen or at inference
+        router_tokens, steps = self._router_input if self._router_input is not None else (tokens, tokens.shape[0])
         with torch.set_grad_enabled(self.training and not stage2 and torch.is_grad_enabled()):
-            distill_scores = self.distill_router(tokens)
+            distill_scores = self.distill_router(router_tokens, steps)
+        if distill_scores.shape[0] != h.shape[0]:
+            raise ValueError(
+                f"{self.layer_name}: the distilled router routed {distill_scores.shape[0]} tokens for "
+                f"{h.shape[0]} hidden states: pass token ids time first, (T, B), as the features (T, B, d)"
+            )
         finite_distill, nonfinite_distill = make_finite(distill_scores.detach())
         distill_choice = finite_distill.argmax(dim=1)
 
-        choice = backbone_choice if (self.training and not stage2) else distill_choice
+        if self.training and not stage2:
+            # the distillation target stays the backbone's top-1 (as the paper's code, also with BA)
+            choice = backbone_choice
+            if self.stage1_assignment == "balanced":
+                choice = balanced_assignment(self._libbase, finite_scores, backbone_choice, valid, self.num_experts)
+        else:
+            choice = distill_choice
         gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
         stats: Stats = {
             "agree": ((backbone_choice == distill_choice).float() * valid).sum(),
@@ -349,13 +401,7 @@ class BaseLayer(MoELayer):
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, num_sublayers: int, padding_idx: int, **kwargs):
         super().__init__(embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, **kwargs)
         self.backbone = BackboneRouter(embed_dim, num_experts)
-        try:
-            from fairseq import libbase
-        except ImportError as e:  # pragma: no cover - fairseq builds it
-            raise ImportError(
-                "--moe-type base needs fairseq's libbase extension (built with fairseq); reinstall fairseq"
-            ) from e
-        self._libbase = libbase
+        self._libbase = load_libbase("--moe-type base")
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         raw = self.backbone(h)
@@ -368,17 +414,38 @@ class BaseLayer(MoELayer):
         return Routing(choice, gate, {"nonfinite": nonfinite.float()})
 
     def _balanced(self, scores: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        idx = valid.nonzero().squeeze(1)
-        per_expert = idx.numel() // self.num_experts
-        if per_expert == 0:
-            return greedy
-        take = idx[: per_expert * self.num_experts]
-        order = self._libbase.balanced_assignment(scores.index_select(0, take).float().cpu().contiguous())
-        order = order.to(scores.device)
-        expert_of_slot = torch.arange(self.num_experts, device=scores.device).repeat_interleave(per_expert)
-        choice = greedy.clone()
-        choice[take[order]] = expert_of_slot
-        return choice
+        return balanced_assignment(self._libbase, scores, greedy, valid, self.num_experts)
+
+
+def load_libbase(what: str):
+    """fairseq's ``libbase`` extension (balanced assignment); ``what`` names the option that needs it."""
+    try:
+        from fairseq import libbase
+    except ImportError as e:  # pragma: no cover - fairseq builds it
+        raise ImportError(f"{what} needs fairseq's libbase extension (built with fairseq); reinstall fairseq") from e
+    return libbase
+
+
+def balanced_assignment(
+    libbase, scores: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """BASE layers' balanced assignment of this process's non-pad tokens.
+
+    Equal shares of ``n // N`` tokens per expert by fairseq's ``libbase``
+    auction over ``scores`` (``(T, N)``, finite); the ``n mod N`` tokens left
+    over, and padding, keep ``greedy``. Returns ``(T,)`` long.
+    """
+    idx = valid.nonzero().squeeze(1)
+    per_expert = idx.numel() // num_experts
+    if per_expert == 0:
+        return greedy
+    take = idx[: per_expert * num_experts]
+    order = libbase.balanced_assignment(scores.index_select(0, take).float().cpu().contiguous())
+    order = order.to(scores.device)
+    expert_of_slot = torch.arange(num_experts, device=scores.device).repeat_interleave(per_expert)
+    choice = greedy.clone()
+    choice[take[order]] = expert_of_slot
+    return choice
 
 
 class HashLayer(MoELayer):

@@ -3,9 +3,17 @@
 Built on fairseq's :class:`TransformerLanguageModel` and
 :class:`TransformerDecoder`, so ``--task language_modeling``,
 ``fairseq-eval-lm``, ``fairseq-generate``/``fairseq-interactive`` (incremental
-decoding) and hub loading work unchanged. ``--moe-layers K`` extra MoE layers
-are inserted among the ``L`` dense decoder layers, layer ``i`` at position
-``((i + 1) * L) // (K + 1)``, as fairseq's BASE layers are.
+decoding) and hub loading work unchanged. MoE layers are inserted among the
+``L`` dense decoder layers: ``--moe-layer-positions P1,P2,...`` puts one after
+dense block ``p`` for every listed ``p`` in ``[0, L]`` (0: before the first
+block; a repeated ``p`` stacks layers there); without it, ``--moe-layers K``
+layers go where fairseq's BASE layers go (layer ``i`` inserted at index
+``((i + 1) * L) // (K + 1)`` of the growing list).
+
+Architectures: ``stablemoe_lm`` (small CPU default), ``stablemoe_lm_base`` and
+``stablemoe_lm_large`` (the paper's Table 7 settings; ``stablemoe_lm_small`` is
+an alias of the base setting), ``stablemoe_lm_fork_x1_medium`` and
+``stablemoe_lm_fork_x1_large`` (other sizes of the paper authors' fork).
 """
 
 import logging
@@ -71,9 +79,32 @@ class MoEOptions(FairseqDataclass):
     capacity_factor: Optional[float] = field(
         default=None,
         metadata={
-            "help": "optional expert capacity as a multiple of tokens/N; tokens over it pass "
+            "help": "optional expert capacity: every expert runs at most ceil(factor * tokens / N) of the "
+            "non-pad tokens of the global batch (all processes); the tokens over it, drawn at random, pass "
             "through unchanged. Unset: no token is ever dropped"
         },
+    )
+    stage1_assignment: ChoiceEnum(["greedy", "balanced"]) = field(
+        default="greedy",
+        metadata={
+            "help": "StableMoE's stage-1 (training) assignment: greedy (top-1 of the backbone affinities, "
+            "the paper's) or balanced (BASE layers' balanced assignment; with --balance-factor 0 this is "
+            "'BASE layer + fixed routing', the paper's Table 5)"
+        },
+    )
+    distill_router: ChoiceEnum(["wordemb", "cnn", "transformer"]) = field(
+        default="wordemb",
+        metadata={
+            "help": "StableMoE's distilled router: wordemb (token-id embedding, the paper's), cnn (a causal "
+            "window of the current and 4 previous tokens' embeddings) or transformer (a causal Transformer "
+            "of --distill-router-layers blocks, --distill-dim wide, over the current and earlier tokens)"
+        },
+    )
+    distill_router_layers: int = field(
+        default=1, metadata={"help": "blocks of the transformer distilled router"}
+    )
+    distill_router_heads: int = field(
+        default=2, metadata={"help": "attention heads of the transformer distilled router (divides --distill-dim)"}
     )
 
 
@@ -102,16 +133,54 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEOptions):
         default=1,
         metadata={"help": "number of MoE layers, inserted evenly among the dense decoder layers"},
     )
+    moe_layer_positions: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "comma-separated dense-block indices p in [0, --decoder-layers]: one MoE layer after "
+            "block p each (0: before the first block; repeat p to stack layers); replaces --moe-layers"
+        },
+    )
     # from other parts of the config: expert parallelism needs legacy_ddp
     ddp_backend: str = II("distributed_training.ddp_backend")
 
 
 def moe_layer_positions(num_dense_layers: int, num_moe_layers: int) -> List[int]:
-    """Insertion indices of the MoE layers, BASE-layers style.
+    """The default placement, as dense-block indices (see :func:`parse_moe_positions`).
 
-    Inserting layer ``i`` (in order) at ``((i + 1) * L) // (K + 1)`` of the growing list.
+    BASE layers style: layer ``i`` (in order) inserted at index
+    ``((i + 1) * L) // (K + 1)`` of the growing list, i.e. after dense block
+    ``((i + 1) * L) // (K + 1) - i``.
     """
-    return [((i + 1) * num_dense_layers) // (num_moe_layers + 1) for i in range(num_moe_layers)]
+    return [((i + 1) * num_dense_layers) // (num_moe_layers + 1) - i for i in range(num_moe_layers)]
+
+
+def parse_moe_positions(spec: Optional[str], opt: str, num_dense_layers: int, dense_opt: str) -> List[int]:
+    """``"P1,P2,..."`` -> sorted dense-block indices, each in ``[0, L]``; ValueError naming ``opt`` otherwise."""
+    try:
+        positions = [int(p) for p in str(spec).split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"{opt} takes comma-separated integers (got {spec!r})") from None
+    bad = [p for p in positions if p < 0 or p > num_dense_layers]
+    if not positions or bad:
+        raise ValueError(
+            f"{opt} {spec}: every position must be between 0 (before the first block) and {dense_opt} "
+            f"({num_dense_layers}, after the last block)"
+        )
+    return sorted(positions)
+
+
+def resolved_moe_positions(args, moe_opt: str, positions_opt: str, dense_opt: str) -> List[int]:
+    """Where the MoE layers of one stack go, as dense-block indices.
+
+    ``moe_opt``/``positions_opt``/``dense_opt``: the options (``--moe-layers``,
+    ``--moe-layer-positions``, ``--decoder-layers``), read from ``args``.
+    """
+    attr = lambda opt: opt[2:].replace("-", "_")  # noqa: E731
+    dense = getattr(args, attr(dense_opt))
+    spec = safe_getattr(args, attr(positions_opt), None)
+    if spec is not None and str(spec).strip():
+        return parse_moe_positions(spec, positions_opt, dense, dense_opt)
+    return moe_layer_positions(dense, getattr(args, attr(moe_opt)))
 
 
 class MoEDecoderLayer(nn.Module):
@@ -131,6 +200,8 @@ class MoEDecoderLayer(nn.Module):
         self.moe = moe
         self.decoder = decoder
         self.input_tokens: Optional[torch.Tensor] = None
+        #: ``(T_ctx, B)`` the whole prefix in incremental decoding, for a causal distilled router
+        self.router_context: Optional[torch.Tensor] = None
         self.last_stats: Optional[Dict[str, torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
@@ -140,7 +211,10 @@ class MoEDecoderLayer(nn.Module):
                 "MoE layer called without token ids: run it through a StableMoE encoder/decoder, "
                 "which passes the input tokens to the router"
             )
-        x, self.last_stats = self.moe(x, self.input_tokens)
+        if self.router_context is not None:
+            x, self.last_stats = self.moe(x, self.input_tokens, context=self.router_context)
+        else:
+            x, self.last_stats = self.moe(x, self.input_tokens)
         return (x, None, None) if self.decoder else x
 
     def upgrade_state_dict_named(self, state_dict, name: str) -> None:
@@ -148,16 +222,18 @@ class MoEDecoderLayer(nn.Module):
 
 
 def insert_moe_layers(
-    layers: nn.ModuleList, num_moe_layers: int, build: Any, decoder: bool, where: str
+    layers: nn.ModuleList, positions: Sequence[int], build: Any, decoder: bool, where: str
 ) -> List[MoEDecoderLayer]:
-    """Insert ``num_moe_layers`` MoE layers among ``layers`` (BASE-layers placement).
+    """Insert one MoE layer after dense block ``p`` of ``layers`` for every ``p`` in ``positions``.
 
-    ``build()`` makes one MoE layer; ``where`` names the stack in log messages.
+    ``positions``: dense-block indices in ``[0, len(layers)]`` (0: before the
+    first block), sorted; equal ones stack. ``build()`` makes one MoE layer;
+    ``where`` names the stack in log messages.
     """
     inserted: List[MoEDecoderLayer] = []
-    for pos in moe_layer_positions(len(layers), num_moe_layers):
+    for j, pos in enumerate(sorted(positions)):
         layer = MoEDecoderLayer(build(), decoder=decoder)
-        layers.insert(pos, layer)
+        layers.insert(pos + j, layer)  # the j layers inserted before it sit below it
         inserted.append(layer)
     for idx, layer in enumerate(layers):
         if isinstance(layer, MoEDecoderLayer) and hasattr(layer.moe, "layer_name"):
@@ -190,6 +266,10 @@ def build_moe_layer(args, dictionary, embed_dim: int, ffn_dim: int) -> nn.Module
             vocab_size=len(dictionary),
             distill_dim=args.distill_dim,
             two_stage_updates=args.two_stage_updates,
+            stage1_assignment=str(safe_getattr(args, "stage1_assignment", "greedy")),
+            distill_router=str(safe_getattr(args, "distill_router", "wordemb")),
+            distill_router_layers=safe_getattr(args, "distill_router_layers", 1),
+            distill_router_heads=safe_getattr(args, "distill_router_heads", 2),
             **common,
         )
     if moe_type == "switch":
@@ -213,11 +293,13 @@ class StableMoEDecoder(TransformerDecoder):
     #: auxiliary losses is refused at the first training forward
     aux_loss_consumer = False
 
-    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True, num_moe_layers: Optional[int] = None):
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True, moe_positions: Optional[Sequence[int]] = None):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
+        if moe_positions is None:
+            moe_positions = resolved_moe_positions(args, "--moe-layers", "--moe-layer-positions", "--decoder-layers")
         self.moe_layers: List[MoEDecoderLayer] = insert_moe_layers(
             self.layers,
-            args.moe_layers if num_moe_layers is None else num_moe_layers,
+            moe_positions,
             lambda: build_moe_layer(args, dictionary, self.cfg.decoder.embed_dim, self.cfg.decoder.ffn_embed_dim),
             decoder=True,
             where="decoder",
@@ -237,6 +319,9 @@ class StableMoEDecoder(TransformerDecoder):
         for layer in self.moe_layers:
             layer.input_tokens = tokens
             layer.last_stats = None
+            if incremental_state is not None and getattr(layer.moe, "needs_context", False):
+                # a causal distilled router reads the whole prefix (the generator reorders it with the beams)
+                layer.router_context = prev_output_tokens.transpose(0, 1)
         try:
             x, extra = super().extract_features_scriptable(
                 prev_output_tokens,
@@ -260,25 +345,37 @@ class StableMoEDecoder(TransformerDecoder):
         finally:
             for layer in self.moe_layers:
                 layer.input_tokens = None
+                layer.router_context = None
                 layer.last_stats = None
         return x, extra
 
 
-def validate_moe_args(args, placements: Sequence[Tuple[str, int, str, int]], model_name: str = "stablemoe_lm") -> None:
+def validate_moe_args(args, stacks: Sequence[Tuple[str, str, str]], model_name: str = "stablemoe_lm") -> None:
     """Refuse bad MoE options with an error that names the option and the fix.
 
-    ``placements``: ``(moe option, its value, dense-layers option, its value)``
-    for every stack that gets MoE layers.
+    ``stacks``: ``(MoE-count option, MoE-positions option, dense-layers
+    option)`` for every stack that gets MoE layers, e.g. ``("--moe-layers",
+    "--moe-layer-positions", "--decoder-layers")``.
     """
     problems = []
     if args.num_experts < 1:
         problems.append(f"--num-experts must be >= 1 (got {args.num_experts})")
-    for opt, count, dense_opt, dense in placements:
-        if count < 0 or count > dense:
+    placements = []
+    for opt, positions_opt, dense_opt in stacks:
+        attr = lambda o: o[2:].replace("-", "_")  # noqa: E731
+        count, dense = getattr(args, attr(opt)), getattr(args, attr(dense_opt))
+        spec = safe_getattr(args, attr(positions_opt), None)
+        if spec is not None and str(spec).strip():
+            try:
+                count = len(parse_moe_positions(spec, positions_opt, dense, dense_opt))
+            except ValueError as e:
+                problems.append(str(e))
+        elif count < 0 or count > dense:
             problems.append(
                 f"{opt} must be between 0 and {dense_opt} ({dense}) (got {count}); "
-                f"raise {dense_opt} or lower {opt}"
+                f"raise {dense_opt} or lower {opt}, or place them with {positions_opt}"
             )
+        placements.append((opt, count, dense_opt, dense))
     if args.moe_sublayers < 1:
         problems.append(f"--moe-sublayers must be >= 1 (got {args.moe_sublayers})")
     if args.distill_dim < 1:
@@ -288,6 +385,14 @@ def validate_moe_args(args, placements: Sequence[Tuple[str, int, str, int]], mod
             f"--two-stage-updates must be >= 0 (got {args.two_stage_updates}); "
             "it is the update count at which the distilled router takes over"
         )
+    distill_router = str(safe_getattr(args, "distill_router", "wordemb"))
+    if distill_router == "transformer":
+        layers = safe_getattr(args, "distill_router_layers", 1)
+        heads = safe_getattr(args, "distill_router_heads", 2)
+        if layers < 1:
+            problems.append(f"--distill-router-layers must be >= 1 (got {layers})")
+        if heads < 1 or args.distill_dim % heads:
+            problems.append(f"--distill-router-heads {heads} must divide --distill-dim ({args.distill_dim})")
     if args.capacity_factor is not None and args.capacity_factor <= 0:
         problems.append(f"--capacity-factor must be > 0 or unset (got {args.capacity_factor})")
     world_size, _ = world_size_and_rank()
@@ -320,8 +425,8 @@ class StableMoELanguageModel(TransformerLanguageModel):
     """Decoder-only StableMoE language model.
 
     ``--arch stablemoe_lm`` is a small model fit for CPU (4 layers, 256 dim,
-    1024 FFN, 4 heads, 4 experts, one MoE layer); ``stablemoe_lm_small``,
-    ``_medium`` and ``_large`` are the paper code's sizes.
+    1024 FFN, 4 heads, 4 experts, one MoE layer); ``stablemoe_lm_base`` and
+    ``stablemoe_lm_large`` are the paper's settings (see the module docstring).
     """
 
     @classmethod
@@ -330,7 +435,7 @@ class StableMoELanguageModel(TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
-        validate_moe_args(args, [("--moe-layers", args.moe_layers, "--decoder-layers", args.decoder_layers)])
+        validate_moe_args(args, [("--moe-layers", "--moe-layer-positions", "--decoder-layers")])
         # ``--arch stablemoe_lm`` (the model's own name) runs no architecture function:
         # its defaults are the dataclass's, completed here.
         for dim in ("decoder_input_dim", "decoder_output_dim"):
@@ -383,40 +488,71 @@ def check_moe_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) 
                 )
 
 
-def _moe_defaults(args, sublayers: int = 1) -> None:
-    args.num_experts = safe_getattr(args, "num_experts", 4)
-    args.moe_layers = safe_getattr(args, "moe_layers", 1)
-    args.moe_sublayers = safe_getattr(args, "moe_sublayers", sublayers)
-    args.distill_dim = safe_getattr(args, "distill_dim", 50)
-    args.two_stage_updates = safe_getattr(args, "two_stage_updates", 1000)
-    args.capacity_factor = safe_getattr(args, "capacity_factor", None)
-    args.moe_type = safe_getattr(args, "moe_type", "stablemoe")
+def _moe_defaults(args) -> None:
+    """Fill the MoE options an architecture function did not set with the dataclass defaults."""
+    for name, fld in StableMoELanguageModelConfig.__dataclass_fields__.items():
+        if name in MoEOptions.__dataclass_fields__ or name in ("moe_layers", "moe_layer_positions"):
+            setattr(args, name, safe_getattr(args, name, fld.default))
 
 
-def _paper_size(args, layers: int, dim: int, ffn: int, heads: int, sublayers: int) -> None:
+def _lm_setting(args, layers: int, dim: int, ffn: int, heads: int, sublayers: int, experts: Optional[int] = None) -> None:
+    """One size of the paper (or its code), with its training settings.
+
+    Dropout and attention dropout 0, learned positions, ReLU, input and output
+    embeddings tied (the paper code's ``--share-decoder-input-output-embed``),
+    one MoE layer after the middle block (the default placement); every value
+    can be overridden on the command line.
+    """
     args.decoder_layers = safe_getattr(args, "decoder_layers", layers)
     args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", dim)
     args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", ffn)
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", heads)
     args.decoder_learned_pos = safe_getattr(args, "decoder_learned_pos", True)
+    args.dropout = safe_getattr(args, "dropout", 0.0)
+    args.attention_dropout = safe_getattr(args, "attention_dropout", 0.0)
+    args.activation_dropout = safe_getattr(args, "activation_dropout", 0.0)
+    args.share_decoder_input_output_embed = safe_getattr(args, "share_decoder_input_output_embed", True)
     args.activation_fn = safe_getattr(args, "activation_fn", "relu")
-    _moe_defaults(args, sublayers=sublayers)
+    args.moe_sublayers = safe_getattr(args, "moe_sublayers", sublayers)
+    if experts is not None:
+        args.num_experts = safe_getattr(args, "num_experts", experts)
+    _moe_defaults(args)
     base_lm_architecture(args)
+
+
+@register_model_architecture("stablemoe_lm", "stablemoe_lm_base")
+def stablemoe_lm_base(args):
+    """The paper's base setting (Table 7): 12 x 768, FFN 3072, 12 heads, 32 experts of 3 sublayers."""
+    _lm_setting(args, 12, 768, 3072, 12, sublayers=3, experts=32)
 
 
 @register_model_architecture("stablemoe_lm", "stablemoe_lm_small")
 def stablemoe_lm_small(args):
-    """The paper code's base size: 12 x 768, FFN 3072, 12 heads, 3 sublayers per expert."""
-    _paper_size(args, 12, 768, 3072, 12, 3)
-
-
-@register_model_architecture("stablemoe_lm", "stablemoe_lm_medium")
-def stablemoe_lm_medium(args):
-    """24 x 1024, FFN 4096, 16 heads, 6 sublayers per expert."""
-    _paper_size(args, 24, 1024, 4096, 16, 6)
+    """Alias of ``stablemoe_lm_base``."""
+    stablemoe_lm_base(args)
 
 
 @register_model_architecture("stablemoe_lm", "stablemoe_lm_large")
 def stablemoe_lm_large(args):
-    """24 x 1536, FFN 6144, 16 heads, 3 sublayers per expert."""
-    _paper_size(args, 24, 1536, 6144, 16, 3)
+    """The paper's large setting (Table 7): 24 x 1024, FFN 4096, 16 heads, 64 experts of 6 sublayers."""
+    _lm_setting(args, 24, 1024, 4096, 16, sublayers=6, experts=64)
+
+
+@register_model_architecture("stablemoe_lm", "stablemoe_lm_fork_x1_medium")
+def stablemoe_lm_fork_x1_medium(args):
+    """The paper code's ``BaseGPT_x1_medium`` size: 24 x 1024, FFN 4096, 16 heads, 6 sublayers
+    (experts: ``--num-experts``; the fork has one per GPU)."""
+    _lm_setting(args, 24, 1024, 4096, 16, sublayers=6)
+
+
+@register_model_architecture("stablemoe_lm", "stablemoe_lm_medium")
+def stablemoe_lm_medium(args):
+    """Alias of ``stablemoe_lm_fork_x1_medium`` (the name earlier versions used)."""
+    stablemoe_lm_fork_x1_medium(args)
+
+
+@register_model_architecture("stablemoe_lm", "stablemoe_lm_fork_x1_large")
+def stablemoe_lm_fork_x1_large(args):
+    """The paper code's ``BaseGPT_x1_large`` size: 24 x 1536, FFN 6144, 16 heads, 3 sublayers
+    (experts: ``--num-experts``; the fork has one per GPU)."""
+    _lm_setting(args, 24, 1536, 6144, 16, sublayers=3)

@@ -4,15 +4,19 @@
   (``s[t, i] = h_t . E_i``). Its centroids also drive the sigmoid gate in both
   stages, so they keep training after the routing is frozen.
 * :class:`DistilledRouter` is the lightweight router of stage 2 and inference:
-  a word embedding of the token id and its own centroids
-  (``s_hat[t, i] = D(x_t) . E_hat_i``). At the stage boundary it is frozen for
-  good (see :meth:`DistilledRouter.freeze`).
+  features of the token ids and its own centroids
+  (``s_hat[t, i] = D(x)_t . E_hat_i``). ``wordemb`` (the paper's): ``D(x)_t``
+  is the embedding of ``x_t``; ``cnn``: a learned mix of the embeddings of
+  ``x_t`` and the 4 tokens before it; ``transformer``: a small causal
+  Transformer over ``x_1..x_t`` (the paper's Table 6 variants). At the stage
+  boundary it is frozen for good (see :meth:`DistilledRouter.freeze`).
 
 All affinities are computed in fp32, also under ``--fp16``/``--bf16``.
 """
 
 import logging
-from typing import Tuple
+import math
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,15 +63,63 @@ class BackboneRouter(nn.Module):
         return features.float().matmul(self.expert_centroids.float().t())
 
 
+#: tokens the ``cnn`` distilled router reads: the current one and the 4 before it (as the paper's code)
+CNN_WINDOW = 5
+DISTILLED_ROUTERS = ("wordemb", "cnn", "transformer")
+
+
+def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(...)`` positions -> ``(..., dim)`` fp32 sinusoidal embeddings (sin half, cos half)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / max(1, half - 1)))
+    angles = positions.float().unsqueeze(-1) * freq
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+class CausalBlock(nn.Module):
+    """One pre-norm Transformer block: causal self-attention and a ReLU FFN (4x wide)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, T, d)``; ``allowed``: ``(B, 1, T, T)`` bool, query may attend to key."""
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        x = x + self.out(att.transpose(1, 2).reshape(B, T, d))
+        return x + self.fc2(F.relu(self.fc1(self.ffn_norm(x))))
+
+
 class DistilledRouter(nn.Module):
-    """Token-id embedding ``D`` (``vocab x distill_dim``) and centroids ``E_hat``.
+    """Token-id features ``D`` (``--distill-router``, ``distill_dim`` wide) and centroids ``E_hat``.
+
+    * ``wordemb``: ``D(x)_t = emb(x_t)`` (``vocab x distill_dim``);
+    * ``cnn``: ``D(x)_t = sum_j kernel_j * emb(x_{t-j})``, ``j < 5``, zeros
+      before the sequence start (a scalar weight per offset, as the paper's code);
+    * ``transformer``: ``layers`` pre-norm causal blocks (``heads`` heads,
+      FFN 4x) over ``emb(x) + sinusoidal positions`` (counted from the first
+      non-pad token), then a LayerNorm. Pad tokens are never attended to.
+
+    ``cnn`` and ``transformer`` read only the current and earlier tokens of
+    the same sequence, so language modelling stays causal, and incremental
+    decoding gives a full forward's routing when the router gets the whole
+    prefix (see :meth:`forward`).
 
     Freezing (at ``--two-stage-updates``): the layer then computes these
     affinities without autograd, so the parameters get no gradient. Some
     training paths would still move them (``legacy_ddp`` fills missing
     gradients with zeros and Adam's momentum or weight decay then steps them;
     fairseq's fp16 optimizer steps an fp32 master copy), so :meth:`freeze`
-    keeps a snapshot and
+    keeps a snapshot of every parameter and
 
     * routing uses the snapshot itself, so it never changes;
     * :meth:`restore_frozen` writes it back into the parameters before every
@@ -82,17 +134,38 @@ class DistilledRouter(nn.Module):
     would then fail to load the optimizer state.
     """
 
-    def __init__(self, vocab_size: int, distill_dim: int, num_experts: int, padding_idx: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        distill_dim: int,
+        num_experts: int,
+        padding_idx: int,
+        kind: str = "wordemb",
+        layers: int = 1,
+        heads: int = 2,
+    ):
         super().__init__()
+        if kind not in DISTILLED_ROUTERS:
+            raise ValueError(f"unknown --distill-router {kind!r}: choose one of {', '.join(DISTILLED_ROUTERS)}")
+        self.kind = kind
         self.embed_tokens = nn.Embedding(vocab_size, distill_dim, padding_idx=padding_idx)
         centroids = torch.empty(num_experts, distill_dim)
         nn.init.orthogonal_(centroids, gain=0.1)
         self.centroids = nn.Parameter(centroids)
+        if kind == "cnn":
+            bound = 1.0 / math.sqrt(CNN_WINDOW)
+            self.kernel = nn.Parameter(torch.empty(CNN_WINDOW).uniform_(-bound, bound))
+        elif kind == "transformer":
+            if heads < 1 or distill_dim % heads:
+                raise ValueError(f"--distill-router-heads {heads} must divide --distill-dim {distill_dim}")
+            self.blocks = nn.ModuleList(CausalBlock(distill_dim, heads) for _ in range(layers))
+            self.final_norm = nn.LayerNorm(distill_dim)
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self._frozen = False  # python mirror of the buffer: no device sync per forward
-        # the snapshot: not saved (the saved parameters are the snapshot)
-        self.register_buffer("snapshot_embed_tokens", None, persistent=False)
-        self.register_buffer("snapshot_centroids", None, persistent=False)
+        self._with_snapshot = False  # inside forward's functional call on the snapshot
+        # the snapshot, one buffer per parameter: not saved (the saved parameters are the snapshot)
+        for _, buffer in self._snapshot_names():
+            self.register_buffer(buffer, None, persistent=False)
         self._register_state_dict_hook(DistilledRouter._save_snapshot)
         self.register_load_state_dict_post_hook(DistilledRouter._after_load)
 
@@ -100,39 +173,89 @@ class DistilledRouter(nn.Module):
     def vocab_size(self) -> int:
         return self.embed_tokens.num_embeddings
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens``: ``(T,)`` token ids -> affinities ``(T, N)`` in fp32.
+    @property
+    def causal_context(self) -> bool:
+        """Whether a token's routing depends on earlier tokens (not only on its own id)."""
+        return self.kind != "wordemb"
+
+    def forward(self, tokens: torch.Tensor, num_steps: Optional[int] = None) -> torch.Tensor:
+        """Affinities of the last ``num_steps`` time steps (all if None).
+
+        Args:
+            tokens: ``(T_ctx, B)`` token ids, time first (``(T,)``: one
+                sequence); in incremental decoding the whole prefix.
+            num_steps: the trailing time steps to route.
+        Returns:
+            ``(num_steps * B, N)`` fp32, flattened time-major as ``(T, B)``
+            (a ``wordemb`` router accepts ids of any shape and returns one row
+            per id of the trailing steps).
 
         Once frozen, the snapshot routes (never the parameters, which an
         optimizer step may have moved since the last restore, e.g. before a
         validation that runs between two train steps).
         """
-        if self.is_frozen:
-            emb = F.embedding(tokens, self.snapshot_embed_tokens, padding_idx=self.embed_tokens.padding_idx)
-            return emb.float().matmul(self.snapshot_centroids.float().t())
-        emb = self.embed_tokens(tokens).float()
-        return emb.matmul(self.centroids.float().t())
+        if self.is_frozen and not self._with_snapshot:
+            snapshot = {name: getattr(self, buffer) for name, buffer in self._snapshot_names()}
+            self._with_snapshot = True
+            try:
+                return torch.func.functional_call(self, snapshot, (tokens, num_steps))
+            finally:
+                self._with_snapshot = False
+        steps = tokens.shape[0] if num_steps is None else num_steps
+        if self.kind == "wordemb":
+            feats = self.embed_tokens(tokens[tokens.shape[0] - steps:])
+        else:
+            seq = tokens if tokens.dim() == 2 else tokens.unsqueeze(1)
+            feats = self._cnn(seq, steps) if self.kind == "cnn" else self._transformer(seq, steps)
+        return feats.reshape(-1, feats.shape[-1]).float().matmul(self.centroids.float().t())
+
+    def _cnn(self, seq: torch.Tensor, steps: int) -> torch.Tensor:
+        """``(T_ctx, B)`` -> ``(steps, B, D)``: the kernel over each step's window."""
+        emb = self.embed_tokens(seq[max(0, seq.shape[0] - steps - CNN_WINDOW + 1):])
+        width = emb.shape[0]
+        padded = F.pad(emb, (0, 0, 0, 0, CNN_WINDOW - 1, 0))  # zeros before the (kept) context
+        start = CNN_WINDOW - 1
+        feats = sum(self.kernel[j] * padded[start - j: start - j + width] for j in range(CNN_WINDOW))
+        return feats[width - steps:]
+
+    def _transformer(self, seq: torch.Tensor, steps: int) -> torch.Tensor:
+        """``(T_ctx, B)`` -> ``(steps, B, D)``: causal blocks over the whole context."""
+        pad = seq.eq(self.embed_tokens.padding_idx).t()  # (B, T)
+        positions = torch.cumsum((~pad).long(), dim=1) * (~pad).long()
+        x = self.embed_tokens(seq.t())
+        x = x + sinusoidal(positions, x.shape[-1]).to(x.dtype)
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=x.device)
+        # causal, never a pad key, but every query sees itself (no all-masked row)
+        allowed = ((causal & ~pad.unsqueeze(1)) | eye).unsqueeze(1)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.final_norm(x)[:, T - steps:].transpose(0, 1)
 
     @property
     def is_frozen(self) -> bool:
         return self._frozen
 
-    def _params(self):
-        return ((self.embed_tokens.weight, "snapshot_embed_tokens"), (self.centroids, "snapshot_centroids"))
+    def _snapshot_names(self) -> Iterator[Tuple[str, str]]:
+        """``(parameter name, snapshot buffer name)`` of every parameter."""
+        for name, _ in self.named_parameters():
+            yield name, "snapshot_" + name.replace(".", "_")
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Snapshot the current parameters; from now on they never change."""
-        for param, name in self._params():
-            setattr(self, name, param.detach().clone())
+        params = dict(self.named_parameters())
+        for name, buffer in self._snapshot_names():
+            setattr(self, buffer, params[name].detach().clone())
         self.frozen.fill_(True)
         self._frozen = True
 
     @torch.no_grad()
     def unfreeze(self) -> None:
         """Drop the snapshot (the update count was reset below the boundary)."""
-        for _, name in self._params():
-            setattr(self, name, None)
+        for _, buffer in self._snapshot_names():
+            setattr(self, buffer, None)
         self.frozen.fill_(False)
         self._frozen = False
 
@@ -141,14 +264,15 @@ class DistilledRouter(nn.Module):
         """Write the snapshot back into the parameters."""
         if not self.is_frozen:
             return
-        for param, name in self._params():
-            param.data.copy_(getattr(self, name))
+        params = dict(self.named_parameters())
+        for name, buffer in self._snapshot_names():
+            params[name].data.copy_(getattr(self, buffer))
 
     @staticmethod
     def _save_snapshot(module: "DistilledRouter", state_dict, prefix: str, local_metadata) -> None:
         if module.is_frozen:
-            state_dict[prefix + "embed_tokens.weight"] = module.snapshot_embed_tokens.detach().clone()
-            state_dict[prefix + "centroids"] = module.snapshot_centroids.detach().clone()
+            for name, buffer in module._snapshot_names():
+                state_dict[prefix + name] = getattr(module, buffer).detach().clone()
 
     @staticmethod
     def _after_load(module: "DistilledRouter", incompatible_keys) -> None:

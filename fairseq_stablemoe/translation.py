@@ -1,15 +1,20 @@
 """``stablemoe_transformer``: fairseq's encoder-decoder Transformer with MoE layers.
 
 ``--encoder-moe-layers K`` and ``--decoder-moe-layers K`` insert MoE layers
-among the dense layers as in the language model. The encoder's routers read
+among the dense layers as in the language model, or
+``--encoder-moe-layer-positions``/``--decoder-moe-layer-positions P1,P2,...``
+one after each listed dense block (0: before the first). The encoder's routers read
 the source token ids, the decoder's the target prefix. Works with
 ``--task translation`` and ``translation_multi_simple_epoch``,
 ``fairseq-generate`` and ``fairseq-interactive`` (MoE layers keep no
-incremental state, so beam reordering needs nothing from them).
+incremental state: a causal distilled router reads the decoder's whole target
+prefix, which the generator reorders with the beams).
+
+``stablemoe_transformer_base`` is the paper's translation setting (Table 8).
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
@@ -23,6 +28,7 @@ from .model import (
     build_moe_layer,
     check_moe_state_dict,
     insert_moe_layers,
+    resolved_moe_positions,
     validate_moe_args,
 )
 
@@ -35,6 +41,20 @@ class StableMoETranslationOptions(MoEOptions):
     decoder_moe_layers: int = field(
         default=1, metadata={"help": "number of MoE layers inserted evenly among the decoder layers"}
     )
+    encoder_moe_layer_positions: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "comma-separated encoder block indices p in [0, --encoder-layers]: one MoE layer after "
+            "block p each (0: before the first block); replaces --encoder-moe-layers"
+        },
+    )
+    decoder_moe_layer_positions: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "comma-separated decoder block indices p in [0, --decoder-layers]: one MoE layer after "
+            "block p each (0: before the first block); replaces --decoder-moe-layers"
+        },
+    )
 
 
 class StableMoEEncoder(TransformerEncoder):
@@ -44,11 +64,11 @@ class StableMoEEncoder(TransformerEncoder):
     the decoder puts before its own in ``extra["moe"]``.
     """
 
-    def __init__(self, args, dictionary, embed_tokens, num_moe_layers: int):
+    def __init__(self, args, dictionary, embed_tokens, moe_positions: Sequence[int]):
         super().__init__(args, dictionary, embed_tokens)
         self.moe_layers: List[MoEDecoderLayer] = insert_moe_layers(
             self.layers,
-            num_moe_layers,
+            moe_positions,
             lambda: build_moe_layer(args, dictionary, self.cfg.encoder.embed_dim, self.cfg.encoder.ffn_embed_dim),
             decoder=False,
             where="encoder",
@@ -81,7 +101,8 @@ class StableMoETransformerModel(TransformerModel):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
-        gen_parser_from_dataclass(parser, StableMoETranslationOptions())
+        # no defaults in the parser: the architecture functions fill what was not given
+        gen_parser_from_dataclass(parser, StableMoETranslationOptions(), delete_default=True)
 
     @classmethod
     def build_model(cls, args, task):
@@ -89,8 +110,8 @@ class StableMoETransformerModel(TransformerModel):
         validate_moe_args(
             args,
             [
-                ("--encoder-moe-layers", args.encoder_moe_layers, "--encoder-layers", args.encoder_layers),
-                ("--decoder-moe-layers", args.decoder_moe_layers, "--decoder-layers", args.decoder_layers),
+                ("--encoder-moe-layers", "--encoder-moe-layer-positions", "--encoder-layers"),
+                ("--decoder-moe-layers", "--decoder-moe-layer-positions", "--decoder-layers"),
             ],
             model_name="stablemoe_transformer",
         )
@@ -98,7 +119,8 @@ class StableMoETransformerModel(TransformerModel):
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
-        return StableMoEEncoder(cfg, src_dict, embed_tokens, num_moe_layers=cfg.encoder_moe_layers)
+        positions = resolved_moe_positions(cfg, "--encoder-moe-layers", "--encoder-moe-layer-positions", "--encoder-layers")
+        return StableMoEEncoder(cfg, src_dict, embed_tokens, moe_positions=positions)
 
     @classmethod
     def build_decoder(cls, cfg, tgt_dict, embed_tokens):
@@ -107,7 +129,9 @@ class StableMoETransformerModel(TransformerModel):
             tgt_dict,
             embed_tokens,
             no_encoder_attn=safe_getattr(cfg, "no_cross_attention", False),
-            num_moe_layers=cfg.decoder_moe_layers,
+            moe_positions=resolved_moe_positions(
+                cfg, "--decoder-moe-layers", "--decoder-moe-layer-positions", "--decoder-layers"
+            ),
         )
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
@@ -138,6 +162,13 @@ def stablemoe_transformer(args):
 
 @register_model_architecture("stablemoe_transformer", "stablemoe_transformer_base")
 def stablemoe_transformer_base(args):
-    """fairseq's ``transformer`` base sizes (6+6 layers, 512 dim, 2048 FFN, 8 heads)."""
+    """The paper's translation setting (Table 8): fairseq's ``transformer`` base sizes (6+6 blocks,
+    512 dim, 2048 FFN, 8 heads, dropout 0.1) with one MoE layer after the 3rd encoder and one after
+    the 3rd decoder block (the default placement of one layer among 6), 32 experts of 3 sublayers each."""
+    args.encoder_layers = safe_getattr(args, "encoder_layers", 6)
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 6)
+    args.num_experts = safe_getattr(args, "num_experts", 32)
+    args.moe_sublayers = safe_getattr(args, "moe_sublayers", 3)
+    args.dropout = safe_getattr(args, "dropout", 0.1)
     _moe_translation_defaults(args)
     base_architecture(args)
