@@ -23,8 +23,10 @@ it relies on, each a small wrapper that calls fairseq's own:
   ``clip_grad_norm`` (fp32, ``FP16Optimizer``, ``MemoryEfficientFP16Optimizer``,
   ``AMPOptimizer``): replaced by :func:`clip_grad_norm_`, which calls
   fairseq's original for any model without this plugin's experts;
-* ``_FP16OptimizerMixin.build_fp32_params`` (flat master weights): records
-  where the experts lie in the flat vector (``expert_slices``);
+* ``_FP16OptimizerMixin.build_fp32_params`` (the fp32 master copy of
+  ``--fp16``/``--bf16``): records where the experts lie in the flat vector
+  (``expert_slices``; fairseq's flat copy has no ``expert`` attribute), or
+  copies ``expert_replicas`` to the per-parameter copies;
 * ``AMPOptimizer.clip_grad_norm``: torch's ``GradScaler`` decides to skip a
   step from the process's *own* gradients; when the global norm is not
   finite, a NaN is written into this process's gradients too, so every
@@ -134,9 +136,14 @@ def _merge(slices):
 
 
 def _build_fp32_params(cls, args, params, flatten=True):
+    params = list(params)
     fp32_params = _fairseq["build_fp32_params"].__func__(cls, args, params, flatten=flatten)
     if flatten:
-        _mark_flat(fp32_params, list(params))
+        _mark_flat(fp32_params, params)
+    else:  # fairseq copies `expert` to the fp32 copies, not the replica count
+        for p, p32 in zip(params, fp32_params):
+            if hasattr(p, "expert_replicas"):
+                p32.expert_replicas = p.expert_replicas
     return fp32_params
 
 
