@@ -334,9 +334,15 @@ def _distributed_main(i, main, cfg, kwargs):
     return _fairseq["distributed_main"](i, main_then_finish, cfg, kwargs)
 
 
-def _all_gather_list(*args, **kwargs):
-    finish_all()  # fairseq-validate gathers its logs after its loop
-    return _fairseq["all_gather_list"](*args, **kwargs)
+def _all_gather_list(data, group=None, max_size=16384):
+    finish_all()  # fairseq-validate gathers its logs after its loop: the others may still run MoE forwards
+    if torch.cuda.is_available():
+        return _fairseq["all_gather_list"](data, group=group, max_size=max_size)
+    # fairseq's version allocates a torch.cuda.ByteTensor, which fails on CPU (gloo)
+    group = group if group is not None else distributed_utils.get_global_group()
+    out: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, data, group=group)
+    return out
 
 
 class _Tally:
@@ -426,7 +432,7 @@ def _generate_main(cfg):
         return distributed_utils.call_main(cfg, _generate_main)
     world, rank = world_size_and_rank()
     results = cfg.common_eval.results_path
-    if world > 1 and results is not None and active() is not None:
+    if world > 1 and results is not None:
         os.makedirs(results, exist_ok=True)
         out = os.path.join(results, f"generate-{cfg.dataset.gen_subset}-rank{rank}-of{world}.txt")
         with open(out, "w", buffering=1, encoding="utf-8") as h:

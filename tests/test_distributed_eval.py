@@ -1,0 +1,206 @@
+"""fairseq-eval-lm, -generate and -validate under torchrun straight from an expert-parallel run's
+per-rank files (2 gloo processes), against one process on the consolidated checkpoint.
+
+The 2-process runs go through ``python -m fairseq_stablemoe.launch <tool>`` (the distributed flags
+added); the references are fairseq's own tools (``python -m fairseq_cli.<tool>``) on the file that
+``stablemoe-consolidate`` writes. Batch sizes are chosen so that the processes hold different
+numbers of batches (eval-lm's filler batch) and beam search ends at different steps: the
+2-process logs must report forwards on a padding token, or the lockstep was not exercised.
+"""
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corpus import binarise, free_port, markov_lines
+
+LM = [
+    "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
+    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+    "--decoder-attention-heads", "2", "--num-experts", "4", "--tokens-per-sample", "32",
+    "--two-stage-updates", "3", "--optimizer", "adam", "--lr", "0.005", "--dropout", "0",
+    "--max-tokens", "256", "--required-batch-size-multiple", "1", "--max-update", "6",
+    "--save-interval-updates", "3", "--no-epoch-checkpoints", "--disable-validation",
+    "--seed", "3", "--num-workers", "0", "--cpu", "--ddp-backend", "legacy_ddp",
+]
+MT = [
+    "--task", "translation", "--arch", "stablemoe_transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+    "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--criterion", "stablemoe", "--num-experts", "4", "--two-stage-updates", "10", "--optimizer", "adam",
+    "--lr", "0.005", "--max-tokens", "1024", "--max-update", "30", "--cpu", "--ddp-backend", "legacy_ddp",
+    "--disable-validation", "--no-epoch-checkpoints", "--seed", "2", "--num-workers", "0",
+]
+USER_DIR = str(Path(__file__).resolve().parents[1] / "fairseq_stablemoe")
+N_TEST_MT = 37
+
+
+def run(cmd, ok=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", STABLEMOE_LOCKSTEP_TIMEOUT="120")
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
+    if ok:
+        assert out.returncode == 0, out.stdout[-5000:]
+    else:
+        assert out.returncode != 0, out.stdout[-3000:]
+    return out.stdout
+
+
+def on_two(tool, *args, ok=True):
+    """``tool`` (train, eval-lm, generate, validate) on 2 gloo processes from torchrun."""
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "fairseq_stablemoe.launch", tool, *map(str, args)], ok=ok)
+
+
+def on_one(module, *args, ok=True):
+    """fairseq's own tool, one process, the plugin as --user-dir."""
+    return run([sys.executable, "-m", f"fairseq_cli.{module}", *map(str, args), "--user-dir", USER_DIR], ok=ok)
+
+
+def consolidate(*args):
+    return run([sys.executable, "-m", "fairseq_stablemoe.consolidate", *map(str, args)])
+
+
+def padding_forwards(output: str) -> int:
+    m = re.search(r"(\d+) forwards on a padding token kept the processes in step", output)
+    assert m, output[-3000:]
+    return int(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_eval_lm")
+    lines = markov_lines(700, 120, seed=0)
+    data = binarise(tmp, {"train": lines[:600], "valid": lines[600:650], "test": lines[650:]})
+    on_two("train", data, *LM, "--save-dir", tmp / "ckpt")
+    consolidate(tmp / "ckpt" / "checkpoint_last.pt", "-o", f"{tmp / 'one'}/")
+    return data, tmp
+
+
+def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm):
+    data, tmp = lm
+    # 160 tokens = 5 blocks of 32 per batch: the test split makes 5 batches, so one process gets a filler
+    common = ["--tokens-per-sample", "32", "--max-tokens", "160", "--gen-subset", "test", "--cpu"]
+    two = on_two("eval-lm", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
+    one = on_one("eval_lm", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
+
+    m2 = re.search(r"2 processes scored (\d+) tokens in all: loss \(base 2\) ([0-9.]+), perplexity ([0-9.]+)", two)
+    assert m2, two[-3000:]
+    tokens2, loss2, ppl2 = int(m2.group(1)), float(m2.group(2)), float(m2.group(3))
+    tokens1 = int(re.search(r"Evaluated ([0-9,]+) tokens", one).group(1).replace(",", ""))
+    m1 = re.search(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", one)
+    loss1, ppl1 = float(m1.group(1)), float(m1.group(2))
+    assert tokens2 == tokens1  # every token scored once: none dropped, none twice
+    assert abs(loss2 - loss1) <= 6e-5  # fairseq prints 4 decimals
+    assert abs(ppl2 - ppl1) <= 1e-3 * ppl1
+    # fairseq's own line on the 2-process run reports the whole split too
+    assert f"Loss (base 2): {loss2:.4f}, Perplexity: {ppl2:.2f}" in two
+    assert padding_forwards(two) > 0
+
+
+def test_validate_per_rank_files_match_the_consolidated_loss(lm):
+    data, tmp = lm
+    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--max-tokens", "160",
+              "--valid-subset", "test", "--cpu", "--criterion", "cross_entropy", "--required-batch-size-multiple", "1"]
+    two = on_two("validate", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
+    one = on_one("validate", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
+
+    def loss_and_tokens(out):
+        m = re.search(r"valid on 'test' subset \| loss ([0-9.]+) .*?\| wpb ([0-9.]+) \| bsz", out)
+        assert m, out[-3000:]
+        return float(m.group(1)), float(m.group(2))
+
+    assert loss_and_tokens(two) == pytest.approx(loss_and_tokens(one), abs=1.5e-3)
+    assert padding_forwards(two) > 0  # the process with the filler batch ran none of its own
+
+
+def test_wrong_files_stop_before_the_first_batch(lm):
+    data, tmp = lm
+    common = ["--tokens-per-sample", "32", "--max-tokens", "160", "--gen-subset", "test", "--cpu"]
+    # one process on per-rank files: consolidate first
+    out = on_one("eval_lm", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common, ok=False)
+    assert f"stablemoe-consolidate {tmp / 'ckpt' / 'checkpoint_last.pt'}" in out
+    # files written for 4 processes, run on 2: the command that writes files for 2
+    four = tmp / "four"
+    consolidate(tmp / "one" / "checkpoint_last.pt", "--shards", "4", "-o", f"{four}/")
+    out = on_two("eval-lm", data, "--path", four / "checkpoint_last.pt", *common, ok=False)
+    assert f"stablemoe-consolidate {four / 'checkpoint_last.pt'} --shards 2" in out
+    # the one-process file on 2 processes: split it
+    out = on_two("eval-lm", data, "--path", tmp / "one" / "checkpoint_last.pt", *common, ok=False)
+    assert "--shards 2" in out
+    # a missing rank file
+    broken = tmp / "broken"
+    shutil.copytree(tmp / "ckpt", broken)
+    (broken / "checkpoint_last-rank1-of2.pt").unlink()
+    out = on_two("eval-lm", data, "--path", broken / "checkpoint_last.pt", *common, ok=False)
+    assert "missing per-rank checkpoint file(s)" in out and "checkpoint_last-rank1-of2.pt" in out
+    # rank files of different saves (update 3 for rank 1, update 6 for rank 0)
+    shutil.copy(broken / "checkpoint_1_3-rank1-of2.pt", broken / "checkpoint_last-rank1-of2.pt")
+    out = on_two("eval-lm", data, "--path", broken / "checkpoint_last.pt", *common, ok=False)
+    assert "are from different saves" in out
+    for bad in (out,):
+        assert "Evaluated" not in bad  # stopped before the first batch
+
+
+def _sentences(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w, words = rng.randrange(60), []
+        for _ in range(rng.randint(3, 12)):
+            words.append(f"w{w}")
+            w = (w * 5 + rng.randint(0, 2)) % 60
+        out.append(words)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist_eval_mt")
+    for split, n, seed in (("train", 800, 0), ("valid", 40, 1), ("test", N_TEST_MT, 2)):
+        sents = _sentences(n, seed)
+        (tmp / f"{split}.src").write_text("\n".join(" ".join(s) for s in sents) + "\n")
+        (tmp / f"{split}.tgt").write_text("\n".join(" ".join("v" + w[1:] for w in reversed(s)) for s in sents) + "\n")
+    run([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt",
+         "--trainpref", tmp / "train", "--validpref", tmp / "valid", "--testpref", tmp / "test",
+         "--destdir", tmp / "bin", "--workers", "1"])
+    on_two("train", tmp / "bin", *MT, "--save-dir", tmp / "ckpt")
+    consolidate(tmp / "ckpt" / "checkpoint_last.pt", "-o", f"{tmp / 'one'}/")
+    return tmp
+
+
+def hypotheses(text: str):
+    """``{sentence id: (hypothesis, score)}`` from fairseq-generate's H- lines."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("H-"):
+            sid, score, hypo = line.split("\t")
+            assert int(sid[2:]) not in found, f"sentence {sid} printed twice"
+            found[int(sid[2:])] = (hypo, float(score))
+    return found
+
+
+def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt):
+    common = ["--beam", "4", "--cpu", "--max-tokens", "120", "--gen-subset", "test",
+              "--required-batch-size-multiple", "1"]
+    two = on_two("generate", mt / "bin", "--path", mt / "ckpt" / "checkpoint_last.pt", *common,
+                 "--results-path", mt / "res2")
+    on_one("generate", mt / "bin", "--path", mt / "one" / "checkpoint_last.pt", *common, "--results-path", mt / "res1")
+
+    files = sorted((mt / "res2").iterdir())
+    assert [f.name for f in files] == ["generate-test-rank0-of2.txt", "generate-test-rank1-of2.txt"]
+    per_rank = [hypotheses(f.read_text()) for f in files]
+    assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])  # each process its own sentences
+    got = {**per_rank[0], **per_rank[1]}
+    want = hypotheses((mt / "res1" / "generate-test.txt").read_text())
+    assert sorted(want) == list(range(N_TEST_MT))
+    assert sorted(got) == sorted(want)
+    for sid in want:
+        assert got[sid][0] == want[sid][0], f"sentence {sid}"
+        assert got[sid][1] == pytest.approx(want[sid][1], rel=1e-5, abs=1e-6), f"sentence {sid}"
+    assert padding_forwards(two) > 0  # beam search ended at different steps on the two processes
