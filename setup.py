@@ -18,6 +18,7 @@ setup(
         "torch>=1.13",
         "fairscale",
         "sentencepiece",
+        "matplotlib",  # stablemoe-fluctuation --plot, examples/compare_moe_types.py
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={

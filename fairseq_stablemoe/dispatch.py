@@ -47,18 +47,32 @@ class Dispatch:
         )[:num_experts]
         self._expert_index = expert_index
 
-    def keep(self, kept: List[int], capacity: Optional[int] = None) -> None:
-        """Keep ``kept[i]`` tokens of expert ``i`` (python ints: :attr:`load` capped at ``capacity``)."""
+    def keep(self, kept: List[int], at_random: bool = False) -> None:
+        """Keep ``kept[i]`` tokens of expert ``i`` (python ints, at most :attr:`load`).
+
+        ``at_random``: some expert keeps fewer tokens than it got (capacity);
+        which ones stay is then drawn uniformly at random (torch's generator
+        of the device), whatever their position in the sequence. Kept tokens
+        stay sorted by expert, and by position within an expert.
+        """
         num_kept = sum(kept)
-        if capacity is not None and num_kept < self.order.numel():
-            # rank of each sorted token inside its expert's segment; the first `capacity` stay
-            sorted_experts = self._expert_index.index_select(0, self.order)
+        if at_random:
+            device = self.order.device
+            num_tokens = self._expert_index.numel()
+            # each expert's tokens in a random order: a random permutation, then a stable sort by expert
+            perm = torch.randperm(num_tokens, device=device)
+            shuffled = perm.index_select(0, torch.argsort(self._expert_index.index_select(0, perm), stable=True))
+            experts = self._expert_index.index_select(0, shuffled)
             starts = torch.cumsum(self.load, 0) - self.load
             starts = torch.cat([starts, starts.new_zeros(1)])  # the padding bucket
-            rank = torch.arange(self.order.numel(), device=self.order.device) - starts[sorted_experts]
-            dropped = (rank >= capacity) | (sorted_experts == self.num_experts)
-            # kept tokens first, still sorted by expert (no boolean indexing: it syncs)
-            self.order = self.order.index_select(0, torch.argsort(dropped.to(torch.uint8), stable=True))
+            rank = torch.arange(num_tokens, device=device) - starts[experts]
+            quota = torch.tensor(list(kept) + [0], dtype=torch.long).to(device, non_blocking=True)
+            dropped = torch.empty_like(rank, dtype=torch.bool).index_put_((shuffled,), rank >= quota[experts])
+            # kept tokens first, still sorted by expert and position (no boolean indexing: it syncs)
+            self.order = self.order.index_select(
+                0, torch.argsort(dropped.index_select(0, self.order).to(torch.uint8), stable=True)
+            )
+        # padding (the last bucket of the sort) and dropped tokens are past the first num_kept
         self.order = self.order[:num_kept]
         self._expert_index = None
 
@@ -82,9 +96,35 @@ class Dispatch:
         return features.index_add(0, self.order, sorted_updates.to(features.dtype))
 
 
-def capacity_for(num_tokens: int, num_experts: int, capacity_factor: Optional[float]) -> Optional[int]:
-    """Tokens per expert allowed by ``--capacity-factor`` (None: unlimited)."""
-    if capacity_factor is None:
-        return None
-    return max(1, int(math.ceil(capacity_factor * num_tokens / num_experts)))
+def capacity_split(counts: List[List[int]], capacity_factor: Optional[float]) -> List[List[int]]:
+    """Tokens each process keeps for each expert under ``--capacity-factor`` (python ints).
 
+    Every expert runs at most ``C = max(1, ceil(capacity_factor * n / N))``
+    tokens, ``n`` the non-pad tokens of the global batch (all processes). An
+    expert that gets more shares ``C`` among the senders in proportion to
+    what they sent (largest remainders, ties to the lower rank), so every
+    process computes the same split from the same matrix.
+
+    Args:
+        counts: ``(W, N)`` tokens sent by each process to each expert.
+        capacity_factor: None: no limit (``counts`` itself).
+    Returns:
+        ``(W, N)`` kept tokens, each at most its count.
+    """
+    kept = [list(row) for row in counts]
+    if capacity_factor is None:
+        return kept
+    num_experts = len(counts[0])
+    capacity = max(1, int(math.ceil(capacity_factor * sum(map(sum, counts)) / num_experts)))
+    for i in range(num_experts):
+        column = [row[i] for row in counts]
+        total = sum(column)
+        if total <= capacity:
+            continue
+        share = [c * capacity // total for c in column]
+        left = capacity - sum(share)
+        for w in sorted(range(len(column)), key=lambda w: (-(column[w] * capacity % total), w))[:left]:
+            share[w] += 1
+        for w, s in enumerate(share):
+            kept[w][i] = s
+    return kept

@@ -157,11 +157,23 @@ def analyse(runs: Sequence[CheckpointRouting]) -> Dict[str, object]:
     }
 
 
-def plot(result: Dict[str, object], path: str, title: str = "") -> None:
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot on the Agg backend; a clear error if matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "--plot needs matplotlib, a dependency of fairseq-stablemoe: reinstall the package "
+            "(pip install .) or run pip install matplotlib"
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(result: Dict[str, object], path: str, title: str = "") -> None:
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     pairs = result["pairs"]
@@ -242,6 +254,12 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import fairseq_stablemoe  # noqa: F401  (registers the model)
 
+    if args.plot:
+        try:  # before the (long) measurement
+            pyplot()
+        except ImportError as e:
+            print(f"stablemoe-fluctuation: error: {e}", file=sys.stderr)
+            sys.exit(2)
     try:
         result = measure(
             args.data_dir, args.checkpoints, args.split, args.max_tokens, args.inference_routing, args.cpu,

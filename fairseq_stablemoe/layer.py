@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import Dispatch, capacity_for
+from .dispatch import Dispatch, capacity_split
 from .experts import Expert, Experts
 from .health import CollapseMonitor
 from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
@@ -165,18 +165,17 @@ class MoELayer(nn.Module):
             routing = self.route(h, tok, valid)
         plan = Dispatch(routing.choice, self.num_experts, skip=pad)
 
-        # every process's per-expert counts and capacity: the one collective and host sync
+        # every process's per-expert counts: the one collective and host sync; the capacity
+        # (global per expert) and its split among the senders follow from them on every process
         N, shard = self.num_experts, self.shard
-        capacity = capacity_for(h.shape[0], N, self.capacity_factor)
-        cap = plan.load.new_full((1,), -1 if capacity is None else capacity)
-        counts = gather_counts(torch.cat([plan.load, cap]), shard.world_size)
+        counts = gather_counts(plan.load, shard.world_size)
         host = counts.tolist()
-        kept = [[c if row[N] < 0 else min(c, row[N]) for c in row[:N]] for row in host]
-        load = counts[:, :N].sum(0).to(torch.float32)
+        kept = capacity_split(host, self.capacity_factor)
+        load = counts.sum(0).to(torch.float32)
         with _fp32(h):
             stats = dict(routing.stats, **self.aux_losses(routing, load, valid))
 
-        plan.keep(kept[shard.rank], capacity)
+        plan.keep(kept[shard.rank], at_random=kept[shard.rank] != host[shard.rank])
         routed = plan.gather(h)
         if shard.is_parallel:
             expert_out = exchange(routed, Splits(kept, shard), shard, self.experts)

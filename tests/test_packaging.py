@@ -43,3 +43,29 @@ def test_installed_package_registers_and_trains(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env=env, check=True,
     )
     assert where.stdout.strip() == str(installed / "__init__.py")
+
+
+def test_plain_install_brings_the_plotting_library(monkeypatch):
+    """``pip install .`` without extras installs matplotlib (``--plot``)."""
+    import runpy
+
+    import setuptools
+
+    seen = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: seen.update(kw))
+    monkeypatch.chdir(REPO)
+    runpy.run_path(str(REPO / "setup.py"))
+    assert any(r.split(";")[0].strip().startswith("matplotlib") for r in seen["install_requires"])
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    import pytest
+
+    from fairseq_stablemoe import fluctuation
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        fluctuation.cli_main([str(tmp_path), str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--plot", "x.png"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and "Traceback" not in err
