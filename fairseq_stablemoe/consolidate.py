@@ -61,7 +61,16 @@ FLAT_OPTIMIZER = (
 
 
 def load_file(path: str) -> State:
+    """A checkpoint with its tensors read into memory."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def map_file(path: str) -> State:
+    """A checkpoint whose tensors stay on disk (memory-mapped) until touched: for names and records."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+        return load_file(path)
 
 
 # ----------------------------------------------------------------------------- name bookkeeping
@@ -140,26 +149,27 @@ def _by_group(opt: State, names: List[str]) -> List[List[str]]:
     return [[names[i] for i in g["params"]] for g in opt["param_groups"]]
 
 
-def merge_optimizer(opts: List[State], names: List[List[str]], shards: Sequence[ExpertShard]) -> Tuple[State, List[str]]:
-    """One optimizer state dict (and its index -> name list) from the ranks' ones."""
-    first = opts[0]
-    out = {k: v for k, v in first.items() if k not in ("state", "param_groups")}
+def optimizer_merge_plan(
+    groups: List[List[Dict[str, Any]]], names: List[List[str]], shards: Sequence[ExpertShard]
+) -> Tuple[List[Dict[str, Any]], List[Tuple[int, int, int]], List[str]]:
+    """How to merge the ranks' optimizer states, from their ``param_groups`` and index names alone.
+
+    Returns the merged ``param_groups``, ``(merged index, rank, rank's index)`` for every
+    parameter, and the merged index -> name list.
+    """
     lookup = [{n: i for i, n in enumerate(ns)} for ns in names]
-    groups, state, merged_names = [], {}, []
-    for g, group in enumerate(first["param_groups"]):
-        lists = [_by_group(opts[r], names[r])[g] for r in range(len(opts))]
+    new_groups, moves, merged_names = [], [], []
+    for g, group in enumerate(groups[0]):
+        lists = [[names[r][i] for i in groups[r][g]["params"]] for r in range(len(groups))]
         new_group = {k: v for k, v in group.items() if k != "params"}
         new_group["params"] = []
         for glob, rank, local in merge_order(lists, shards):
             idx = len(merged_names)
-            old = lookup[rank][local]
-            if old in opts[rank]["state"]:
-                state[idx] = opts[rank]["state"][old]
+            moves.append((idx, rank, lookup[rank][local]))
             new_group["params"].append(idx)
             merged_names.append(glob)
-        groups.append(new_group)
-    out["state"], out["param_groups"] = state, groups
-    return out, merged_names
+        new_groups.append(new_group)
+    return new_groups, moves, merged_names
 
 
 def split_optimizer(opt: State, names: List[str], shard: ExpertShard) -> Tuple[State, List[str]]:
@@ -200,12 +210,25 @@ def _set_world(state: State, world_size: int, rank: int) -> None:
 # ----------------------------------------------------------------------------- merge / split
 
 
-def check_shards(states: List[State], paths: List[str]) -> Dict[str, Any]:
-    """Validate a run's per-rank states (rank ``r`` at index ``r``); return rank 0's record."""
-    world = len(states)
+def summarise(state: State) -> Dict[str, Any]:
+    """What the merge plan needs from one rank's file: records and names, no tensor data."""
+    extra = state.get("extra_state") or {}
+    opt = state.get("last_optimizer_state")
+    return {
+        "meta": meta_of(state),
+        "model": list(state["model"]),
+        "experts": experts_per_layer(state["model"]),
+        "ema": list(extra["ema"]) if isinstance(extra.get("ema"), dict) else None,
+        "optimizer_groups": copy.deepcopy(opt["param_groups"]) if opt is not None else None,
+    }
+
+
+def check_shards(summaries: List[Dict[str, Any]], paths: List[str]) -> Dict[str, Any]:
+    """Validate a run's per-rank files (rank ``r`` at index ``r``, see :func:`summarise`); rank 0's record."""
+    world = len(summaries)
     metas = []
-    for r, (state, path) in enumerate(zip(states, paths)):
-        meta = meta_of(state)
+    for r, (summary, path) in enumerate(zip(summaries, paths)):
+        meta = summary["meta"]
         if meta is None:
             raise ConsolidateError(
                 f"{path} has no expert-parallel record: it was not saved per rank by fairseq-stablemoe"
@@ -226,65 +249,114 @@ def check_shards(states: List[State], paths: List[str]) -> Dict[str, Any]:
     if layout_problem(num_experts, world):
         raise ConsolidateError(f"{num_experts} experts cannot be held by {world} processes")
     num_local = ExpertShard(world, 0, num_experts).num_local
-    for state, path in zip(states, paths):
-        for layer, count in experts_per_layer(state["model"]).items():
+    for summary, path in zip(summaries, paths):
+        for layer, count in summary["experts"].items():
             if count != num_local:
                 raise ConsolidateError(
                     f"{path} holds {count} experts in {layer[:-1]}, expected {num_local} "
                     f"({num_experts} experts on {world} processes)"
                 )
-    shared = [{k for k in s["model"] if EXPERT_KEY.match(k) is None} for s in states]
-    for state, path, keys in zip(states[1:], paths[1:], shared[1:]):
+    shared = [{k for k in s["model"] if EXPERT_KEY.match(k) is None} for s in summaries]
+    for path, keys in zip(paths[1:], shared[1:]):
         if keys != shared[0]:
             diff = sorted(keys ^ shared[0])[:5]
             raise ConsolidateError(f"{path} and {paths[0]} hold different models (e.g. {diff})")
     return metas[0]
 
 
-def merge_shards(states: List[State], paths: List[str], keep_optimizer: bool = True) -> State:
-    """One one-process checkpoint (all experts) from a run's per-rank checkpoints."""
-    meta = check_shards(states, paths)
-    world = len(states)
+def _warn_if_copies_differ(merged: Dict[str, Any], state: State, path: str) -> None:
+    """Shared tensors against rank 0's (already in ``merged``)."""
+    differ = [
+        k for k, v in state["model"].items()
+        if EXPERT_KEY.match(k) is None and torch.is_tensor(v) and k in merged and not torch.equal(merged[k], v)
+    ]
+    if differ:
+        logger.warning("%s: %d tensors differ from rank 0's copies (e.g. %s); rank 0's are kept",
+                       path, len(differ), differ[0])
+
+
+def _warn_if_replicas_differ(merged: Dict[str, Any], state: State, shard: ExpertShard, path: str) -> None:
+    if shard.replicas == 1 or shard.rank % shard.replicas == 0:
+        return
+    differ = []
+    for local, v in state["model"].items():
+        m = EXPERT_KEY.match(local)
+        if m is not None and torch.is_tensor(v):
+            glob = f"{m.group('layer')}{shard.first_expert + int(m.group('idx'))}{m.group('rest')}"
+            if glob in merged and not torch.equal(merged[glob], v):
+                differ.append(local)
+    if differ:
+        logger.warning("%s: %d expert tensors differ from their first replica's (e.g. %s); the first copy is kept",
+                       path, len(differ), differ[0])
+
+
+def merge_files(paths: List[str], keep_optimizer: bool = True) -> State:
+    """One one-process checkpoint (all experts) from a run's per-rank files.
+
+    Holds at most one input file in memory at a time (plus the output being
+    built): a first pass reads the records and names of every file
+    memory-mapped (no tensor data), a second reads the files one by one and
+    moves their entries into the output.
+    """
+    summaries = []
+    for path in paths:
+        mapped = map_file(path)
+        summaries.append(summarise(mapped))
+        del mapped
+    meta = check_shards(summaries, paths)
+    world = len(paths)
     shards = layout(world, meta["num_experts"])
+    model_plan = merge_order([s["model"] for s in summaries], shards)
+    ema_plan = merge_order([s["ema"] for s in summaries], shards) if summaries[0]["ema"] is not None else None
+    opt_plan = None
+    if keep_optimizer and summaries[0]["optimizer_groups"] is not None:
+        names = [
+            _optimizer_names(s["meta"], {"param_groups": s["optimizer_groups"]}, p) for s, p in zip(summaries, paths)
+        ]
+        opt_plan = optimizer_merge_plan([s["optimizer_groups"] for s in summaries], names, shards)
 
-    def merge_dicts(dicts: List[Dict[str, Any]]) -> Dict[str, Any]:
-        return {glob: dicts[r][local] for glob, r, local in merge_order([list(d) for d in dicts], shards)}
+    out: State = {}
+    model: Dict[str, Any] = {}
+    ema: Dict[str, Any] = {}
+    opt_state: Dict[int, Any] = {}
+    for rank, path in enumerate(paths):
+        state = load_file(path)
+        if rank == 0:
+            out = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
+            if "last_optimizer_state" in state and opt_plan is not None:
+                out["last_optimizer_state"] = {
+                    k: v for k, v in state["last_optimizer_state"].items() if k not in ("state", "param_groups")
+                }
+        else:
+            _warn_if_copies_differ(model, state, path)
+            _warn_if_replicas_differ(model, state, shards[rank], path)
+        for glob, r, local in model_plan:
+            if r == rank:
+                model[glob] = state["model"][local]
+        if ema_plan is not None:
+            for glob, r, local in ema_plan:
+                if r == rank:
+                    ema[glob] = state["extra_state"]["ema"][local]
+        if opt_plan is not None:
+            rank_state = state["last_optimizer_state"]["state"]
+            for idx, r, old in opt_plan[1]:
+                if r == rank and old in rank_state:
+                    opt_state[idx] = rank_state[old]
+        del state
 
-    for rank in range(1, world):
-        # shared tensors against rank 0's, an expert replica's against its first copy
-        first = shards[rank].replica_ranks()[0]
-        for ref, experts in ((0, False), (first, True)):
-            if experts and ref == rank:
-                continue
-            differ = [
-                k
-                for k, v in states[ref]["model"].items()
-                if (EXPERT_KEY.match(k) is not None) == experts
-                and torch.is_tensor(v) and not torch.equal(v, states[rank]["model"][k])
-            ]
-            if differ:
-                logger.warning(
-                    "%s: %d tensors differ from %s's copies (e.g. %s); the first copy is kept",
-                    paths[rank], len(differ), paths[ref], differ[0],
-                )
-
-    out = dict(states[0])
-    out["model"] = merge_dicts([s["model"] for s in states])
-    extra = dict(states[0]["extra_state"])
-    if isinstance(extra.get("ema"), dict):
-        extra["ema"] = merge_dicts([s["extra_state"]["ema"] for s in states])
+    out["model"] = {glob: model[glob] for glob, _, _ in model_plan}
+    extra = dict(out["extra_state"])
+    if ema_plan is not None:
+        extra["ema"] = {glob: ema[glob] for glob, _, _ in ema_plan}
     if "ema_fp32_params" in extra:
         logger.warning("dropping the EMA fp32 copy (ema_fp32_params): it is rebuilt from the EMA model on load")
         del extra["ema_fp32_params"]
     new_meta = dict(meta, world_size=1, rank=0, optimizer_param_names=None, format=META_FORMAT)
     new_meta["consolidated_from"] = world
-    if "last_optimizer_state" in out:
-        if keep_optimizer:
-            opts = [s["last_optimizer_state"] for s in states]
-            names = [_optimizer_names(meta_of(s), o, p) for s, o, p in zip(states, opts, paths)]
-            out["last_optimizer_state"], new_meta["optimizer_param_names"] = merge_optimizer(opts, names, shards)
-        else:
-            del out["last_optimizer_state"]
+    if opt_plan is not None:
+        out["last_optimizer_state"]["state"] = opt_state
+        out["last_optimizer_state"]["param_groups"] = opt_plan[0]
+        new_meta["optimizer_param_names"] = opt_plan[2]
     extra[META_KEY] = new_meta
     out["extra_state"] = extra
     _set_world(out, 1, 0)
@@ -372,12 +444,20 @@ def find_input(path: str, want_split: bool) -> Tuple[str, Optional[int]]:
     raise ConsolidateError(f"no checkpoint {path} and no per-rank files {path[:-3]}-rank*-of*.pt")
 
 
-def load_shards(base: str, world: int) -> Tuple[List[State], List[str]]:
+def shard_paths(base: str, world: int) -> List[str]:
     paths = [rank_path(base, r, world) for r in range(world)]
     missing = [f"{p} (rank {r} of {world})" for r, p in enumerate(paths) if not os.path.isfile(p)]
     if missing:
         raise ConsolidateError(f"missing per-rank checkpoint file(s): {', '.join(missing)}")
-    return [load_file(p) for p in paths], paths
+    return paths
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far (Linux: ``ru_maxrss`` in KiB)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def save(state: State, path: str, force: bool) -> None:
@@ -403,9 +483,10 @@ def run(args: argparse.Namespace) -> List[str]:
     keep_optimizer = not args.no_optimizer
     base, world = find_input(args.input, want_split=args.shards is not None)
     if world is not None:
-        states, paths = load_shards(base, world)
-        state = merge_shards(states, paths, keep_optimizer)
+        paths = shard_paths(base, world)
+        state = merge_files(paths, keep_optimizer)
         source = f"{world} per-rank files {paths[0]} ..."
+        largest_input = max(os.path.getsize(p) for p in paths)
     else:
         if args.shards is None:
             raise ConsolidateError(
@@ -413,6 +494,7 @@ def run(args: argparse.Namespace) -> List[str]:
             )
         state = load_file(base)
         source = base
+        largest_input = os.path.getsize(base)
     out_base = _output_base(args.output, base)
     written = []
     if args.shards is None:
@@ -433,7 +515,9 @@ def run(args: argparse.Namespace) -> List[str]:
     print(
         f"stablemoe-consolidate: {source} -> {', '.join(written)} "
         f"({meta.get('num_experts', '?')} experts, update {meta.get('num_updates', '?')}, "
-        f"optimizer state {'kept' if keep_optimizer and 'last_optimizer_state' in state else 'dropped'})"
+        f"optimizer state {'kept' if keep_optimizer and 'last_optimizer_state' in state else 'dropped'}; "
+        f"peak memory {peak_memory_mib():.1f} MiB, largest input file {largest_input / 2**20:.1f} MiB, "
+        f"output {sum(os.path.getsize(p) for p in written) / 2**20:.1f} MiB)"
     )
     return written
 

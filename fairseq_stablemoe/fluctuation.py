@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .checkpointing import parse_rank_path
-from .consolidate import ConsolidateError, load_shards, merge_shards
+from .consolidate import ConsolidateError, merge_files, shard_paths
 from .safe_globals import CheckpointLoadError, finish_fairseq_state, load_fairseq_state
 
 logger = logging.getLogger("fairseq_stablemoe.fluctuation")
@@ -50,8 +50,7 @@ def _load(path: str, data_dir: str, trusted: bool = False):
     if parsed is not None:  # a per-rank file of an expert-parallel run: merge the run's files in memory
         base, _, world = parsed
         try:
-            states, paths = load_shards(base, world)
-            state = finish_fairseq_state(merge_shards(states, paths, keep_optimizer=False), path)
+            state = finish_fairseq_state(merge_files(shard_paths(base, world), keep_optimizer=False), path)
         except ConsolidateError as e:
             raise ValueError(str(e)) from e
     else:
