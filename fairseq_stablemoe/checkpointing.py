@@ -42,9 +42,11 @@ asks for consolidation).
 Killed runs: fairseq writes each checkpoint atomically, but then *copies* it
 to ``checkpoint_last.pt`` (and ``checkpoint_best.pt``), and a copy cut short by
 a kill leaves a truncated file that would stop every later resume. When the
-file to resume from cannot be read, ``load_checkpoint`` falls back, with a
-warning, to the newest checkpoint of the same save directory that every rank
-can read (for MoE models).
+file to resume from cannot be read, ``load_checkpoint`` resumes from the
+newest checkpoint of the same save directory that every rank can read if the
+unreadable file is a byte prefix of it (a cut-short copy, so the same update);
+any other fallback is an error naming ``STABLEMOE_ALLOW_OLDER_CHECKPOINT=1``,
+the opt-in (for MoE models).
 """
 
 import contextlib
@@ -430,7 +432,36 @@ def newest_intact(filename: str, shard: ExpertShard) -> Optional[str]:
     return found[candidates[0]] if candidates else None
 
 
+#: set to 1 to let a resume fall back to an older checkpoint than the one asked for (see _fall_back_if_unreadable)
+ALLOW_OLDER_ENV = "STABLEMOE_ALLOW_OLDER_CHECKPOINT"
+
+
+def is_truncated_copy(path: str, source: str, chunk: int = 1 << 20) -> bool:
+    """Whether ``path``'s bytes are a prefix of ``source``'s: a copy of ``source`` cut short (or whole)."""
+    try:
+        if os.path.getsize(path) > os.path.getsize(source):
+            return False
+        with open(path, "rb") as a, open(source, "rb") as b:
+            while True:
+                block = a.read(chunk)
+                if not block:
+                    return True
+                if block != b.read(len(block)):
+                    return False
+    except OSError:
+        return False
+
+
 def _fall_back_if_unreadable(trainer: Trainer, filename: str, shard: ExpertShard) -> str:
+    """The file to resume from when ``filename`` is cut short or corrupt.
+
+    fairseq writes each checkpoint atomically and then *copies* it to
+    ``checkpoint_last.pt``; a kill during the copy leaves a truncated file
+    whose bytes are a prefix of the checkpoint it copies. That checkpoint holds
+    the same update, and the resume uses it. Any other fallback would resume
+    from an older update than the one asked for: an error, unless
+    ``STABLEMOE_ALLOW_OLDER_CHECKPOINT=1``.
+    """
     broken = os.path.isfile(filename) and readable_updates(filename) is None
     if shard.is_parallel:
         flags: List[Any] = [None] * shard.world_size
@@ -444,11 +475,30 @@ def _fall_back_if_unreadable(trainer: Trainer, filename: str, shard: ExpertShard
             f"{filename} is truncated or corrupt (a run killed while writing it?) and no other readable "
             f"checkpoint is in {os.path.dirname(filename) or '.'}: delete it to start from scratch"
         )
-    logger.warning(
-        "%s is truncated or corrupt (a run killed while writing it?): resuming from %s, the newest readable "
-        "checkpoint", filename, fallback,
+    same = is_truncated_copy(filename, fallback)
+    if shard.is_parallel:
+        votes: List[Any] = [None] * shard.world_size
+        dist.all_gather_object(votes, same)
+        same = all(votes)
+    if same:
+        logger.warning(
+            "%s is truncated (a run killed while fairseq copied %s to it): resuming from %s, the same save",
+            filename, fallback, fallback,
+        )
+        return fallback
+    updates = readable_updates(fallback)
+    if os.environ.get(ALLOW_OLDER_ENV) == "1":
+        logger.warning(
+            "%s is truncated or corrupt: resuming from %s (update %s), an older save, as %s=1 allows",
+            filename, fallback, updates, ALLOW_OLDER_ENV,
+        )
+        return fallback
+    raise CheckpointMismatchError(
+        f"{filename} is truncated or corrupt (a run killed while writing it?) and is not a copy of any readable "
+        f"checkpoint; the newest readable one, {fallback}, holds update {updates}, which may be older than the "
+        f"save asked for. To resume from it, set {ALLOW_OLDER_ENV}=1 (or pass --restore-file {fallback}); to "
+        f"start from scratch, delete {filename}"
     )
-    return fallback
 
 
 def _load_checkpoint(self, filename, *args, **kwargs):

@@ -61,17 +61,37 @@ def test_sigkill_at_a_random_moment_then_resume(kill_data, tmp_path):
     assert "num_updates: 150 >= max_update" in output
 
 
-def test_truncated_checkpoint_last_falls_back_to_newest_intact(kill_data, tmp_path):
+def test_truncated_checkpoint_last_does_not_fall_back_to_an_older_update_unasked(kill_data, tmp_path):
     save = tmp_path / "ckpt"
     first = subprocess.run(_cmd(kill_data, save, 10), capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    last = save / "checkpoint_last.pt"
-    # a kill while fairseq copies the new checkpoint to checkpoint_last.pt leaves it cut short
+    last = save / "checkpoint_last.pt"  # update 10, written by itself (10 is not a multiple of 3)
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
+    refused = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert "STABLEMOE_ALLOW_OLDER_CHECKPOINT=1" in output and "checkpoint_1_9.pt" in output and "update 9" in output
+    assert "Loaded checkpoint" not in output
+    # the explicit opt-in resumes from the newest intact checkpoint
+    env = dict(os.environ, STABLEMOE_ALLOW_OLDER_CHECKPOINT="1")
+    resumed = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True, env=env)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert "an older save" in output and "checkpoint_1_9.pt" in output
+    assert _loaded_update(output) == 9
+    assert "num_updates: 12 >= max_update" in output
+
+
+def test_copy_cut_short_resumes_from_its_source(kill_data, tmp_path):
+    """A kill while fairseq copies checkpoint_1_9.pt to checkpoint_last.pt: the same update, no opt-in needed."""
+    save = tmp_path / "ckpt"
+    first = subprocess.run(_cmd(kill_data, save, 10), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    source = (save / "checkpoint_1_9.pt").read_bytes()
+    (save / "checkpoint_last.pt").write_bytes(source[: len(source) // 3])
     resumed = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
-    assert "is truncated or corrupt" in output and "checkpoint_1_9.pt" in output
+    assert "the same save" in output and "checkpoint_1_9.pt" in output
     assert _loaded_update(output) == 9
-    assert "num_updates: 12 >= max_update" in output
