@@ -35,8 +35,10 @@ use them, with the logical name (``--path DIR/checkpoint_last.pt``):
   ``--results-path`` each process writes ``generate-SUBSET-rank{r}-of{W}.txt``.
   ``fairseq-generate`` itself never starts a distributed job; here it does
   (``call_main``) when the distributed flags or torchrun's environment are
-  there. ``fairseq-validate`` skips the empty filler batches it would
-  otherwise crash on.
+  there. ``fairseq-interactive`` decodes every input on every process (each
+  holds only its experts) and prints on rank 0 only. ``fairseq-validate``
+  skips the empty filler batches it would otherwise crash on, and its
+  closing ``all_gather_list`` works on CPU (fairseq's allocates a CUDA tensor).
 
 Every collective of this module waits at most ``STABLEMOE_LOCKSTEP_TIMEOUT``
 seconds (default 600) and then stops with an error naming the likely cause.
@@ -440,6 +442,19 @@ def _generate_main(cfg):
     return _fairseq["generate_main"](cfg)
 
 
+def _interactive_main(cfg, **kwargs):
+    """Every process decodes every input (the MoE layers need all of them); rank 0 alone prints."""
+    world, rank = world_size_and_rank()
+    if world == 1 or rank == 0:
+        return _fairseq["interactive_main"](cfg, **kwargs)
+    with open(os.devnull, "w") as quiet:
+        stdout, sys.stdout = sys.stdout, quiet
+        try:
+            return _fairseq["interactive_main"](cfg, **kwargs)
+        finally:
+            sys.stdout = stdout
+
+
 def _tool_modules(name: str) -> List[Any]:
     """The loaded module ``name``, and ``__main__`` when it is that module run with ``python -m``."""
     found = []
@@ -466,6 +481,10 @@ def install() -> None:
         if module.eval_lm is not _eval_lm:
             _fairseq.setdefault("eval_lm", module.eval_lm)
             module.eval_lm = _eval_lm
+    for module in _tool_modules("fairseq_cli.interactive"):
+        if module.main is not _interactive_main:
+            _fairseq.setdefault("interactive_main", module.main)
+            module.main = _interactive_main
     for module in _tool_modules("fairseq_cli.generate"):
         if module.main is not _generate_main:
             _fairseq.setdefault("generate_main", module.main)

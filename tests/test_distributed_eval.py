@@ -204,3 +204,16 @@ def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt):
         assert got[sid][0] == want[sid][0], f"sentence {sid}"
         assert got[sid][1] == pytest.approx(want[sid][1], rel=1e-5, abs=1e-6), f"sentence {sid}"
     assert padding_forwards(two) > 0  # beam search ended at different steps on the two processes
+
+
+def test_interactive_per_rank_files_print_each_input_once(mt):
+    src = (mt / "test.src").read_text().splitlines()[:5]
+    (mt / "five.src").write_text("\n".join(src) + "\n")
+    common = ["--beam", "4", "--cpu", "--source-lang", "src", "--target-lang", "tgt", "--input", mt / "five.src",
+              "--buffer-size", "2", "--max-tokens", "100"]
+    two = hypotheses(on_two("interactive", mt / "bin", "--path", mt / "ckpt" / "checkpoint_last.pt", *common))
+    one = hypotheses(on_one("interactive", mt / "bin", "--path", mt / "one" / "checkpoint_last.pt", *common))
+    assert sorted(two) == sorted(one) == list(range(5))
+    for sid in one:
+        assert two[sid][0] == one[sid][0]
+        assert two[sid][1] == pytest.approx(one[sid][1], rel=1e-5, abs=1e-6)
