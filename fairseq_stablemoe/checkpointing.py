@@ -35,6 +35,16 @@ for any other model every overridden member calls fairseq's own code:
   count and the frozen-router flag (a buffer of the model) are then restored
   by fairseq's own code on every rank.
 
+Why ``-rank{r}-of{W}`` and not fairseq's ``-rank-{r}`` (BASE layers) or ``-shard{r}`` (FSDP): the
+name records the number of processes, so a file set written for W processes is never read by a
+job of another size (the error names ``stablemoe-consolidate ... --shards W``), and
+``stablemoe-consolidate`` finds a run's files from any one of them. fairseq's evaluation tools
+(eval-lm, generate, interactive, validate) reach the same files through
+:mod:`.distributed_eval`, which maps the logical name (``--path DIR/checkpoint_last.pt``, with
+fairseq's ``--checkpoint-suffix``) to each process's file. The Trainer patch stays because
+fairseq turns on per-rank saving only for ``--base-layers``, and setting that option would make
+fairseq insert its own BASE layers.
+
 One-process runs of a MoE model keep fairseq's file names and loading; they
 get the record and the checks (e.g. resuming per-rank files on one process
 asks for consolidation).
