@@ -1,0 +1,148 @@
+"""One model whatever the process layout, through ``fairseq-train`` (CUDA-only paths simulated).
+
+From the same seed and no shared initial file, 1 process with ``--update-freq 2``
+and 2 expert-parallel processes (2 of the 4 experts each) see the same global
+batches, so they must log the same loss, gradient norm (experts included,
+Adam, ``--clip-norm`` on) and distillation loss at every update, and the same
+validation loss. The data are sized so that the training epoch and the
+validation set have an odd number of batches: the second process gets
+fairseq's empty filler batches (dummy forwards, collective MoE layers in
+lockstep). fairseq's cross-process gradient-norm check, which only runs on
+CUDA, is switched on over gloo (tests/train_worker.py). The balance loss is
+off (its counts are per forward: a forward of one process is half of a 2-process
+forward).
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from corpus import free_port, markov_corpus
+from test_checkpointing import logged
+
+WORKER = str(Path(__file__).with_name("train_worker.py"))
+ARGS = [
+    "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
+    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+    "--decoder-attention-heads", "2", "--num-experts", "4", "--moe-sublayers", "2", "--distill-dim", "16",
+    "--tokens-per-sample", "16", "--batch-size", "3", "--batch-size-valid", "3",
+    "--required-batch-size-multiple", "1", "--two-stage-updates", "6", "--balance-factor", "0",
+    "--optimizer", "adam", "--lr", "0.003", "--clip-norm", "0.1", "--dropout", "0",
+    "--max-update", "14", "--validate-interval-updates", "7", "--no-save",
+    "--log-format", "json", "--log-interval", "1", "--seed", "5", "--num-workers", "0", "--cpu",
+    "--ddp-backend", "legacy_ddp",
+]
+
+
+def launch(data, *extra, nproc=1, env=None, timeout=300):
+    """The worker on ``nproc`` processes (each its own subprocess, as torchrun starts them);
+    returns ``[(returncode, output)]`` per rank. A process stuck in a collective fails the timeout."""
+    port = free_port()
+    procs, logs = [], []
+    for rank in range(nproc):
+        penv = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+        if nproc > 1:
+            penv.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        logs.append(tempfile.TemporaryFile("w+"))  # not pipes: a full pipe would stall a process
+        save_dir = ["--save-dir", str(Path(data) / "save")]  # where fairseq writes crash.pt on an error
+        procs.append(subprocess.Popen([sys.executable, WORKER, str(data), *ARGS, *save_dir, *extra], env=penv,
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = []
+    for log in logs:
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
+    return list(zip(codes, outs))
+
+
+def batches(output: str, split: str):
+    """Batches of every ``split`` epoch iterator this process made."""
+    return [int(m.group(1)) for m in re.finditer(rf"stablemoe-test: {split} (\d+) batches", output)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return markov_corpus(tmp_path_factory.mktemp("layouts"), 70, 23, vocab=60, seed=4)
+
+
+@pytest.fixture(scope="module")
+def runs(data):
+    (rc1, one), = launch(data, "--update-freq", "2")
+    assert rc1 == 0, one[-4000:]
+    two = launch(data, nproc=2)
+    for rc, out in two:
+        assert rc == 0, out[-4000:]
+    return one, two[0][1]
+
+
+def test_filler_batches_occur(runs):
+    one, _ = runs
+    train_batches, valid_batches = batches(one, "train")[0], batches(one, "valid")[0]
+    # an odd number of batches: the second of 2 processes gets fairseq's empty filler batch
+    assert train_batches % 2 == 1 and valid_batches % 2 == 1, (train_batches, valid_batches)
+    assert (train_batches + 1) // 2 < 14, "the run should cross the end of epoch 1"
+
+
+def test_same_losses_gradient_norms_and_validation(runs):
+    one, two = (logged(out, "train_inner") for out in runs)
+    assert sorted(one) == sorted(two) == list(range(1, 15))
+    for u in range(1, 15):
+        for key in ("loss", "gnorm"):
+            assert float(two[u][key]) == pytest.approx(float(one[u][key]), rel=2e-3, abs=2e-3), (u, key)
+        if u <= 6:  # stage 1
+            assert float(two[u]["distill_loss"]) == pytest.approx(float(one[u]["distill_loss"]), rel=2e-3), u
+    assert float(one[14]["gnorm"]) > 0.1  # clipping was on
+    v1, v2 = (logged(out, "valid") for out in runs)
+    assert sorted(v1) == sorted(v2) and {7, 14} <= set(v1)  # and at the end of epoch 1
+    for u in v1:
+        assert float(v2[u]["valid_loss"]) == pytest.approx(float(v1[u]["valid_loss"]), rel=2e-3), u
+
+
+@pytest.mark.parametrize("precision", ["--fp16", "--memory-efficient-fp16"])
+def test_half_precision_norm_passes_the_cross_process_check(data, precision):
+    """fairseq's --fp16 paths on 2 processes (CPU simulation): the plugin's norm is identical on both
+    processes and equals the 1-process norm; fairseq's own (flat --fp16: each process's norm includes
+    its own experts) stops at the first update with "gradients are inconsistent between workers"."""
+    (rc, one), = launch(data, precision, "--max-update", "3", "--update-freq", "2")
+    assert rc == 0, one[-3000:]
+    two = launch(data, precision, "--max-update", "3", nproc=2)
+    for rc, out in two:
+        assert rc == 0, out[-3000:]
+    a, b = logged(one, "train_inner"), logged(two[0][1], "train_inner")
+    for u in (1, 2, 3):
+        assert float(b[u]["gnorm"]) == pytest.approx(float(a[u]["gnorm"]), rel=1e-2), u
+    if precision == "--fp16":
+        for rc, out in launch(data, precision, "--max-update", "3", nproc=2, env={"STABLEMOE_TEST_FAIRSEQ_NORM": "1"}):
+            assert rc != 0 and "gradients are inconsistent between workers" in out, out[-3000:]
+
+
+def test_inf_in_one_process_experts_stops_every_process(data):
+    """fp32: the inf is in rank 1's experts only, yet both processes see a non-finite norm at that
+    update and fairseq's check stops both (before, rank 0 went on with finite weights and rank 1
+    with NaN experts, and fairseq's norm, experts left out, saw nothing)."""
+    results = launch(data, nproc=2, env={"STABLEMOE_TEST_INF_AT": "3"})
+    for rank, (rc, out) in enumerate(results):
+        assert rc != 0, out[-3000:]
+        assert "gradients are inconsistent between workers" in out, out[-3000:]
+        assert re.search(r"rank +0 = inf", out) and re.search(r"rank +1 = inf", out), out[-3000:]
+    log = results[0][1]  # fairseq logs on rank 0: updates 1-3 done, the 4th stopped
+    assert '"num_updates": "3"' in log and '"num_updates": "4"' not in log
+
+
+def test_layerdrop_over_moe_layers_is_refused(data):
+    results = launch(data, "--decoder-layerdrop", "0.2", "--max-update", "1", nproc=2)
+    for rc, out in results:
+        assert rc != 0
+        assert "--decoder-layerdrop 0.2 could skip an MoE layer" in out and "use --decoder-layerdrop 0" in out
