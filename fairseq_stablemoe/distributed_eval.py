@@ -24,10 +24,11 @@ use them, with the logical name (``--path DIR/checkpoint_last.pt``):
   padding token (a forward that sends nothing) and ask again. A process that
   finishes its work keeps answering (:meth:`Lockstep.finish`) until every
   process has finished. The choice goes to the process that has waited
-  longest, so no process waits for another's whole shard. An MoE layer's
-  output depends only on its own tokens (no capacity limit at inference
-  unless ``--capacity-factor`` is set, and then per process), so results do
-  not depend on which forwards meet.
+  longest, so no process waits for another's whole shard. Without
+  ``--capacity-factor`` (the default) a token's MoE output depends on that
+  token alone, so results do not depend on which forwards meet; with it, the
+  capacity is computed over the tokens of the forwards that meet, so which
+  tokens overflow can differ from one process on the consolidated file.
 * **Totals.** ``fairseq-eval-lm`` computes its loss per process; here the
   summed log-probabilities and token counts are all-reduced, so every process
   reports the perplexity of the whole split. ``fairseq-generate`` prints each
