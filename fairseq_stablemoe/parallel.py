@@ -218,11 +218,11 @@ def replica_group(shard: ExpertShard):
 def reduce_replica_gradients(layers: Sequence[torch.nn.Module]) -> None:
     """Sum the expert gradients of replicas among themselves (after fairseq's own all-reduce).
 
-    ``layers``: MoE layers (with ``shard``, ``replica_group`` and ``experts``).
-    One flat all-reduce per layer.
+    ``layers``: MoE layers (with ``shard`` and ``experts``). One flat
+    all-reduce per layer.
     """
     for layer in layers:
-        group = getattr(layer, "replica_group", None)
+        group = replica_group(layer.shard)
         if group is None:
             continue
         params = [p for p in layer.experts.parameters() if p.requires_grad]

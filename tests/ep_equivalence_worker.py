@@ -6,6 +6,10 @@ clipping) from real command-line arguments, loads the common initial weights
 global batch and saves its parameters and the per-step logged losses.
 
     python ep_equivalence_worker.py DATA_DIR INIT.pt OUT.pt --rank R --world-size W --port P --moe-type T
+        [--num-experts N]
+
+Besides the parameters and losses it saves the logged load statistics of every
+update (computed from the global per-expert counts, so they must not depend on W).
 """
 
 import argparse
@@ -21,9 +25,10 @@ SEQ_LEN = 16
 NUM_EXPERTS = 4
 STEPS = 3
 TWO_STAGE = 2  # updates 0 and 1 in stage 1, update 2 in stage 2
+LOAD_STATS = ("max_load", "load_entropy", "moe0_top_share", "moe0_idle")
 
 
-def model_args(data_dir: str, world_size: int, rank: int, moe_type: str):
+def model_args(data_dir: str, world_size: int, rank: int, moe_type: str, num_experts: int = NUM_EXPERTS):
     args = [
         data_dir,
         "--user-dir", str(REPO / "fairseq_stablemoe"),
@@ -35,7 +40,7 @@ def model_args(data_dir: str, world_size: int, rank: int, moe_type: str):
         "--decoder-embed-dim", "16",
         "--decoder-ffn-embed-dim", "32",
         "--decoder-attention-heads", "2",
-        "--num-experts", str(NUM_EXPERTS),
+        "--num-experts", str(num_experts),
         "--moe-sublayers", "2",
         "--distill-dim", "8",
         "--two-stage-updates", str(TWO_STAGE),
@@ -78,18 +83,17 @@ def sample_for(rows, src, tgt, lengths, pad):
     }
 
 
-def shard_state(state, rank: int, world_size: int):
-    """The rank's view of a 1-process state dict: experts renumbered to local ids."""
-    per_rank = NUM_EXPERTS // world_size
+def shard_state(state, shard):
+    """The rank's view of a 1-process state dict: its experts renumbered to local ids."""
     out = {}
     for key, value in state.items():
         m = re.search(r"\.experts\.(\d+)\.", key)
         if m is None:
             out[key] = value
             continue
-        glob = int(m.group(1))
-        if glob // per_rank == rank:
-            out[key.replace(f".experts.{glob}.", f".experts.{glob % per_rank}.")] = value
+        local = int(m.group(1)) - shard.first_expert
+        if 0 <= local < shard.num_local:
+            out[key.replace(f".experts.{m.group(1)}.", f".experts.{local}.")] = value
     return out
 
 
@@ -102,6 +106,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--moe-type", default="stablemoe")
+    parser.add_argument("--num-experts", type=int, default=NUM_EXPERTS)
     opts = parser.parse_args()
 
     if opts.world_size > 1:
@@ -113,7 +118,9 @@ def main() -> None:
     from fairseq.trainer import Trainer
 
     train_parser = options.get_training_parser()
-    args = options.parse_args_and_arch(train_parser, model_args(opts.data_dir, opts.world_size, opts.rank, opts.moe_type))
+    args = options.parse_args_and_arch(
+        train_parser, model_args(opts.data_dir, opts.world_size, opts.rank, opts.moe_type, opts.num_experts)
+    )
     cfg = convert_namespace_to_omegaconf(args)
     torch.manual_seed(cfg.common.seed)
     task = tasks.setup_task(cfg.task)
@@ -124,19 +131,26 @@ def main() -> None:
     if init is None:  # the 1-process run writes the common initial weights
         torch.save(model.state_dict(), opts.init)
     else:
-        model.load_state_dict(shard_state(init, opts.rank, opts.world_size))
+        from fairseq_stablemoe.parallel import ExpertShard
+
+        model.load_state_dict(shard_state(init, ExpertShard(opts.world_size, opts.rank, opts.num_experts)))
 
     trainer = Trainer(cfg, task, model, criterion)
     pad = task.dictionary.pad()
     src, tgt, lengths = global_batch(pad, len(task.dictionary))
     per_rank = GLOBAL_BATCH // opts.world_size
     rows = list(range(opts.rank * per_rank, (opts.rank + 1) * per_rank))
-    losses = []
+    losses, load_stats = [], []
     for _ in range(STEPS):
         log = trainer.train_step([sample_for(rows, src, tgt, lengths, pad)])
         losses.append(float(log["loss"]))
+        load_stats.append({k: float(log[k]) for k in LOAD_STATS if k in log})
     torch.save(
-        {"state": {k: v.detach().clone() for k, v in trainer.get_model().state_dict().items()}, "losses": losses},
+        {
+            "state": {k: v.detach().clone() for k, v in trainer.get_model().state_dict().items()},
+            "losses": losses,
+            "load_stats": load_stats,
+        },
         opts.out,
     )
     if opts.world_size > 1:

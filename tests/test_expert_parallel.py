@@ -16,6 +16,7 @@ import torch
 from fairseq.data import Dictionary
 
 from corpus import free_port
+from fairseq_stablemoe.parallel import ExpertShard
 
 WORKER = Path(__file__).with_name("ep_equivalence_worker.py")
 
@@ -40,48 +41,79 @@ def run(cmds, timeout=300):
     return outs
 
 
-# base is left out: its balanced assignment is solved per process, as in fairseq's BASE layers
-@pytest.mark.parametrize("moe_type", ["stablemoe", "switch", "hash"])
-def test_two_processes_match_one_process(data_dir, tmp_path, moe_type):
+def train_both(data_dir, tmp_path, moe_type, world_size, num_experts):
+    """1 process with all experts, then ``world_size`` expert-parallel processes, from one initial file."""
     init = tmp_path / "init.pt"
     single = tmp_path / "single.pt"
-    run([[sys.executable, str(WORKER), str(data_dir), str(init), str(single), "--moe-type", moe_type]])
+    extra = ["--moe-type", moe_type, "--num-experts", str(num_experts)]
+    run([[sys.executable, str(WORKER), str(data_dir), str(init), str(single), *extra]])
     port = free_port()
-    shards = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    shards = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
     run(
         [
             [sys.executable, str(WORKER), str(data_dir), str(init), str(shards[r]),
-             "--rank", str(r), "--world-size", "2", "--port", str(port), "--moe-type", moe_type]
-            for r in range(2)
+             "--rank", str(r), "--world-size", str(world_size), "--port", str(port), *extra]
+            for r in range(world_size)
         ]
     )
     ref = torch.load(single, weights_only=True)
     parts = [torch.load(s, weights_only=True) for s in shards]
+    return torch.load(init, weights_only=True), ref, parts
 
-    # logged losses of every update (stage 1, stage 1, stage 2)
-    assert len(ref["losses"]) == 3
-    for part in parts:
-        for got, want in zip(part["losses"], ref["losses"]):
-            assert got == pytest.approx(want, rel=1e-5)
 
-    init_state = torch.load(init, weights_only=True)
+def assert_same_model(ref, parts, init_state, world_size, num_experts):
+    """Every parameter of every process equals the 1-process run's (experts by global id)."""
     checked_experts = 0
     for key, want in ref["state"].items():
         if not torch.is_floating_point(want):
             continue
         m = re.search(r"\.experts\.(\d+)\.", key)
-        if m is None:  # shared parameter: identical on both ranks and equal to 1 process
+        if m is None:  # shared parameter: identical on every rank and equal to 1 process
             for part in parts:
                 torch.testing.assert_close(part["state"][key], want, rtol=1e-5, atol=1e-7)
-        else:
-            glob = int(m.group(1))
-            rank, local = divmod(glob, 2)
-            got = parts[rank]["state"][key.replace(f".experts.{glob}.", f".experts.{local}.")]
+            continue
+        glob = int(m.group(1))
+        holders = [r for r in range(world_size) if ExpertShard(world_size, r, num_experts).first_expert <= glob
+                   < ExpertShard(world_size, r, num_experts).first_expert + ExpertShard(world_size, r, num_experts).num_local]
+        assert holders, key
+        for r in holders:  # every replica
+            local = glob - ExpertShard(world_size, r, num_experts).first_expert
+            got = parts[r]["state"][key.replace(f".experts.{glob}.", f".experts.{local}.")]
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-            if not torch.equal(want, init_state[key]):
-                checked_experts += 1
+        if not torch.equal(want, init_state[key]):
+            checked_experts += 1
+    return checked_experts
+
+
+# base is left out: its balanced assignment is solved per process, as in fairseq's BASE layers
+@pytest.mark.parametrize("moe_type", ["stablemoe", "switch", "hash"])
+def test_two_processes_match_one_process(data_dir, tmp_path, moe_type):
+    init_state, ref, parts = train_both(data_dir, tmp_path, moe_type, 2, 4)
+
+    # logged losses and load statistics (global counts) of every update (stage 1, stage 1, stage 2)
+    assert len(ref["losses"]) == 3
+    for part in parts:
+        for got, want in zip(part["losses"], ref["losses"]):
+            assert got == pytest.approx(want, rel=1e-5)
+        for got, want in zip(part["load_stats"], ref["load_stats"]):
+            assert got == pytest.approx(want, rel=1e-5)
+    assert ref["load_stats"][0]["max_load"] > 1.0  # uneven: a max over per-process counts would differ
+
     # the comparison is meaningful: every expert trained (W2 starts at zero but moves)
-    assert checked_experts >= 4 * 2
+    assert assert_same_model(ref, parts, init_state, 2, 4) >= 4 * 2
     if moe_type == "stablemoe":
         router = [k for k in ref["state"] if "distill_router.centroids" in k]
         assert router and not torch.equal(ref["state"][router[0]], init_state[router[0]])
+
+
+@pytest.mark.parametrize("moe_type", ["stablemoe", "switch"])
+def test_expert_replicas_match_one_process(data_dir, tmp_path, moe_type):
+    """4 processes, 2 experts (2 replicas each, SGD): every parameter, loss and load statistic of the
+    1-process run on the same global batch."""
+    init_state, ref, parts = train_both(data_dir, tmp_path, moe_type, 4, 2)
+    for part in parts:
+        for got, want in zip(part["losses"], ref["losses"]):
+            assert got == pytest.approx(want, rel=1e-5)
+        for got, want in zip(part["load_stats"], ref["load_stats"]):
+            assert got == pytest.approx(want, rel=1e-5)
+    assert assert_same_model(ref, parts, init_state, 4, 2) >= 2 * 2
