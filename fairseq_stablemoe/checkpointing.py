@@ -404,6 +404,10 @@ def _save_checkpoint(self, filename, extra_state):
         extra_state[META_KEY] = describe(self, shard)
         if shard.is_parallel:  # fairseq creates the directory on rank 0 only
             os.makedirs(os.path.dirname(os.path.abspath(filename)), exist_ok=True)
+            if parse_rank_path(filename) is None:
+                # a name without the checkpoint suffix (fairseq's crash.pt after a FloatingPointError):
+                # every rank would write the same file at once
+                filename = rank_path(filename, shard.rank, shard.world_size)
     return _fairseq["save_checkpoint"](self, filename, extra_state)
 
 

@@ -137,6 +137,9 @@ def test_inf_in_one_process_experts_stops_every_process(data):
         assert rc != 0, out[-3000:]
         assert "gradients are inconsistent between workers" in out, out[-3000:]
         assert re.search(r"rank +0 = inf", out) and re.search(r"rank +1 = inf", out), out[-3000:]
+        # fairseq saves crash.pt on the error: one file per rank, not all ranks writing one name
+        assert (Path(data) / "save" / f"crash-rank{rank}-of2.pt").is_file()
+        assert "No such file or directory" not in out, out[-3000:]
     log = results[0][1]  # fairseq logs on rank 0: updates 1-3 done, the 4th stopped
     assert '"num_updates": "3"' in log and '"num_updates": "4"' not in log
 

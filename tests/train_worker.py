@@ -66,5 +66,5 @@ if __name__ == "__main__":
     try:
         cli_main()
     except FloatingPointError as e:
-        print(f"stablemoe-test: rank {os.environ.get('RANK', '0')} stopped: {str(e).splitlines()[0]}", flush=True)
+        print(f"stablemoe-test: rank {os.environ.get('RANK', '0')} stopped: {e}", flush=True)
         sys.exit(3)
