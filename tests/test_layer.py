@@ -251,3 +251,32 @@ def test_frozen_router_routes_with_snapshot_even_if_parameters_drift():
     layer.distill_router.unfreeze()  # the same drift does change an unfrozen router
     with torch.no_grad():
         assert not torch.equal(before, layer.assignment(h, tokens, training_routing=False))
+
+
+@pytest.mark.parametrize("kind", ["stablemoe", "switch"])
+def test_routing_stays_fp32_under_autocast(kind):
+    """Under --amp (autocast) the experts run in half precision, but routing affinities, gates
+    and auxiliary losses are computed in fp32: equal to the forward without autocast."""
+    from fairseq_stablemoe.layer import StableMoELayer, SwitchLayer
+
+    torch.manual_seed(0)
+    if kind == "switch":
+        layer = SwitchLayer(16, 32, 4, 1, padding_idx=1)
+    else:
+        layer = StableMoELayer(16, 32, 4, 1, vocab_size=40, padding_idx=1, two_stage_updates=10)
+    with torch.no_grad():
+        layer.backbone.expert_centroids.normal_()
+    layer.train()
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(50, 16, generator=g) * 3
+    tokens = torch.randint(2, 40, (50,), generator=g)
+    _, want = layer(h, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, got = layer(h, tokens)
+        # without autocast off, the affinities would be bfloat16: the check below can fail
+        half = h @ layer.backbone.expert_centroids.t()
+    assert out.dtype == torch.float32 and half.dtype == torch.bfloat16
+    assert not torch.allclose(half.float(), h @ layer.backbone.expert_centroids.t(), rtol=1e-4, atol=0)
+    for key in ("balance_loss", "load") + (("distill_loss", "agree") if kind == "stablemoe" else ()):
+        assert got[key].dtype == torch.float32, key
+        assert torch.equal(got[key].detach(), want[key].detach()), key
