@@ -1,13 +1,18 @@
-"""Train StableMoE and its baselines with the same budget, evaluate them, measure
-routing fluctuation, and write ``docs/results.md`` with plots.
+"""The paper's experiments at a scale that fits a CPU: StableMoE against its baselines over
+several seeds, its ablations, and a training-length sweep; writes a report with plots and one
+JSON record per run.
 
-Every type gets the same data, model size, experts, MoE placement, updates,
-learning-rate schedule and seeds; only ``--moe-type`` differs.
+Every run gets the same data, model size, experts, updates, learning-rate schedule and seed list;
+a run differs from the main comparison only in what its study varies. Finished runs are reused
+(their ``result.json`` records the configuration), interrupted ones resume from their last
+checkpoint, so a study can be spread over several sessions: run the same command again.
 
-    python examples/compare_moe_types.py --data runs/shakespeare/data-bin --work runs/compare \\
-        --out docs/results.md --max-update 1200 --seeds 1
+    python examples/compare_moe_types.py --data /tmp/shk/data-bin --work runs/study \
+        --out docs/study_results.md --study main --seeds 1,2,3 --max-update 3000 --stage1-fraction 0.1
 
-(the data directory is the one ``scripts/demo.sh`` builds.)
+``--study``: ``main`` (every ``--types`` x ``--seeds``), ``ablations`` (StableMoE variants: the
+paper's Tables 4, 5 and 6), ``length`` (every type at each of ``--lengths``), or several,
+comma-separated. The data directory is the one ``examples/shakespeare/prepare.py`` builds.
 """
 
 import argparse
@@ -20,10 +25,72 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 TYPES = ["stablemoe", "switch", "base", "hash", "dense"]
+STUDIES = ["main", "ablations", "length"]
+
+
+class Run(NamedTuple):
+    """One training run of a study."""
+
+    label: str  # e.g. "stablemoe", "placement-bottom"
+    moe_type: str
+    seed: int
+    max_update: int
+    stage1_fraction: float
+    flags: tuple = ()  # extra fairseq-train flags
+    study: str = "main"
+
+    @property
+    def name(self) -> str:
+        frac = f"-s1{int(round(100 * self.stage1_fraction))}" if self.moe_type == "stablemoe" else ""
+        return f"{self.label}-u{self.max_update}{frac}-seed{self.seed}"
+
+
+def ablation_runs(opts, seed: int) -> List[Run]:
+    """StableMoE variants (the paper's Tables 4, 5, 6), at ``--ablation-update`` updates."""
+    U, f, L = opts.ablation_update, opts.stage1_fraction, opts.layers
+    scattered = ",".join(str((k * L) // 4) for k in (1, 2, 3))
+    mk = lambda label, frac=f, flags=(), moe_type="stablemoe": Run(  # noqa: E731
+        label, moe_type, seed, U, frac, tuple(flags), "ablations")
+    return [
+        mk("stablemoe"),  # the reference: middle placement, wordemb, greedy, stage 1 at --stage1-fraction
+        mk("base", moe_type="base"),
+        # Table 4: placement of 3 MoE sublayers: stacked in one MoE layer after the middle block, before
+        # the first block, after the last; or scattered as 3 MoE layers of 1 sublayer after L/4, 2L/4, 3L/4
+        mk("placement-middle", flags=("--moe-sublayers", "3")),
+        mk("placement-bottom", flags=("--moe-layer-positions", "0", "--moe-sublayers", "3")),
+        mk("placement-top", flags=("--moe-layer-positions", str(L), "--moe-sublayers", "3")),
+        mk("placement-scattered", flags=("--moe-layer-positions", scattered, "--moe-sublayers", "1")),
+        # Table 5: fixed routing on BASE layers; StableMoE with stage 1 only (never frozen in training)
+        mk("base-fixed-routing", flags=("--stage1-assignment", "balanced", "--balance-factor", "0")),
+        mk("stage1-only", frac=1.0),
+        # Table 6: stage-1 share and distilled-router architecture
+        mk("stage1-25pct", frac=0.25),
+        mk("stage1-50pct", frac=0.5),
+        mk("router-cnn", flags=("--distill-router", "cnn")),
+        mk("router-transformer1", flags=("--distill-router", "transformer", "--distill-router-layers", "1")),
+        mk("router-transformer2", flags=("--distill-router", "transformer", "--distill-router-layers", "2")),
+    ]
+
+
+def plan(opts) -> List[Run]:
+    runs: List[Run] = []
+    for study in opts.study:
+        if study == "main":
+            runs += [Run(t, t, s, opts.max_update, opts.stage1_fraction) for s in opts.seeds for t in opts.types]
+        elif study == "ablations":
+            for s in opts.ablation_seeds:
+                runs += ablation_runs(opts, s)
+        elif study == "length":
+            runs += [Run(t, t, s, u, opts.stage1_fraction, (), "length")
+                     for u in opts.lengths for s in opts.length_seeds for t in opts.types]
+    unique: Dict[str, Run] = {}
+    for r in runs:
+        unique.setdefault(r.name, r)  # the same run in two studies trains once
+    return list(unique.values())
 
 
 def model_flags(opts) -> List[str]:
@@ -31,36 +98,49 @@ def model_flags(opts) -> List[str]:
         "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
         "--decoder-layers", str(opts.layers), "--decoder-embed-dim", str(opts.dim),
         "--decoder-ffn-embed-dim", str(opts.ffn), "--decoder-attention-heads", str(opts.heads),
-        "--num-experts", str(opts.experts), "--moe-layers", str(opts.moe_layers),
+        "--num-experts", str(opts.experts), "--moe-sublayers", str(opts.sublayers),
         "--tokens-per-sample", str(opts.tokens_per_sample), "--sample-break-mode", "none",
+        "--decoder-learned-pos", "--share-decoder-input-output-embed",
     ]
 
 
-def train(opts, moe_type: str, seed: int, save_dir: Path) -> Dict[str, object]:
-    """One fairseq-train run; returns its log records and wall time."""
-    interval = max(1, opts.max_update // opts.checkpoints)
+def train(opts, run: Run, save_dir: Path) -> float:
+    """fairseq-train for one run (resuming from ``save_dir/checkpoint_last.pt`` if there);
+    appends its log to ``save_dir/train.log`` and returns this session's seconds."""
+    interval = max(1, run.max_update // opts.checkpoints)
     cmd = [
         sys.executable, "-m", "fairseq_cli.train", str(opts.data), "--user-dir", str(REPO / "fairseq_stablemoe"),
-        *model_flags(opts), "--moe-type", moe_type,
-        "--two-stage-updates", str(int(opts.max_update * opts.stage1_fraction)),
+        *model_flags(opts), "--moe-type", run.moe_type,
+        "--two-stage-updates", str(int(round(run.max_update * run.stage1_fraction))),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(opts.lr), "--lr-scheduler", "inverse_sqrt",
         "--warmup-updates", str(opts.warmup), "--warmup-init-lr", "1e-07", "--weight-decay", "0.01",
-        "--clip-norm", "0.5", "--dropout", "0.1", "--max-tokens", str(opts.max_tokens),
-        "--max-update", str(opts.max_update), "--seed", str(seed), "--cpu", "--num-workers", "0",
+        "--clip-norm", str(opts.clip_norm), "--dropout", str(opts.dropout), "--max-tokens", str(opts.max_tokens),
+        "--max-update", str(run.max_update), "--seed", str(run.seed), "--cpu", "--num-workers", "0",
         "--save-dir", str(save_dir), "--save-interval-updates", str(interval), "--keep-interval-updates", "-1",
         "--validate-interval-updates", str(interval), "--no-epoch-checkpoints",
-        "--log-format", "json", "--log-interval", str(max(1, interval // 2)),
+        "--log-format", "json", "--log-interval", str(max(1, interval // 2)), *run.flags,
     ]
     start = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    with open(save_dir / "train.log", "a") as log:
+        log.write(f"# session {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+        log.flush()
+        out = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"training {moe_type} failed:\n{out.stderr[-3000:]}")
-    records = []
-    for line in (out.stdout + out.stderr).splitlines():
+        tail = (save_dir / "train.log").read_text()[-3000:]
+        raise RuntimeError(f"training {run.name} failed (log: {save_dir / 'train.log'}):\n{tail}")
+    return time.time() - start
+
+
+def log_records(save_dir: Path) -> List[tuple]:
+    """``(kind, record)`` of every json log line of every session, a resumed session's repeats dropped."""
+    records: Dict[tuple, dict] = {}
+    for line in (save_dir / "train.log").read_text().splitlines():
         m = re.search(r"\| (train_inner|valid|train) \| (\{.*\})$", line)
         if m:
-            records.append((m.group(1), json.loads(m.group(2))))
-    return {"records": records, "seconds": time.time() - start, "command": " ".join(cmd)}
+            rec = json.loads(m.group(2))
+            step = rec.get("num_updates", rec.get("valid_num_updates", rec.get("train_num_updates")))
+            records[(m.group(1), str(step))] = rec
+    return list(((k, r) for (k, _), r in records.items()))
 
 
 def eval_lm(opts, checkpoint: Path, split: str) -> float:
@@ -104,150 +184,303 @@ def fluctuation(opts, checkpoints: Sequence[Path], out_json: Path) -> Dict[str, 
     return json.loads(out_json.read_text())
 
 
-def run_one(opts, moe_type: str, seed: int) -> Dict[str, object]:
-    save_dir = opts.work / f"{moe_type}-seed{seed}"
-    done = save_dir / "result.json"
-    config = {k: str(v) for k, v in sorted(vars(opts).items()) if k not in ("out", "fresh", "types", "seeds", "work")}
-    cached = json.loads(done.read_text()) if done.exists() and not opts.fresh else None
-    if cached is not None and cached.get("config") == config:
-        print(f"[compare] {moe_type} seed {seed}: reusing {done} (--fresh retrains)", flush=True)
-        return cached
-    if save_dir.exists():
-        # an interrupted run: start it over rather than resume with another budget
-        shutil.rmtree(save_dir)
-    log = train(opts, moe_type, seed, save_dir)
+#: the options every run of a study shares (a run is reused only if they all match)
+SHARED = ("data", "layers", "dim", "ffn", "heads", "experts", "sublayers", "tokens_per_sample", "max_tokens",
+          "lr", "warmup", "clip_norm", "dropout", "checkpoints")
+
+
+def run_config(opts, run: Run) -> Dict[str, object]:
+    config = {k: (str(getattr(opts, k)) if isinstance(getattr(opts, k), Path) else getattr(opts, k)) for k in SHARED}
+    config.update(label=run.label, moe_type=run.moe_type, seed=run.seed, max_update=run.max_update,
+                  stage1_fraction=run.stage1_fraction, flags=list(run.flags),
+                  two_stage_updates=int(round(run.max_update * run.stage1_fraction)))
+    return config
+
+
+def wall_at(records: Sequence[tuple], update: int) -> Optional[float]:
+    """Training seconds up to ``update``: the sum of fairseq's per-interval ``train_wall``
+    (time in training steps, not validation or checkpointing; robust to resumes, unlike ``wall``)."""
+    steps = [(int(r["num_updates"]), float(r["train_wall"])) for k, r in records if k == "train_inner" and "train_wall" in r]
+    if not steps:
+        return None
+    return sum(w for u, w in steps if u <= update)
+
+
+def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
+    """Train (or resume, or reuse) one run, evaluate it, measure its routing fluctuation."""
+    save_dir = opts.work / run.name
+    config = run_config(opts, run)
+    done, started = save_dir / "result.json", save_dir / "config.json"
+    if done.exists() and not opts.fresh:
+        cached = json.loads(done.read_text())
+        if cached.get("config") == config:
+            print(f"[study] {run.name}: reusing {done} (--fresh retrains)", flush=True)
+            return cached
+    if save_dir.exists() and (opts.fresh or not started.exists() or json.loads(started.read_text()) != config):
+        shutil.rmtree(save_dir)  # another configuration: start over
+    resuming = (save_dir / "checkpoint_last.pt").exists()
+    save_dir.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps(config))
+    sessions = json.loads((save_dir / "sessions.json").read_text()) if (save_dir / "sessions.json").exists() else []
+    log = save_dir / "train.log"
+    if resuming and log.exists() and "done training" in log.read_text().rsplit("# session", 1)[-1]:
+        # trained to the end, stopped before its evaluation: resuming fairseq-train would add an update
+        print(f"[study] {run.name}: trained, evaluating", flush=True)
+    else:
+        print(f"[study] {run.name}: {'resuming' if resuming else 'training'} ({time.strftime('%H:%M:%S')})", flush=True)
+        sessions.append(train(opts, run, save_dir))
+    (save_dir / "sessions.json").write_text(json.dumps(sessions))
+
+    records = log_records(save_dir)
     final = save_dir / "checkpoint_last.pt"
     interval_ckpts = sorted(save_dir.glob("checkpoint_*_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
-    wps = [r["wps"] for kind, r in log["records"] if kind == "train_inner" and "wps" in r]
-    valid_curve = [(int(r["valid_num_updates"]), float(r["valid_ppl"])) for kind, r in log["records"] if kind == "valid"]
+    wps = [r["wps"] for kind, r in records if kind == "train_inner" and "wps" in r]
+    # (update, valid ppl, training seconds so far)
+    valid_curve = sorted((int(r["valid_num_updates"]), float(r["valid_ppl"]), wall_at(records, int(r["valid_num_updates"])))
+                         for kind, r in records if kind == "valid")
     result: Dict[str, object] = {
-        "moe_type": moe_type,
-        "seed": seed,
+        "moe_type": run.moe_type,
+        "label": run.label,
+        "study": run.study,
+        "seed": run.seed,
         "valid_ppl": eval_lm(opts, final, "valid"),
         "test_ppl": eval_lm(opts, final, "test"),
         "params": param_counts(final),
         "train_wps": statistics.median(float(w) for w in wps) if wps else float("nan"),
-        "train_seconds": log["seconds"],
+        "train_seconds": wall_at(records, run.max_update),  # training steps only
+        "session_seconds": sum(sessions),  # whole fairseq-train sessions (an interrupted one is not counted)
+        "sessions": len(sessions),
         "valid_curve": valid_curve,
     }
-    if moe_type != "dense" and len(interval_ckpts) >= 2:
+    if run.moe_type != "dense" and len(interval_ckpts) >= 2:
         fl = fluctuation(opts, interval_ckpts, save_dir / "fluctuation.json")
         result["fluctuation"] = [(p["to_update"], p["ratio"]) for p in fl["pairs"]]
+        result["last_fluctuation"] = fl.get("last_fluctuation")
         result["final_fluctuation"] = fl["final_pair_ratio"]
         result["late_share"] = fl["share_last_fluctuation_after_20pct"]
+        boundary = config["two_stage_updates"]
+        stage1 = [r for u, r in result["fluctuation"] if u <= boundary]
+        result["stage1_last_fluctuation"] = stage1[-1] if run.moe_type == "stablemoe" and stage1 else None
     result["config"] = config
     done.write_text(json.dumps(result))
-    print(f"[compare] {moe_type} seed {seed}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
+    print(f"[study] {run.name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
           f"{result['train_seconds']:.0f}s", flush=True)
     return result
 
 
-def _mean_spread(values: Sequence[float]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+def _mean_spread(values: Sequence[Optional[float]], scale: float = 1.0, unit: str = "") -> str:
+    values = [scale * v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit} (n={len(values)})"
 
 
-def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) -> None:
-    import matplotlib
-
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("compare_moe_types.py: the plots need matplotlib (a dependency of fairseq-stablemoe: pip install .)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _mean_curve(runs: Sequence[Dict[str, object]], column: int) -> List[tuple]:
+    """Seed-mean of the validation curves: ``(x, ppl)`` with x = update (column 0) or wall time (2)."""
+    by_update: Dict[int, List[tuple]] = {}
+    for r in runs:
+        for point in r["valid_curve"]:
+            by_update.setdefault(point[0], []).append(point)
+    out = []
+    for u in sorted(by_update):
+        pts = by_update[u]
+        if len(pts) == len(runs) and all(p[column] is not None for p in pts):
+            out.append((statistics.mean(p[column] for p in pts), statistics.mean(p[1] for p in pts)))
+    return out
+
+
+def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) -> None:
+    plt = _pyplot()
     out = opts.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    ppl_png, fl_png = out.with_name(out.stem + "_valid_ppl.png"), out.with_name(out.stem + "_fluctuation.png")
-    rows = []
-    fig1, ax1 = plt.subplots(figsize=(6, 4))
-    fig2, ax2 = plt.subplots(figsize=(6, 4))
-    for moe_type in opts.types:
-        runs = [r for r in results if r["moe_type"] == moe_type]
-        if not runs:
-            continue
-        p = runs[0]["params"]
-        fl = [r.get("final_fluctuation") for r in runs]
-        late = [r.get("late_share") for r in runs]
-        rows.append(
-            f"| {moe_type} | {_mean_spread([r['valid_ppl'] for r in runs])} | {_mean_spread([r['test_ppl'] for r in runs])} "
-            f"| {p['total'] / 1e6:.2f}M | {p['active'] / 1e6:.2f}M | {_mean_spread([r['train_wps'] for r in runs])} "
-            f"| {'n/a' if fl[0] is None else _mean_spread([100 * x for x in fl]) + '%'} "
-            f"| {'n/a' if late[0] is None else _mean_spread([100 * x for x in late]) + '%'} |"
-        )
-        curve = runs[0]["valid_curve"]
-        if curve:
-            ax1.plot([u for u, _ in curve], [v for _, v in curve], marker=".", label=moe_type)
-        if runs[0].get("fluctuation"):
-            ax2.plot([u for u, _ in runs[0]["fluctuation"]], [100 * x for _, x in runs[0]["fluctuation"]], marker=".", label=moe_type)
-    ax1.set_xlabel("update"), ax1.set_ylabel("validation perplexity"), ax1.set_yscale("log"), ax1.legend()
-    ax2.set_xlabel("update"), ax2.set_ylabel("tokens whose expert changed since the previous checkpoint (%)"), ax2.legend()
-    if opts.stage1_fraction > 0:
-        ax2.axvline(int(opts.max_update * opts.stage1_fraction), color="grey", linestyle=":", label="StableMoE stage 2")
-    for fig, path in ((fig1, ppl_png), (fig2, fl_png)):
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    seeds = sorted({r["seed"] for r in results})
+    stem = out.with_suffix("")
     text = [
-        "# StableMoE against its baselines at small scale",
+        "# StableMoE against its baselines: study results (generated)",
         "",
         f"Generated by `python examples/compare_moe_types.py {' '.join(argv)}` on {time.strftime('%Y-%m-%d')} "
-        f"(2 CPU cores; seeds {seeds}; mean ± standard deviation over seeds where there are several).",
+        "(mean ± sample standard deviation over seeds where there are several).",
         "",
-        f"Model: {opts.layers} dense decoder layers, d={opts.dim}, FFN {opts.ffn}, {opts.heads} heads, "
-        f"{opts.moe_layers} MoE layer(s) of {opts.experts} experts; {opts.max_update} updates of {opts.max_tokens} tokens, "
-        f"StableMoE stage 2 from update {int(opts.max_update * opts.stage1_fraction)}. Perplexities from `fairseq-eval-lm` "
-        "on the last checkpoint (inference routing: StableMoE's distilled router). Fluctuation: share of validation "
-        "tokens whose expert (with the routing training used at that update) changed between the last two checkpoints; "
-        "'late' is the share of tokens whose last fluctuation is past 20% of training (paper, Figure 2).",
-        "",
-        "| type | valid ppl | test ppl | params | active params | train words/s | final fluctuation | late (>20%) |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        f"![validation perplexity]({ppl_png.name})",
-        "",
-        f"![fluctuation]({fl_png.name})",
+        f"Model: {opts.layers} dense decoder layers, d={opts.dim}, FFN {opts.ffn}, {opts.heads} heads, one MoE layer "
+        f"of {opts.experts} experts x {opts.sublayers} sublayer(s) after the middle block (unless a run says "
+        f"otherwise); {opts.max_tokens} tokens per update ({opts.tokens_per_sample}-token samples), Adam, inverse-sqrt "
+        f"schedule (lr {opts.lr}, warmup {opts.warmup}), clip {opts.clip_norm}, dropout {opts.dropout}. Perplexities "
+        "from `fairseq-eval-lm` on the last checkpoint (inference routing: StableMoE's distilled router). Fluctuation: "
+        "share of validation tokens whose expert (with the routing training used at that update) changed between "
+        "consecutive checkpoints; 'late' is the share whose last change is past 20% of training (paper, Figure 2).",
         "",
     ]
+    main = [r for r in results if r["config"]["max_update"] == opts.max_update and not r["config"]["flags"]
+            and r["label"] in TYPES and (r["moe_type"] != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
+    if main:
+        text += [f"## Main comparison: {opts.max_update} updates, StableMoE stage 1 {100 * opts.stage1_fraction:.0f}%", "",
+                 "| type | seeds | valid ppl | test ppl | params | active | train s | final fluctuation | late (>20%) "
+                 "| StableMoE stage-1 last pair |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        (ax_upd, ax_wall), (ax_pair, ax_last) = axes
+        for t in opts.types:
+            runs = sorted((r for r in main if r["moe_type"] == t), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            p = runs[0]["params"]
+            text.append(
+                f"| {t} | {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in runs])} "
+                f"| {_mean_spread([r['test_ppl'] for r in runs])} | {p['total'] / 1e6:.2f}M | {p['active'] / 1e6:.2f}M "
+                f"| {_mean_spread([r['train_seconds'] for r in runs])} "
+                f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
+                f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
+                f"| {_mean_spread([r.get('stage1_last_fluctuation') for r in runs], 100, '%')} |")
+            for ax, col in ((ax_upd, 0), (ax_wall, 2)):
+                curve = _mean_curve(runs, col)
+                if curve:
+                    ax.plot([x for x, _ in curve], [y for _, y in curve], marker=".", label=t)
+            if runs[0].get("fluctuation"):
+                fl = runs[0]["fluctuation"]
+                ax_pair.plot([u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{t} (seed {runs[0]['seed']})")
+            last = runs[0].get("last_fluctuation")
+            if last:
+                ax_last.plot(last["update_pct"], [100 * c for c in last["cumulative_share"]], marker=".",
+                             label=f"{t} (seed {runs[0]['seed']})")
+        ax_upd.set(xlabel="update", ylabel="validation perplexity (seed mean)", yscale="log")
+        ax_wall.set(xlabel="training wall time (s, seed mean)", ylabel="validation perplexity", yscale="log",
+                    title="Figure 4: perplexity against wall time")
+        ax_pair.set(xlabel="update", ylabel="tokens whose expert changed since the previous checkpoint (%)",
+                    title="fluctuation between checkpoints")
+        ax_pair.axvline(opts.max_update * opts.stage1_fraction, color="grey", linestyle=":")
+        ax_last.set(xlabel="training progress (%)", ylabel="tokens whose last change is before it (%)",
+                    title="Figures 2 and 7: last fluctuation step")
+        for ax in axes.flat:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{stem}_main.png", dpi=110)
+        plt.close(fig)
+        text += ["", f"![main comparison]({Path(f'{stem}_main.png').name})", ""]
+
+    ablations = [r for r in results if r["study"] == "ablations"]
+    if ablations:
+        ref = [r["valid_ppl"] for r in ablations if r["label"] == "stablemoe"]
+        text += [f"## Ablations: {opts.ablation_update} updates (paper: Tables 4, 5, 6)", "",
+                 "| run | flags | stage 1 | seeds | valid ppl | test ppl | valid ppl - stablemoe |", "|---|---|---|---|---|---|---|"]
+        for label in dict.fromkeys(r["label"] for r in ablations):
+            runs = [r for r in ablations if r["label"] == label]
+            c = runs[0]["config"]
+            delta = (statistics.mean(r["valid_ppl"] for r in runs) - statistics.mean(ref)) if ref else float("nan")
+            text.append(f"| {label} | `{' '.join(c['flags']) or '-'}` | {100 * c['stage1_fraction']:.0f}% "
+                        f"| {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in runs])} "
+                        f"| {_mean_spread([r['test_ppl'] for r in runs])} | {delta:+.2f} |")
+        text.append("")
+
+    lengths = sorted({r["config"]["max_update"] for r in results if r["study"] == "length"})
+    if lengths:
+        def mean_at(t, u):
+            v = [r["valid_ppl"] for r in results if r["moe_type"] == t and r["label"] == t and not r["config"]["flags"]
+                 and r["config"]["max_update"] == u and (t != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
+            return statistics.mean(v) if v else None
+
+        text += ["## Training-length sweep (valid ppl, seed mean; StableMoE stage 1 at "
+                 f"{100 * opts.stage1_fraction:.0f}% of each length)", "",
+                 "| updates | " + " | ".join(opts.types) + " |", "|---" * (len(opts.types) + 1) + "|"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for t in opts.types:
+            pts = [(u, mean_at(t, u)) for u in lengths if mean_at(t, u) is not None]
+            if pts:
+                ax.plot([u for u, _ in pts], [v for _, v in pts], marker="o", label=t)
+        for u in lengths:
+            text.append(f"| {u} | " + " | ".join("n/a" if mean_at(t, u) is None else f"{mean_at(t, u):.2f}"
+                                                   for t in opts.types) + " |")
+        text += ["", "StableMoE ahead of (lower valid ppl than) each baseline at:", ""]
+        for t in opts.types:
+            if t == "stablemoe":
+                continue
+            ahead = [u for u in lengths if None not in (mean_at(t, u), mean_at("stablemoe", u))
+                     and mean_at("stablemoe", u) < mean_at(t, u)]
+            text.append(f"* {t}: {', '.join(map(str, ahead)) if ahead else 'none of the lengths run'}")
+        ax.set(xlabel="updates (run length)", ylabel="validation perplexity", xscale="log", yscale="log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(f"{stem}_length.png", dpi=110)
+        plt.close(fig)
+        text += ["", f"![length sweep]({Path(f'{stem}_length.png').name})", ""]
+
     out.write_text("\n".join(text))
-    (out.with_suffix(".json")).write_text(json.dumps(results, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 
 def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "runs/shakespeare/data-bin")
-    parser.add_argument("--work", type=Path, default=REPO / "runs/compare")
-    parser.add_argument("--out", type=Path, default=REPO / "docs/results.md")
+    parser.add_argument("--work", type=Path, default=REPO / "runs/study")
+    parser.add_argument("--out", type=Path, default=REPO / "docs/study_results.md",
+                        help="the report; its .json (one record per run) and _*.png plots go beside it")
+    parser.add_argument("--study", default="main", help=f"comma-separated, of {STUDIES}")
     parser.add_argument("--types", default=",".join(TYPES))
-    parser.add_argument("--seeds", default="1")
-    parser.add_argument("--max-update", type=int, default=1200)
-    parser.add_argument("--stage1-fraction", type=float, default=0.25, help="StableMoE's --two-stage-updates / --max-update")
+    parser.add_argument("--seeds", default="1,2,3", help="seeds of the main comparison")
+    parser.add_argument("--max-update", type=int, default=3000, help="updates of the main comparison")
+    parser.add_argument("--stage1-fraction", type=float, default=0.1, help="StableMoE's --two-stage-updates / --max-update")
+    parser.add_argument("--ablation-update", type=int, default=1500)
+    parser.add_argument("--ablation-seeds", default="1")
+    parser.add_argument("--lengths", default="500,1000,2000,3000", help="run lengths of the length sweep")
+    parser.add_argument("--length-seeds", default="1")
     parser.add_argument("--checkpoints", type=int, default=12, help="interval checkpoints per run (fluctuation points)")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--ffn", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--ffn", type=int, default=512)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--moe-layers", type=int, default=1)
+    parser.add_argument("--sublayers", type=int, default=1, help="sublayers per expert")
     parser.add_argument("--tokens-per-sample", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=0.002)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--clip-norm", type=float, default=0.1, help="the paper's 0.1")
+    parser.add_argument("--dropout", type=float, default=0.0, help="the paper's 0")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help="hours: start no new run after this long (the report covers the finished runs; "
+                        "run the same command again to go on)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs (and which are finished) and stop")
     parser.add_argument("--fresh", action="store_true",
-                        help="retrain every run (default: reuse a run's result.json from an earlier, identical study)")
+                        help="retrain every run (default: reuse finished runs, resume interrupted ones)")
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parser.parse_args(argv)
+    ints = lambda spec: [int(x) for x in str(spec).split(",") if x.strip()]  # noqa: E731
     opts.types = [t.strip() for t in opts.types.split(",") if t.strip()]
-    unknown = [t for t in opts.types if t not in TYPES]
+    opts.study = [t.strip() for t in opts.study.split(",") if t.strip()]
+    opts.seeds, opts.ablation_seeds = ints(opts.seeds), ints(opts.ablation_seeds)
+    opts.lengths, opts.length_seeds = ints(opts.lengths), ints(opts.length_seeds)
+    unknown = [t for t in opts.types if t not in TYPES] + [s for s in opts.study if s not in STUDIES]
     if unknown:
-        parser.error(f"unknown --types {unknown}: choose from {TYPES}")
+        parser.error(f"unknown --types/--study {unknown}: choose from {TYPES} / {STUDIES}")
     if not (opts.data / "dict.txt").exists():
-        parser.error(f"{opts.data} has no dict.txt: build the data with scripts/demo.sh first (or pass --data)")
+        parser.error(f"{opts.data} has no dict.txt: build the data with examples/shakespeare/prepare.py (or pass --data)")
     opts.work.mkdir(parents=True, exist_ok=True)
-    results = [run_one(opts, t, int(s)) for s in opts.seeds.split(",") for t in opts.types]
+    runs = plan(opts)
+    if opts.dry_run:
+        for r in runs:
+            state = "finished" if (opts.work / r.name / "result.json").exists() else (
+                "started" if (opts.work / r.name / "checkpoint_last.pt").exists() else "to run")
+            print(f"{r.name:45s} {r.study:10s} {' '.join(r.flags):60s} {state}")
+        print(f"{len(runs)} runs, {sum(r.max_update for r in runs)} updates in all")
+        return
+    start, results = time.time(), []
+    for i, run in enumerate(runs):
+        if opts.stop_after is not None and time.time() - start > opts.stop_after * 3600:
+            print(f"[study] --stop-after {opts.stop_after}h reached: {len(runs) - i} runs left for the next session")
+            break
+        print(f"[study] run {i + 1}/{len(runs)}", flush=True)
+        results.append(run_one(opts, run))
     write_report(opts, results, argv)
     print(opts.out.read_text())
 
