@@ -156,15 +156,23 @@ def experts_per_layer(model_state: Dict[str, Any]) -> Dict[str, int]:
 def optimizer_param_names(trainer: Trainer) -> Optional[List[str]]:
     """Name of the parameter behind every index of the optimizer's state dict.
 
-    None when the optimizer does not hold the model's own parameters (fairseq's
-    ``--fp16``/``--bf16`` optimizer keeps one flat fp32 copy of all of them):
-    such state cannot be split or merged by expert.
+    fairseq's ``--fp16``/``--bf16`` optimizer steps fp32 copies: with
+    ``--fp16-no-flatten-grads`` (and under ``--bf16``) one per parameter, in
+    the order of the trained parameters, named here after them. None when the
+    optimizer holds no per-parameter state (the flat ``--fp16`` copy: one fp32
+    vector for all parameters), which cannot be split or merged by expert.
     """
     names: Dict[int, str] = {}
     for n, p in trainer._model.named_parameters():
         names.setdefault(id(p), n)
     for n, p in trainer._criterion.named_parameters():
         names.setdefault(id(p), "criterion." + n)
+    fp16_params = getattr(trainer.optimizer, "fp16_params", None)
+    fp32_params = getattr(trainer.optimizer, "fp32_params", None)
+    if isinstance(fp32_params, list) and fp16_params is not None:
+        for p16, p32 in zip(fp16_params, fp32_params):
+            if id(p16) in names:
+                names.setdefault(id(p32), names[id(p16)])
     try:
         groups = trainer.optimizer.optimizer.param_groups
     except (AttributeError, NotImplementedError):

@@ -54,9 +54,10 @@ class ConsolidateError(RuntimeError):
 
 
 FLAT_OPTIMIZER = (
-    "holds fairseq's flat --fp16/--bf16 optimizer state (one fp32 vector for all of a rank's parameters), "
+    "holds fairseq's flat --fp16 optimizer state (one fp32 vector for all of a rank's parameters), "
     "which cannot be merged or split by expert: run again with --no-optimizer and resume training with "
-    "--reset-optimizer (or train with --memory-efficient-fp16, whose optimizer state is per parameter)"
+    "--reset-optimizer (or train with --fp16-no-flatten-grads or --memory-efficient-fp16, whose optimizer "
+    "state is per parameter)"
 )
 
 
