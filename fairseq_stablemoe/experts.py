@@ -1,6 +1,33 @@
-"""Expert networks: each expert is a stack of residual FFN sublayers."""
+"""Expert networks: each expert is a stack of residual FFN sublayers.
 
-from typing import Callable, List, Sequence
+How the local experts run on their segments of tokens is a backend, picked per
+call by :meth:`Experts.forward` from :data:`EXPERT_BACKENDS` (as megablocks'
+``dmlp_registry``):
+
+* ``loop``: each expert's own modules on its segment, one expert after the
+  other, or side by side in worker threads on a multi-threaded CPU
+  (:mod:`.expert_threads`). About 6 operators per expert and sublayer.
+* ``grouped_mm``: every sublayer's two matrix products for all experts at once
+  with ``torch.nn.functional.grouped_mm`` over the tokens sorted by expert
+  (jagged segments, no padding). The per-expert weights are stacked per call
+  (a copy of the busy experts' weights; their gradients flow back to each
+  expert's own parameters), so the checkpoint layout is unchanged. A fixed
+  number of operators whatever the number of experts.
+* ``padded_bmm``: the same with ``baddbmm`` over segments padded to the
+  largest one (``L x C`` rows, ``C`` the most tokens of one expert); any
+  device and dtype, at the price of the padding's arithmetic.
+
+``auto`` (the default): on CUDA ``grouped_mm`` where torch supports it for the
+dtype (bfloat16 on compute capability 8.0 or more), else ``padded_bmm``; on
+CPU ``loop``, which measured fastest there (README, performance section). The
+environment variable ``STABLEMOE_EXPERT_BACKEND`` or :attr:`Experts.backend`
+picks another. Every backend computes what ``loop`` computes (up to the
+rounding of the matrix products; ``tests/test_expert_backends.py``), and an
+expert without tokens gets no gradient on any of them.
+"""
+
+import os
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -90,11 +117,27 @@ class Experts(nn.ModuleList):
         for p in self.parameters():
             p.expert = True
             p.expert_replicas = replicas
+        #: ``auto`` or a key of :data:`EXPERT_BACKENDS` (not saved: the checkpoint layout is the same for all)
+        self.backend = os.environ.get("STABLEMOE_EXPERT_BACKEND", "auto")
+        if self.backend != "auto" and self.backend not in EXPERT_BACKENDS:
+            raise ValueError(
+                f"unknown expert backend {self.backend!r} (STABLEMOE_EXPERT_BACKEND): choose auto or one of "
+                f"{', '.join(EXPERT_BACKENDS)}"
+            )
+
+    def backend_for(self, features: torch.Tensor) -> str:
+        """The backend that runs ``features`` (:attr:`backend`, or the ``auto`` choice for its device and dtype)."""
+        if self.backend != "auto":
+            return self.backend
+        if features.device.type == "cuda":
+            return "grouped_mm" if grouped_mm_supported(features) else "padded_bmm"
+        return "loop"
 
     def forward(self, sorted_features: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Run each expert on its contiguous segment of tokens.
 
-        On a CPU with several intra-op threads the experts run side by side
+        The backend is :meth:`backend_for` (see the module doc); with ``loop`` on a
+        CPU with several intra-op threads the experts run side by side
         (see :mod:`.expert_threads`), else one after the other.
 
         Args:
@@ -104,17 +147,142 @@ class Experts(nn.ModuleList):
             ``(T, d)``: each expert's output minus its input (the residual
             update ``FFN_i(h)`` that the gate scales), in the same order.
         """
-        chunks = torch.split(sorted_features, list(counts))
-        busy = [i for i, chunk in enumerate(chunks) if chunk.shape[0] > 0]
-        if not busy:
+        counts = list(counts)
+        if not any(counts):
             # no token here (T = 0): return the empty input itself, not a new tensor, so
             # the result stays in the autograd graph and every process runs the same
             # all-to-alls in the backward (a detached result would leave the others waiting)
             return sorted_features
-        workers = num_workers(sorted_features, len(busy))
-        if workers > 1:
-            return run_experts(self, chunks, busy, sorted_features, workers)
-        outputs: List[torch.Tensor] = [self[i].update(chunks[i]) for i in busy]
-        if len(outputs) == 1:
-            return outputs[0]
-        return torch.cat(outputs, dim=0)
+        return EXPERT_BACKENDS[self.backend_for(sorted_features)](self, sorted_features, counts)
+
+
+def run_loop(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """``loop`` backend: every busy expert's own :meth:`Expert.update` on its segment."""
+    busy = [i for i, n in enumerate(counts) if n > 0]
+    if len(busy) == 1:
+        return experts[busy[0]].update(sorted_features)
+    chunks = torch.split(sorted_features, counts)
+    workers = num_workers(sorted_features, len(busy))
+    if workers > 1:
+        return run_experts(experts, chunks, busy, sorted_features, workers)
+    outputs: List[torch.Tensor] = [experts[i].update(chunks[i]) for i in busy]
+    return torch.cat(outputs, dim=0)
+
+
+def grouped_mm_supported(features: torch.Tensor) -> bool:
+    """Whether torch runs ``grouped_mm`` for ``features``' device and dtype with autograd."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if features.device.type == "cpu":
+        return features.dtype == torch.float32 or features.dtype == torch.bfloat16
+    if features.device.type == "cuda":
+        return features.dtype == torch.bfloat16 and torch.cuda.get_device_capability(features.device) >= (8, 0)
+    return False
+
+
+def _stacked(sublayers: Sequence[FFNSublayer]) -> Tuple[torch.Tensor, ...]:
+    """The sublayers' parameters stacked per kind (autograd copies; gradients go back to each sublayer).
+
+    Returns ``(norm weight, norm bias)`` ``(L, d)`` each, ``fc1`` as ``(L, d, f)``,
+    its bias ``(L, f)``, ``fc2`` as ``(L, f, d)``, its bias ``(L, d)``
+    (the matrices transposed views of the stacked ``(L, out, in)`` weights).
+    """
+    stack = lambda get: torch.stack([get(m) for m in sublayers])  # noqa: E731
+    return (
+        stack(lambda m: m.norm.weight), stack(lambda m: m.norm.bias),
+        stack(lambda m: m.fc1.weight).transpose(1, 2), stack(lambda m: m.fc1.bias),
+        stack(lambda m: m.fc2.weight).transpose(1, 2), stack(lambda m: m.fc2.bias),
+    )
+
+
+def _autocast_dtype(x: torch.Tensor):
+    """The dtype autocast gives matrix products on ``x``'s device, or None when it is off."""
+    kind = x.device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except (TypeError, AttributeError, RuntimeError):  # pragma: no cover - older torch or another device
+        return None
+
+
+def _products(x: torch.Tensor, params: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+    """Under autocast the matrix products run in its dtype, as ``nn.Linear`` does (the norm stays as it is)."""
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return params
+    return tuple(p.to(dtype) for p in params)
+
+
+def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """``grouped_mm`` backend: jagged segments, one grouped product per matrix and sublayer."""
+    busy = [i for i, n in enumerate(counts) if n > 0]
+    sizes = [counts[i] for i in busy]
+    device = sorted_features.device
+    offsets = torch.tensor(_cumsum(sizes), dtype=torch.int32).to(device, non_blocking=True)
+    # the local expert of every row (among the busy ones), for the per-expert vectors
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(len(busy), device=device), torch.tensor(sizes).to(device, non_blocking=True),
+        output_size=sorted_features.shape[0],
+    )
+
+    def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
+        norm_w, norm_b, *linear = _stacked(sublayers)
+        w1, b1, w2, b2 = _products(x, linear)
+        first = sublayers[0]
+        normed = F.layer_norm(x, x.shape[-1:], eps=first.norm.eps)
+        normed = torch.addcmul(norm_b.index_select(0, expert_of_row), normed, norm_w.index_select(0, expert_of_row))
+        hidden = F.grouped_mm(normed.to(w1.dtype), w1, offs=offsets) + b1.index_select(0, expert_of_row)
+        hidden = first.activation_fn(hidden)
+        return F.grouped_mm(hidden, w2, offs=offsets) + b2.index_select(0, expert_of_row)
+
+    return _sum_of_updates(experts, busy, sorted_features, residual)
+
+
+def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """``padded_bmm`` backend: segments padded to the largest, one ``baddbmm`` per matrix and sublayer."""
+    busy = [i for i, n in enumerate(counts) if n > 0]
+    sizes = [counts[i] for i in busy]
+    L, C, d = len(busy), max(sizes), sorted_features.shape[1]
+    device = sorted_features.device
+    starts = _cumsum([0] + sizes[:-1])
+    # row t of expert e (t-th of its segment) goes to padded row e * C + (t - start_e)
+    shift = torch.tensor([e * C - s for e, s in enumerate(starts)]).to(device, non_blocking=True)
+    slot = torch.arange(sorted_features.shape[0], device=device) + torch.repeat_interleave(
+        shift, torch.tensor(sizes).to(device, non_blocking=True), output_size=sorted_features.shape[0]
+    )
+    padded = sorted_features.new_zeros(L * C, d).index_copy(0, slot, sorted_features).view(L, C, d)
+
+    def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
+        norm_w, norm_b, *linear = _stacked(sublayers)
+        w1, b1, w2, b2 = _products(x, linear)
+        first = sublayers[0]
+        normed = F.layer_norm(x, x.shape[-1:], eps=first.norm.eps)
+        normed = torch.addcmul(norm_b.unsqueeze(1), normed, norm_w.unsqueeze(1))
+        hidden = first.activation_fn(torch.baddbmm(b1.unsqueeze(1), normed.to(w1.dtype), w1))
+        return torch.baddbmm(b2.unsqueeze(1), hidden, w2)
+
+    total = _sum_of_updates(experts, busy, padded, residual)
+    return total.view(L * C, d).index_select(0, slot)
+
+
+def _sum_of_updates(experts: Experts, busy: List[int], x: torch.Tensor, residual) -> torch.Tensor:
+    """``Expert.update`` for all busy experts at once: ``residual(x, sublayers)`` per sublayer depth."""
+    depth = len(experts[busy[0]])
+    total = None
+    for k in range(depth):
+        if k:
+            x = x + r
+        r = residual(x, [experts[i][k] for i in busy])
+        total = r if total is None else total + r
+    return total
+
+
+def _cumsum(values: Sequence[int]) -> List[int]:
+    out, acc = [], 0
+    for v in values:
+        acc += v
+        out.append(acc)
+    return out
+
+
+#: name -> ``run(experts, sorted_features, counts)`` (counts python ints, not all zero)
+EXPERT_BACKENDS: dict = {"loop": run_loop, "grouped_mm": run_grouped_mm, "padded_bmm": run_padded_bmm}

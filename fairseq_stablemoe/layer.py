@@ -39,7 +39,7 @@ from .dispatch import Dispatch, capacity_split
 from .experts import Expert, Experts
 from .health import CollapseMonitor
 from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
-from .router import BackboneRouter, DistilledRouter, make_finite
+from .router import BackboneRouter, DistilledRouter, finite_affinities
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class MoELayer(nn.Module):
         counts = gather_counts(plan.load, shard.world_size)
         host = counts.tolist()
         kept = capacity_split(host, self.capacity_factor)
-        load = counts.sum(0).to(torch.float32)
+        load = (counts.sum(0) if shard.is_parallel else plan.load).to(torch.float32)
         with _fp32(h):
             stats = dict(routing.stats, **self.aux_losses(routing, load, valid))
 
@@ -192,7 +192,6 @@ class MoELayer(nn.Module):
             dropped=torch.tensor(float(sum(host[shard.rank][:N]) - sum(kept[shard.rank]))),
         )
         return output.view_as(features), stats
-
 
     def _count(self, choice: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """``(N,)`` fp32 number of this process's non-pad tokens per expert."""
@@ -308,10 +307,8 @@ class StableMoELayer(MoELayer):
         """
         stage2 = self.in_stage2
         # backbone affinities (fp32, with grad: they feed the gate and the balance loss)
-        raw_scores = self.backbone(h)
-        finite_scores, nonfinite = make_finite(raw_scores.detach())
-        scores = torch.where(torch.isfinite(raw_scores), raw_scores, finite_scores)
-        backbone_choice = finite_scores.argmax(dim=1)
+        scores, nonfinite = finite_affinities(self.backbone(h))
+        backbone_choice = scores.argmax(dim=1)
 
         # distilled affinities; no autograd once the router is frozen or at inference
         router_tokens, steps = self._router_input if self._router_input is not None else (tokens, tokens.shape[0])
@@ -322,21 +319,22 @@ class StableMoELayer(MoELayer):
                 f"{self.layer_name}: the distilled router routed {distill_scores.shape[0]} tokens for "
                 f"{h.shape[0]} hidden states: pass token ids time first, (T, B), as the features (T, B, d)"
             )
-        finite_distill, nonfinite_distill = make_finite(distill_scores.detach())
-        distill_choice = finite_distill.argmax(dim=1)
+        with torch.no_grad():  # only its arg-max routes; the distillation loss reads the raw affinities
+            distill_choice, nonfinite_distill = finite_affinities(distill_scores)
+            distill_choice = distill_choice.argmax(dim=1)
 
         if self.training and not stage2:
             # the distillation target stays the backbone's top-1 (as the paper's code, also with BA)
             choice = backbone_choice
             if self.stage1_assignment == "balanced":
-                choice = balanced_assignment(self._libbase, finite_scores, backbone_choice, valid, self.num_experts)
+                choice = balanced_assignment(self._libbase, scores.detach(), backbone_choice, valid, self.num_experts)
         else:
             choice = distill_choice
         gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
         stats: Stats = {
-            "agree": ((backbone_choice == distill_choice).float() * valid).sum(),
+            "agree": backbone_choice.eq(distill_choice).float().dot(valid),
             "backbone_load": self._count(backbone_choice, valid),
-            "nonfinite": (nonfinite + nonfinite_distill).float(),
+            "nonfinite": nonfinite + nonfinite_distill,
             "stage": torch.tensor(2.0 if stage2 else 1.0),
         }
         scores_for_loss = None
@@ -375,12 +373,11 @@ class SwitchLayer(MoELayer):
         self.backbone = BackboneRouter(embed_dim, num_experts)
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
-        raw = self.backbone(h)
-        finite, nonfinite = make_finite(raw.detach())
-        probs = torch.softmax(torch.where(torch.isfinite(raw), raw, finite), dim=1)
-        choice = finite.argmax(dim=1)
+        scores, nonfinite = finite_affinities(self.backbone(h))
+        probs = torch.softmax(scores, dim=1)
+        choice = scores.argmax(dim=1)
         gate = probs.gather(1, choice.unsqueeze(1)).squeeze(1)
-        return Routing(choice, gate, {"nonfinite": nonfinite.float()}, probs)
+        return Routing(choice, gate, {"nonfinite": nonfinite}, probs)
 
     def aux_losses(self, routing: Routing, load: torch.Tensor, valid: torch.Tensor) -> Stats:
         frac = load / load.sum().clamp(min=1.0)
@@ -403,14 +400,12 @@ class BaseLayer(MoELayer):
         self._libbase = load_libbase("--moe-type base")
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
-        raw = self.backbone(h)
-        finite, nonfinite = make_finite(raw.detach())
-        choice = finite.argmax(dim=1)
+        scores, nonfinite = finite_affinities(self.backbone(h))
+        choice = scores.argmax(dim=1)
         if self.training:
-            choice = self._balanced(finite, choice, valid)
-        scores = torch.where(torch.isfinite(raw), raw, finite)
+            choice = self._balanced(scores.detach(), choice, valid)
         gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
-        return Routing(choice, gate, {"nonfinite": nonfinite.float()})
+        return Routing(choice, gate, {"nonfinite": nonfinite})
 
     def _balanced(self, scores: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return balanced_assignment(self._libbase, scores, greedy, valid, self.num_experts)

@@ -45,6 +45,24 @@ def make_finite(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.where(ok, scores, fill), num_bad
 
 
+def finite_affinities(raw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`make_finite` in one pass, keeping the gradient of the finite entries.
+
+    Args:
+        raw: ``(T, N)`` affinities, possibly with grad; not modified.
+    Returns:
+        ``(scores, num_replaced)``: ``scores`` equals ``make_finite(raw)[0]``
+        and has ``raw``'s gradient at its finite entries (none at the replaced
+        ones); ``num_replaced`` is a 0-dim fp32 count. Seven operators, no
+        host sync (``isfinite`` alone is four).
+    """
+    with torch.no_grad():
+        bad = (raw * 0).ne(0)  # inf * 0 and nan * 0 are nan; any finite value gives 0
+        num_bad = bad.sum(dtype=torch.float32)
+        fill = raw.masked_fill(bad, float("inf")).amin().nan_to_num(posinf=0.0)  # 0 if nothing is finite
+    return torch.where(bad, fill, raw), num_bad
+
+
 class BackboneRouter(nn.Module):
     """Expert centroids ``E`` (``N x d``, orthogonal init with gain 0.1).
 

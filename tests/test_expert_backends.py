@@ -1,0 +1,204 @@
+"""The grouped expert backends (``grouped_mm``, ``padded_bmm``) against the per-expert ``loop``.
+
+Forward, the gradient of the tokens and of every expert parameter (and which
+ones get none: an expert without tokens), alone and inside a layer in every
+routing mode; the checkpoint layout is the same whatever the backend; the
+number of ATen operators of the grouped paths does not grow with the number
+of experts.
+"""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fairseq_stablemoe.experts import EXPERT_BACKENDS, Experts
+
+GROUPED = ["grouped_mm", "padded_bmm"]
+D, F, PAD, VOCAB = 16, 32, 1, 50
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def random_experts(num: int, sublayers: int) -> Experts:
+    experts = Experts(num, D, F, sublayers, seed=7)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in experts.parameters():  # fc2 starts at zero: give every parameter a part to play
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] == D else 0.0))
+    return experts
+
+
+def run(experts: Experts, backend: str, x: torch.Tensor, counts, grad: torch.Tensor):
+    experts.backend = backend
+    experts.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = experts(x, counts)
+    (out * grad).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in experts.named_parameters()}
+
+
+def assert_same(got, want):
+    out, x_grad, grads = got
+    want_out, want_x_grad, want_grads = want
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_grad, want_x_grad, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for name, g in grads.items():
+        assert (g is None) == (want_grads[name] is None), name
+        if g is not None:
+            torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+@pytest.mark.parametrize("sublayers", [1, 2])
+@pytest.mark.parametrize("counts", [[5, 0, 7, 3], [0, 9, 0, 0], [1, 1, 1, 12]])
+def test_experts_equal_loop(backend, sublayers, counts):
+    experts = random_experts(len(counts), sublayers)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(counts), D, generator=g)
+    grad = torch.randn(sum(counts), D, generator=g)
+    assert_same(run(experts, backend, x, counts, grad), run(experts, "loop", x, counts, grad))
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+def test_experts_without_tokens(backend):
+    experts = random_experts(3, 1)
+    experts.backend = backend
+    x = torch.randn(0, D, requires_grad=True)
+    out = experts(x, [0, 0, 0])
+    assert out.shape == (0, D) and out.requires_grad
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+def test_experts_under_autocast(backend):
+    experts = random_experts(3, 2)
+    x = torch.randn(12, D)
+    outs = {}
+    for name in ("loop", backend):
+        experts.backend = name
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[name] = experts(x, [4, 5, 3])
+    assert outs[backend].dtype == outs["loop"].dtype == torch.bfloat16
+    # bfloat16 keeps 8 bits: the grouped paths round the product and its bias separately
+    torch.testing.assert_close(outs[backend].float(), outs["loop"].float(), rtol=4e-2, atol=1e-1)
+
+
+def layer_of(kind: str):
+    from fairseq_stablemoe.layer import HashLayer, StableMoELayer, SwitchLayer
+
+    torch.manual_seed(0)
+    if kind == "switch":
+        return SwitchLayer(D, F, 4, 2, PAD)
+    if kind == "hash":
+        return HashLayer(D, F, 4, 2, PAD, symbols=[f"w{i}" for i in range(VOCAB)])
+    return StableMoELayer(D, F, 4, 2, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=10,
+                          capacity_factor=0.9 if kind == "capacity" else None)
+
+
+MODES = [("stage1", 0, True), ("stage2", 20, True), ("inference", 20, False), ("capacity", 0, True),
+         ("switch", 0, True), ("hash", 0, True)]
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+@pytest.mark.parametrize("mode, updates, training", MODES, ids=[m[0] for m in MODES])
+def test_layer_equal_loop(backend, mode, updates, training):
+    layer = layer_of(mode)
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.2)
+    if hasattr(layer, "two_stage_updates"):
+        layer.set_num_updates(updates)
+    layer.train(training)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(7, 3, D, generator=g)
+    tokens = torch.randint(PAD + 1, VOCAB, (7, 3), generator=g)
+    tokens[5:, 2] = PAD
+    results = {}
+    for name in ("loop", backend):
+        layer.experts.backend = name
+        layer.zero_grad(set_to_none=True)
+        x = h.clone().requires_grad_()
+        torch.manual_seed(3)  # the capacity's random overflow draw
+        out, stats = layer(x, tokens)
+        if training:
+            loss = (out * h).sum() + stats.get("balance_loss", 0) + stats.get("distill_loss", 0)
+            loss.backward()
+        grads = {n: p.grad for n, p in layer.named_parameters()}
+        results[name] = (out.detach(), x.grad, grads, stats)
+    out, x_grad, grads, stats = results[backend]
+    want_out, want_x_grad, want_grads, want_stats = results["loop"]
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    if training:
+        torch.testing.assert_close(x_grad, want_x_grad, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        assert (grad is None) == (want_grads[name] is None), name
+        if grad is not None:
+            torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert stats.keys() == want_stats.keys()
+    for key, value in stats.items():
+        torch.testing.assert_close(value.detach(), want_stats[key].detach(), rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+def test_checkpoint_layout_unchanged(backend, monkeypatch):
+    from fairseq_stablemoe.layer import StableMoELayer
+
+    monkeypatch.setenv("STABLEMOE_EXPERT_BACKEND", backend)
+    torch.manual_seed(0)
+    grouped = StableMoELayer(D, F, 4, 2, vocab_size=VOCAB, padding_idx=PAD)
+    assert grouped.experts.backend == backend
+    monkeypatch.delenv("STABLEMOE_EXPERT_BACKEND")
+    torch.manual_seed(0)
+    loop = StableMoELayer(D, F, 4, 2, vocab_size=VOCAB, padding_idx=PAD)
+    assert loop.experts.backend == "auto" and loop.experts.backend_for(torch.zeros(1, D)) == "loop"
+    a, b = grouped.state_dict(), loop.state_dict()
+    assert list(a) == list(b) and "experts.3.1.fc1.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # one backend's checkpoint loads into the other and gives the same outputs
+    with torch.no_grad():
+        for p in loop.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    grouped.load_state_dict(loop.state_dict())
+    grouped.eval(), loop.eval()
+    h, tokens = torch.randn(6, 2, D), torch.randint(PAD + 1, VOCAB, (6, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(h, tokens)[0], loop(h, tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv("STABLEMOE_EXPERT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="grouped_mm"):
+        Experts(2, D, F, 1)
+    assert set(EXPERT_BACKENDS) == {"loop", "grouped_mm", "padded_bmm"}
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+def test_grouped_op_count_does_not_grow_with_experts(backend, monkeypatch):
+    """One thread, so that every operator runs in this thread's dispatch mode."""
+    from fairseq_stablemoe.layer import StableMoELayer
+
+    monkeypatch.setenv("STABLEMOE_EXPERT_BACKEND", backend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        counts = {}
+        for n in (4, 16):
+            torch.manual_seed(0)
+            layer = StableMoELayer(D, F, n, 1, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=0).eval()
+            h, tokens = torch.randn(64, D), torch.arange(64) % (VOCAB - 2) + 2  # every expert busy or not: same
+            with torch.no_grad(), OpCount() as ops:
+                layer(h, tokens)
+            counts[n] = sum(ops.ops.values())
+    finally:
+        torch.set_num_threads(threads)
+    assert counts[4] == counts[16], counts
