@@ -25,12 +25,24 @@ script re-runs itself with glibc's mmap and trim thresholds fixed high, so that
 no case pays for page faults that another does not (the dense FFN's 64 MB
 buffers are otherwise faulted in on every call): see ``benchmarks/allocator.py``.
 
+``ops`` is the number of ATen operators one forward dispatches (for the
+training cases ``ops_fwd_bwd`` that of forward and backward), counted with a
+``TorchDispatchMode`` on one intra-op thread (so experts that would run in
+worker threads run in the counting thread), next to the dense FFN's
+(``dense_ops``). ``kernels`` leaves out the operators that only make a view
+(``view``, ``t``, ``transpose``, ``slice``, ...): on a GPU, about the kernel
+launches. The expert backend is ``--backend`` (default ``auto``: see
+:mod:`fairseq_stablemoe.experts`).
+
+``--device cuda`` runs the same on a GPU (timings after ``torch.cuda.synchronize``).
+
 Prints one line per case:
 
-    case=<stage1|stage2|inference|fairscale_top2|switch|base|hash> experts=<N> ms=<median> mem_ratio=<x> ratio_vs_dense=<x>
+    case=<stage1|stage2|inference|fairscale_top2|switch|base|hash> experts=<N> ms=<median> mem_ratio=<x> ratio_vs_dense=<x> ops=<n> kernels=<n> [ops_fwd_bwd=<n> kernels_fwd_bwd=<n>]
 
     python benchmarks/moe_layer.py            # N in {4, 16, 64}
     python benchmarks/moe_layer.py --quick    # N = 16 only
+    python benchmarks/moe_layer.py --backend grouped_mm --tokens 4096 --dim 256 --ffn 1024 --experts 8 32
 """
 
 import argparse
@@ -140,6 +152,60 @@ def in_expert_threads(tracker: PeakLiveBytes):
         Expert.update = plain
 
 
+#: operators that only make a view or alias of their input (no kernel on a GPU)
+VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "slice", "select", "unsqueeze", "squeeze", "expand",
+            "detach", "alias", "as_strided", "_reshape_alias", "unbind", "split", "split_with_sizes", "lift_fresh",
+            "_to_copy_noop", "reshape", "narrow", "view_as"}
+
+
+class OpCount(TorchDispatchMode):
+    """ATen operators dispatched in this thread while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func.overloadpacket.__name__ not in VIEW_OPS:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor) -> Dict[str, int]:
+    """Operators of one forward (and of forward+backward when ``train``), on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        counts = {}
+        for with_backward in ([False, True] if train else [False]):
+            counter = OpCount()
+            if hasattr(layer, "set_num_updates"):
+                layer.set_num_updates(1 if stage2 else 0)
+            layer.train(train)
+            layer.zero_grad(set_to_none=True)
+            x = h.detach().requires_grad_(train)
+            with torch.set_grad_enabled(train), counter:
+                out = layer(x, tokens)
+                if with_backward:
+                    out, stats = out
+                    loss = (out * g).sum()
+                    if stats:
+                        loss = loss + 0.3 * stats.get("balance_loss", 0.0) + 0.3 * stats.get("distill_loss", 0.0)
+                    loss.backward()
+            suffix = "_fwd_bwd" if with_backward else ""
+            counts["ops" + suffix], counts["kernels" + suffix] = counter.ops, counter.kernels
+        return counts
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def dense_layer(d: int, f: int) -> nn.Module:
     return DenseFFNLayer(d, f, 1)
 
@@ -153,8 +219,9 @@ def fairscale_top2(d: int, f: int, n: int) -> nn.Module:
     return MOELayer(Top2Gate(d, n), experts)
 
 
-def make_cases(d: int, f: int, n: int, with_fairscale: bool) -> Dict[str, Callable]:
+def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "auto") -> Dict[str, Callable]:
     """``name -> (layer, train, stage2)``; each layer is called as ``layer(h, tokens)``."""
+    os.environ["STABLEMOE_EXPERT_BACKEND"] = backend
     stable = StableMoELayer(d, f, n, 1, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=1)
     cases = {
         "stage1": (stable, True, False),
@@ -178,6 +245,7 @@ def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Te
     layer.train(train)
     # as fairseq's optimizer.zero_grad: every step starts without gradient buffers
     layer.zero_grad(set_to_none=True)
+    _sync(h.device)
     start = time.perf_counter()
     if not train:
         with torch.no_grad():
@@ -186,6 +254,7 @@ def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Te
                     out = layer(h, tokens)
             else:
                 out = layer(h, tokens)
+        _sync(h.device)
         return time.perf_counter() - start
     x = h.detach().requires_grad_()
     ctx = track if track is not None else _Null()
@@ -201,6 +270,7 @@ def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Te
                 aux = 0.3 * stats.get("balance_loss", 0.0) + 0.3 * stats.get("distill_loss", 0.0)
         loss = (out * g).sum() + aux
     loss.backward()
+    _sync(h.device)
     return time.perf_counter() - start
 
 
@@ -220,11 +290,15 @@ def reference(case: str) -> str:
 def measure(opts, n: int) -> None:
     torch.manual_seed(0)
     d, f, T = opts.dim, opts.ffn, opts.tokens
-    h = torch.randn(T, d)
-    tokens = torch.randint(4, VOCAB, (T,))
-    g = torch.randn(T, d) / T
-    dense = dense_layer(d, f)
-    cases = make_cases(d, f, n, not opts.no_fairscale)
+    device = torch.device(opts.device)
+    h = torch.randn(T, d, device=device)
+    tokens = torch.randint(4, VOCAB, (T,), device=device)
+    g = torch.randn(T, d, device=device) / T
+    dense = dense_layer(d, f).to(device)
+    cases = {
+        name: (layer.to(device), train, stage2)
+        for name, (layer, train, stage2) in make_cases(d, f, n, not opts.no_fairscale, opts.backend).items()
+    }
     runs = {"dense_train": (dense, True, False), "dense_infer": (dense, False, False), **cases}
     # routing sanity: the assignment is not degenerate
     stable = cases["stage1"][0]
@@ -243,6 +317,7 @@ def measure(opts, n: int) -> None:
         flush=True,
     )
 
+    ops = {name: count_ops(*runs[name], h, tokens, g) for name in runs if name != "fairscale_top2"}
     peaks = {}
     for name, (layer, train, stage2) in runs.items():
         tracker = PeakLiveBytes()
@@ -266,12 +341,15 @@ def measure(opts, n: int) -> None:
     med = {name: statistics.median(v) * 1000 for name, v in times.items()}
     for name in cases:
         ref = reference(name)
+        counted = " ".join(f"{k}={v}" for k, v in ops.get(name, {}).items())
         print(
             f"case={name} experts={n} ms={med[name]:.1f} mem_ratio={peaks[name] / peaks[ref]:.2f} "
-            f"ratio_vs_dense={statistics.median(ratios[name]):.3f}",
+            f"ratio_vs_dense={statistics.median(ratios[name]):.3f} {counted}".rstrip(),
             flush=True,
         )
-    print(f"# experts={n}: dense ms train={med['dense_train']:.1f} inference={med['dense_infer']:.1f}", flush=True)
+    dense_ops = " ".join(f"{k}={v}" for k, v in ops["dense_train"].items())
+    print(f"# experts={n}: dense ms train={med['dense_train']:.1f} inference={med['dense_infer']:.1f}; "
+          f"dense {dense_ops}", flush=True)
 
 
 def main() -> None:
@@ -285,15 +363,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-fairscale", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU, when there is one)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped_mm", "padded_bmm"],
+                        help="the experts' backend (fairseq_stablemoe.experts.EXPERT_BACKENDS)")
     parser.add_argument("--steady-malloc", action="store_true",
                         help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")
     opts = parser.parse_args()
+    if opts.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no GPU visible to torch")
+        opts.no_fairscale = True  # its gloo process group and one-hot einsums are a CPU baseline here
     allocator = steady_malloc(opts.steady_malloc)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (cpu count {os.cpu_count()}), "
-          f"T={opts.tokens} d={opts.dim} f={opts.ffn}, median of {opts.repeats} rounds, each case paired with "
-          f"a dense run; {allocator}", flush=True)
+          f"T={opts.tokens} d={opts.dim} f={opts.ffn}, device {opts.device}, expert backend {opts.backend}, "
+          f"median of {opts.repeats} rounds, each case paired with a dense run; {allocator}", flush=True)
     for n in [16] if opts.quick else opts.experts:
         measure(opts, n)
 

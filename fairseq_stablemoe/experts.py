@@ -181,17 +181,19 @@ def grouped_mm_supported(features: torch.Tensor) -> bool:
 
 
 def _stacked(sublayers: Sequence[FFNSublayer]) -> Tuple[torch.Tensor, ...]:
-    """The sublayers' parameters stacked per kind (autograd copies; gradients go back to each sublayer).
+    """The sublayers' parameters stacked (autograd copies; the gradients go back to each sublayer's own).
 
-    Returns ``(norm weight, norm bias)`` ``(L, d)`` each, ``fc1`` as ``(L, d, f)``,
-    its bias ``(L, f)``, ``fc2`` as ``(L, f, d)``, its bias ``(L, d)``
-    (the matrices transposed views of the stacked ``(L, out, in)`` weights).
+    Returns ``(vectors, w1, b1, w2)``: ``vectors`` ``(3, L, d)`` the norm weights,
+    norm biases and ``fc2`` biases (one copy for the three), ``w1`` ``(L, d, f)``,
+    ``b1`` ``(L, f)``, ``w2`` ``(L, f, d)`` (the matrices transposed views of the
+    stacked ``(L, out, in)`` weights).
     """
-    stack = lambda get: torch.stack([get(m) for m in sublayers])  # noqa: E731
+    vectors = [m.norm.weight for m in sublayers] + [m.norm.bias for m in sublayers] + [m.fc2.bias for m in sublayers]
     return (
-        stack(lambda m: m.norm.weight), stack(lambda m: m.norm.bias),
-        stack(lambda m: m.fc1.weight).transpose(1, 2), stack(lambda m: m.fc1.bias),
-        stack(lambda m: m.fc2.weight).transpose(1, 2), stack(lambda m: m.fc2.bias),
+        torch.stack(vectors).view(3, len(sublayers), -1),
+        torch.stack([m.fc1.weight for m in sublayers]).transpose(1, 2),
+        torch.stack([m.fc1.bias for m in sublayers]),
+        torch.stack([m.fc2.weight for m in sublayers]).transpose(1, 2),
     )
 
 
@@ -220,19 +222,18 @@ def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List
     offsets = torch.tensor(_cumsum(sizes), dtype=torch.int32).to(device, non_blocking=True)
     # the local expert of every row (among the busy ones), for the per-expert vectors
     expert_of_row = torch.repeat_interleave(
-        torch.arange(len(busy), device=device), torch.tensor(sizes).to(device, non_blocking=True),
-        output_size=sorted_features.shape[0],
+        torch.tensor(sizes).to(device, non_blocking=True), output_size=sorted_features.shape[0]
     )
 
     def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
-        norm_w, norm_b, *linear = _stacked(sublayers)
-        w1, b1, w2, b2 = _products(x, linear)
+        vectors, *linear = _stacked(sublayers)
+        w1, b1, w2 = _products(x, linear)
+        norm_w, norm_b, b2 = vectors.index_select(1, expert_of_row).unbind(0)  # (T, d) each
         first = sublayers[0]
-        normed = F.layer_norm(x, x.shape[-1:], eps=first.norm.eps)
-        normed = torch.addcmul(norm_b.index_select(0, expert_of_row), normed, norm_w.index_select(0, expert_of_row))
+        normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
         hidden = F.grouped_mm(normed.to(w1.dtype), w1, offs=offsets) + b1.index_select(0, expert_of_row)
-        hidden = first.activation_fn(hidden)
-        return F.grouped_mm(hidden, w2, offs=offsets) + b2.index_select(0, expert_of_row)
+        out = F.grouped_mm(first.activation_fn(hidden), w2, offs=offsets)
+        return out + b2.to(out.dtype)
 
     return _sum_of_updates(experts, busy, sorted_features, residual)
 
@@ -252,13 +253,13 @@ def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List
     padded = sorted_features.new_zeros(L * C, d).index_copy(0, slot, sorted_features).view(L, C, d)
 
     def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
-        norm_w, norm_b, *linear = _stacked(sublayers)
-        w1, b1, w2, b2 = _products(x, linear)
+        vectors, *linear = _stacked(sublayers)
+        w1, b1, w2 = _products(x, linear)
+        norm_w, norm_b, b2 = vectors.unsqueeze(2).unbind(0)  # (L, 1, d) each
         first = sublayers[0]
-        normed = F.layer_norm(x, x.shape[-1:], eps=first.norm.eps)
-        normed = torch.addcmul(norm_b.unsqueeze(1), normed, norm_w.unsqueeze(1))
+        normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
         hidden = first.activation_fn(torch.baddbmm(b1.unsqueeze(1), normed.to(w1.dtype), w1))
-        return torch.baddbmm(b2.unsqueeze(1), hidden, w2)
+        return torch.baddbmm(b2.to(hidden.dtype), hidden, w2)
 
     total = _sum_of_updates(experts, busy, padded, residual)
     return total.view(L * C, d).index_select(0, slot)
