@@ -39,7 +39,7 @@ from .dispatch import Dispatch, capacity_split
 from .experts import Expert, Experts
 from .health import CollapseMonitor
 from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
-from .router import BackboneRouter, DistilledRouter, finite_affinities
+from .router import BackboneRouter, DistilledRouter, finite_affinities, top1
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class StableMoELayer(MoELayer):
         stage2 = self.in_stage2
         # backbone affinities (fp32, with grad: they feed the gate and the balance loss)
         scores, nonfinite = finite_affinities(self.backbone(h))
-        backbone_choice = scores.argmax(dim=1)
+        backbone_choice = top1(scores)
 
         # distilled affinities; no autograd once the router is frozen or at inference
         router_tokens, steps = self._router_input if self._router_input is not None else (tokens, tokens.shape[0])
@@ -321,7 +321,7 @@ class StableMoELayer(MoELayer):
             )
         with torch.no_grad():  # only its arg-max routes; the distillation loss reads the raw affinities
             distill_choice, nonfinite_distill = finite_affinities(distill_scores)
-            distill_choice = distill_choice.argmax(dim=1)
+            distill_choice = top1(distill_choice)
 
         if self.training and not stage2:
             # the distillation target stays the backbone's top-1 (as the paper's code, also with BA)
@@ -375,7 +375,7 @@ class SwitchLayer(MoELayer):
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         scores, nonfinite = finite_affinities(self.backbone(h))
         probs = torch.softmax(scores, dim=1)
-        choice = scores.argmax(dim=1)
+        choice = top1(scores)
         gate = probs.gather(1, choice.unsqueeze(1)).squeeze(1)
         return Routing(choice, gate, {"nonfinite": nonfinite}, probs)
 
@@ -401,7 +401,7 @@ class BaseLayer(MoELayer):
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         scores, nonfinite = finite_affinities(self.backbone(h))
-        choice = scores.argmax(dim=1)
+        choice = top1(scores)
         if self.training:
             choice = self._balanced(scores.detach(), choice, valid)
         gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
