@@ -312,7 +312,8 @@ def test_consolidate_refusals(run_a, tmp_path, capsys):
         }
         torch.save(state, path)
     err = fails(tmp_path / "x.pt")
-    assert "flat --fp16/--bf16 optimizer state" in err and "--no-optimizer" in err and "--reset-optimizer" in err
+    assert "flat --fp16 optimizer state" in err and "--no-optimizer" in err and "--reset-optimizer" in err
+    assert "--fp16-no-flatten-grads" in err
     _consolidate(tmp_path / "x.pt", "--no-optimizer")
     assert "last_optimizer_state" not in load(tmp_path / "x.pt")
     assert "exists: pass --force" in fails(tmp_path / "x.pt", "--no-optimizer")
