@@ -189,8 +189,19 @@ SHARED = ("data", "layers", "dim", "ffn", "heads", "experts", "sublayers", "toke
           "lr", "warmup", "clip_norm", "dropout", "checkpoints")
 
 
+def data_fingerprint(data: Path) -> str:
+    """The binarised data's identity (its dictionary and the splits' indexes), not its path."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name in ("dict.txt", "train.idx", "valid.idx", "test.idx"):
+        if (data / name).exists():
+            digest.update((data / name).read_bytes())
+    return "sha1:" + digest.hexdigest()[:16]
+
+
 def run_config(opts, run: Run) -> Dict[str, object]:
-    config = {k: (str(getattr(opts, k)) if isinstance(getattr(opts, k), Path) else getattr(opts, k)) for k in SHARED}
+    config = {k: (data_fingerprint(opts.data) if k == "data" else getattr(opts, k)) for k in SHARED}
     config.update(label=run.label, moe_type=run.moe_type, seed=run.seed, max_update=run.max_update,
                   stage1_fraction=run.stage1_fraction, flags=list(run.flags),
                   two_stage_updates=int(round(run.max_update * run.stage1_fraction)))
@@ -211,11 +222,13 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
     save_dir = opts.work / run.name
     config = run_config(opts, run)
     done, started = save_dir / "result.json", save_dir / "config.json"
-    if done.exists() and not opts.fresh:
-        cached = json.loads(done.read_text())
-        if cached.get("config") == config:
-            print(f"[study] {run.name}: reusing {done} (--fresh retrains)", flush=True)
-            return cached
+    kept = opts.records / f"{run.name}.json"  # committed: finished runs survive the session's work dir
+    for path in (kept, done):
+        if path.exists() and not opts.fresh:
+            cached = json.loads(path.read_text())
+            if cached.get("config") == config:
+                print(f"[study] {run.name}: reusing {path.name} (--fresh retrains)", flush=True)
+                return cached
     if save_dir.exists() and (opts.fresh or not started.exists() or json.loads(started.read_text()) != config):
         shutil.rmtree(save_dir)  # another configuration: start over
     resuming = (save_dir / "checkpoint_last.pt").exists()
@@ -263,6 +276,8 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
         result["stage1_last_fluctuation"] = stage1[-1] if run.moe_type == "stablemoe" and stage1 else None
     result["config"] = config
     done.write_text(json.dumps(result))
+    opts.records.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(result, indent=1) + "\n")
     print(f"[study] {run.name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
           f"{result['train_seconds']:.0f}s", flush=True)
     return result
@@ -425,6 +440,9 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs/study")
     parser.add_argument("--out", type=Path, default=REPO / "docs/study_results.md",
                         help="the report; its .json (one record per run) and _*.png plots go beside it")
+    parser.add_argument("--records", type=Path, default=REPO / "docs/study_runs",
+                        help="one JSON record per finished run, kept in the repository: a later session reuses "
+                        "them (the work directory with the checkpoints need not survive)")
     parser.add_argument("--study", default="main", help=f"comma-separated, of {STUDIES}")
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the main comparison")
@@ -469,7 +487,8 @@ def main(argv: Sequence[str] = None) -> None:
     runs = plan(opts)
     if opts.dry_run:
         for r in runs:
-            state = "finished" if (opts.work / r.name / "result.json").exists() else (
+            state = "finished" if (opts.records / f"{r.name}.json").exists() or (
+                opts.work / r.name / "result.json").exists() else (
                 "started" if (opts.work / r.name / "checkpoint_last.pt").exists() else "to run")
             print(f"{r.name:45s} {r.study:10s} {' '.join(r.flags):60s} {state}")
         print(f"{len(runs)} runs, {sum(r.max_update for r in runs)} updates in all")
