@@ -364,7 +364,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-fairscale", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU, when there is one)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "loop", "grouped_mm", "padded_bmm"],
+    parser.add_argument("--backend", default="auto", choices=["auto", "loop", "threads", "grouped_mm", "padded_bmm"],
                         help="the experts' backend (fairseq_stablemoe.experts.EXPERT_BACKENDS)")
     parser.add_argument("--steady-malloc", action="store_true",
                         help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")

@@ -1,18 +1,15 @@
-"""Running the experts side by side on CPU cores.
+"""Running the experts side by side on CPU cores (the ``threads`` expert backend).
 
 On a CPU, a top-1 MoE layer's expert work is ``N`` small matrix products of
-about ``T / N`` rows each. Run one after the other, each product is split
-across all intra-op threads, and at ~128 rows that split costs a good part of
-the speed. So on a CPU with more than one intra-op thread, :func:`run_experts`
-hands the experts to a pool of worker threads (at most one per intra-op
-thread; largest expert first, each worker taking the next expert when it is
-free), each running whole experts with ``torch.get_num_threads() // workers``
-threads of its own; the operators release the GIL while they compute. Each
-worker writes its experts' results into one output buffer. Measured with
-``python benchmarks/expert_compute.py --steady-malloc`` (2 cores, T=8192, d=512, f=2048, the
-experts' forward+backward over a dense FFN's): N=64 1.21 side by side against
-1.48 one after the other (torch's ``grouped_mm`` on stacked weights: 1.54);
-N=16 1.02 against 1.12 (1.19).
+about ``T / N`` rows each. :func:`run_experts` hands the experts to a pool of
+worker threads (at most one per intra-op thread; largest expert first, each
+worker taking the next expert when it is free), each running whole experts
+with ``torch.get_num_threads() // workers`` threads of its own; the operators
+release the GIL while they compute. Each worker writes its experts' results
+into one output buffer. It is not the default: on the 2-core CPU measured,
+the experts one after the other, each product on all threads, were as fast or
+faster at every shape measured (README, performance section); pick it with
+``STABLEMOE_EXPERT_BACKEND=threads`` where it measures faster.
 
 What each expert computes is what the sequential loop computes: its own
 ``Expert.update`` on its own tokens, with the same number of intra-op threads
@@ -29,7 +26,7 @@ threads (one on a 2-core machine), so results equal a run with that many
 intra-op threads bit for bit (``tests/test_expert_threads.py``) and may differ
 in the last bits from a run whose expert GEMMs use all threads.
 
-Used only where it can help and is safe: CPU tensors, more than one intra-op
+Used only where it can run and is safe: CPU tensors, more than one intra-op
 thread, at least two experts with tokens, no autocast, not under
 ``torch.compile``; otherwise the experts run one after the other (so
 ``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` turns it off, as in the

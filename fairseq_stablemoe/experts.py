@@ -5,8 +5,11 @@ call by :meth:`Experts.forward` from :data:`EXPERT_BACKENDS` (as megablocks'
 ``dmlp_registry``):
 
 * ``loop``: each expert's own modules on its segment, one expert after the
-  other, or side by side in worker threads on a multi-threaded CPU
-  (:mod:`.expert_threads`). About 6 operators per expert and sublayer.
+  other (each matrix product on all intra-op threads). About 6 operators per
+  expert and sublayer in the forward.
+* ``threads``: the same modules side by side in worker threads, one intra-op
+  thread each, on a multi-threaded CPU (:mod:`.expert_threads`; ``loop``
+  elsewhere).
 * ``grouped_mm``: every sublayer's two matrix products for all experts at once
   with ``torch.nn.functional.grouped_mm`` over the tokens sorted by expert
   (jagged segments, no padding). The per-expert weights are stacked per call
@@ -136,9 +139,7 @@ class Experts(nn.ModuleList):
     def forward(self, sorted_features: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Run each expert on its contiguous segment of tokens.
 
-        The backend is :meth:`backend_for` (see the module doc); with ``loop`` on a
-        CPU with several intra-op threads the experts run side by side
-        (see :mod:`.expert_threads`), else one after the other.
+        The backend is :meth:`backend_for` (see the module doc).
 
         Args:
             sorted_features: ``(T, d)`` tokens sorted by expert.
@@ -157,16 +158,21 @@ class Experts(nn.ModuleList):
 
 
 def run_loop(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
-    """``loop`` backend: every busy expert's own :meth:`Expert.update` on its segment."""
+    """``loop`` backend: every busy expert's own :meth:`Expert.update` on its segment, one after the other."""
     busy = [i for i, n in enumerate(counts) if n > 0]
     if len(busy) == 1:
         return experts[busy[0]].update(sorted_features)
     chunks = torch.split(sorted_features, counts)
+    return torch.cat([experts[i].update(chunks[i]) for i in busy], dim=0)
+
+
+def run_threads(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """``threads`` backend: ``loop``'s work, the experts side by side in worker threads where that can run."""
+    busy = [i for i, n in enumerate(counts) if n > 0]
     workers = num_workers(sorted_features, len(busy))
-    if workers > 1:
-        return run_experts(experts, chunks, busy, sorted_features, workers)
-    outputs: List[torch.Tensor] = [experts[i].update(chunks[i]) for i in busy]
-    return torch.cat(outputs, dim=0)
+    if workers < 2:
+        return run_loop(experts, sorted_features, counts)
+    return run_experts(experts, torch.split(sorted_features, counts), busy, sorted_features, workers)
 
 
 def grouped_mm_supported(features: torch.Tensor) -> bool:
@@ -286,4 +292,6 @@ def _cumsum(values: Sequence[int]) -> List[int]:
 
 
 #: name -> ``run(experts, sorted_features, counts)`` (counts python ints, not all zero)
-EXPERT_BACKENDS: dict = {"loop": run_loop, "grouped_mm": run_grouped_mm, "padded_bmm": run_padded_bmm}
+EXPERT_BACKENDS: dict = {
+    "loop": run_loop, "threads": run_threads, "grouped_mm": run_grouped_mm, "padded_bmm": run_padded_bmm,
+}

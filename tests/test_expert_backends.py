@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairseq_stablemoe.experts import EXPERT_BACKENDS, Experts
 
-GROUPED = ["grouped_mm", "padded_bmm"]
+GROUPED = ["grouped_mm", "padded_bmm", "threads"]  # threads: the loop's work in worker threads
 D, F, PAD, VOCAB = 16, 32, 1, 50
 
 
@@ -179,10 +179,10 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("STABLEMOE_EXPERT_BACKEND", "fast")
     with pytest.raises(ValueError, match="grouped_mm"):
         Experts(2, D, F, 1)
-    assert set(EXPERT_BACKENDS) == {"loop", "grouped_mm", "padded_bmm"}
+    assert set(EXPERT_BACKENDS) == {"loop", "threads", "grouped_mm", "padded_bmm"}
 
 
-@pytest.mark.parametrize("backend", GROUPED)
+@pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
 def test_grouped_op_count_does_not_grow_with_experts(backend, monkeypatch):
     """One thread, so that every operator runs in this thread's dispatch mode."""
     from fairseq_stablemoe.layer import StableMoELayer

@@ -28,6 +28,7 @@ def two_threads():
 def make_experts(seed: int = 0) -> Experts:
     torch.manual_seed(seed)
     experts = Experts(len(COUNTS), D, F, num_sublayers=2)
+    experts.backend = "threads"  # side by side (the CPU default is one after the other)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.3)  # fc2 starts at zero: give every weight a gradient path
     # the hook of expert parallelism (gradient / world size) must apply exactly once
@@ -135,6 +136,7 @@ def test_layer_stage1_side_by_side_equals_one_thread(two_threads):
     """The whole StableMoE layer in stage 1 (gate, both losses) through the threaded experts."""
     torch.manual_seed(3)
     layer = StableMoELayer(D, F, 6, 1, vocab_size=50, padding_idx=1, two_stage_updates=10)
+    layer.experts.backend = "threads"
     for e in layer.experts:
         torch.nn.init.normal_(e[0].fc2.weight, std=0.3)
     layer.train()
