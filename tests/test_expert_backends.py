@@ -202,3 +202,15 @@ def test_grouped_op_count_does_not_grow_with_experts(backend, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert counts[4] == counts[16], counts
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("kind", ["stage1", "inference", "capacity"])
+def test_grouped_backends_keep_one_host_sync(backend, kind, monkeypatch):
+    """The grouped paths build their offsets from the python counts: no sync of their own."""
+    import test_host_syncs
+
+    monkeypatch.setenv("STABLEMOE_EXPERT_BACKEND", backend)
+    counts = test_host_syncs.count(kind)
+    assert counts["forward"] == ["tolist"], counts
+    assert counts.get("backward", []) == [], counts
