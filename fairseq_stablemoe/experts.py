@@ -133,7 +133,7 @@ class Experts(nn.ModuleList):
         if self.backend != "auto":
             return self.backend
         if features.device.type == "cuda":
-            return "grouped_mm" if grouped_mm_supported(features) else "padded_bmm"
+            return "grouped_mm" if grouped_mm_supported(features, self[0][0].fc1.out_features) else "padded_bmm"
         return "loop"
 
     def forward(self, sorted_features: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
@@ -175,14 +175,20 @@ def run_threads(experts: Experts, sorted_features: torch.Tensor, counts: List[in
     return run_experts(experts, torch.split(sorted_features, counts), busy, sorted_features, workers)
 
 
-def grouped_mm_supported(features: torch.Tensor) -> bool:
-    """Whether torch runs ``grouped_mm`` for ``features``' device and dtype with autograd."""
+def grouped_mm_supported(features: torch.Tensor, ffn_dim: int) -> bool:
+    """Whether torch runs ``grouped_mm`` with autograd on ``features``' device, in the dtype of the products.
+
+    CUDA: bfloat16 (also under autocast) on compute capability 8.0 or more, rows
+    of a multiple of 16 bytes (``d`` and ``f`` multiples of 8); CPU: float32 and bfloat16.
+    """
     if not hasattr(F, "grouped_mm"):
         return False
+    dtype = _autocast_dtype(features) or features.dtype
     if features.device.type == "cpu":
-        return features.dtype == torch.float32 or features.dtype == torch.bfloat16
+        return dtype in (torch.float32, torch.bfloat16)
     if features.device.type == "cuda":
-        return features.dtype == torch.bfloat16 and torch.cuda.get_device_capability(features.device) >= (8, 0)
+        aligned = features.shape[-1] % 8 == 0 and ffn_dim % 8 == 0
+        return dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(features.device) >= (8, 0)
     return False
 
 
