@@ -5,16 +5,18 @@ evenly over N experts; no routing), measured side by side in one process with th
 dense FFN on all T tokens as the reference (each case paired with an adjacent dense
 run, median of the paired ratios, as ``moe_layer.py``):
 
-* ``side_by_side``: the plugin's default on a multi-threaded CPU, the experts in worker
-  threads (:mod:`fairseq_stablemoe.expert_threads`);
-* ``one_after_other``: the plain loop over experts, each GEMM on all intra-op threads;
-* ``grouped_mm``: ``torch.nn.functional.grouped_mm`` over weights stacked ``(N, d, f)``,
-  one call per matrix product. The stacked weights are made once, outside the timing:
-  the best case for it (the plugin keeps one module per expert, so using it for real
-  would add a copy of every expert weight per step, or a change of checkpoint layout).
+* ``side_by_side``: the ``threads`` backend, the experts in worker threads
+  (:mod:`fairseq_stablemoe.expert_threads`);
+* ``one_after_other``: the ``loop`` backend (the plugin's CPU default), each GEMM on
+  all intra-op threads;
+* ``grouped_mm`` / ``padded_bmm``: the plugin's grouped backends, which stack the
+  experts' weights on every call (``fairseq_stablemoe.experts``);
+* ``grouped_mm_prestacked``: ``torch.nn.functional.grouped_mm`` over weights stacked
+  ``(N, d, f)`` once, outside the timing: the best case for grouped products on this
+  device (stored stacked weights would need another checkpoint layout).
 
-Prints ``case=<name> experts=<N> ms=<median> ratio_vs_dense=<x>``; the plugin uses
-``grouped_mm`` only if it measures faster (it does not, on the CPU measured here).
+Prints ``case=<name> experts=<N> ms=<median> ratio_vs_dense=<x>``; ``auto`` picks
+``loop`` on CPU because it measured fastest here (README, performance section).
 
     python benchmarks/expert_compute.py [--experts 16 64] [--tokens 8192 --dim 512 --ffn 2048]
 """
@@ -84,6 +86,13 @@ def main() -> None:
         grouped = grouped_case(experts, counts)
         threads = torch.get_num_threads()
 
+        def backend(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                experts.backend = name
+                return experts(x, counts)
+
+            return run
+
         def step(fn: Callable[[torch.Tensor], torch.Tensor], params) -> float:
             for p in params:
                 p.grad = None
@@ -94,18 +103,18 @@ def main() -> None:
 
         cases: Dict[str, Callable[[], float]] = {
             "dense": lambda: step(dense.update, list(dense.parameters())),
-            "side_by_side": lambda: step(lambda x: experts(x, counts), list(experts.parameters())),
-            "one_after_other": lambda: step(
-                lambda x: torch.cat([e.update(c) for e, c in zip(experts, torch.split(x, counts))]),
-                list(experts.parameters()),
-            ),
-            "grouped_mm": lambda: step(grouped, grouped.params),
+            "side_by_side": lambda: step(backend("threads"), list(experts.parameters())),
+            "one_after_other": lambda: step(backend("loop"), list(experts.parameters())),
+            "grouped_mm": lambda: step(backend("grouped_mm"), list(experts.parameters())),
+            "padded_bmm": lambda: step(backend("padded_bmm"), list(experts.parameters())),
+            "grouped_mm_prestacked": lambda: step(grouped, grouped.params),
         }
         # the outputs agree (so the three compute the same thing)
         with torch.no_grad():
             ref = torch.cat([e.update(c) for e, c in zip(experts, torch.split(x0, counts))])
             torch.testing.assert_close(grouped(x0), ref, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(experts(x0, counts), ref, rtol=1e-4, atol=1e-5)
+            for name in ("threads", "loop", "grouped_mm", "padded_bmm"):
+                torch.testing.assert_close(backend(name)(x0), ref, rtol=1e-4, atol=1e-5)
         for fn in cases.values():
             fn()
         times: Dict[str, List[float]] = {k: [] for k in cases}
