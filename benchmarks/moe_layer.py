@@ -38,7 +38,8 @@ launches. The expert backend is ``--backend`` (default ``auto``: see
 
 Prints one line per case:
 
-    case=<stage1|stage2|inference|fairscale_top2|switch|base|hash> experts=<N> ms=<median> mem_ratio=<x> ratio_vs_dense=<x> ops=<n> kernels=<n> [ops_fwd_bwd=<n> kernels_fwd_bwd=<n>]
+    case=<stage1|stage2|inference|fairscale_top2|switch|base|hash> experts=<N> ms=<median> mem_ratio=<x>
+        ratio_vs_dense=<x> ops=<n> kernels=<n> [ops_fwd_bwd=<n> kernels_fwd_bwd=<n>]   (one line)
 
     python benchmarks/moe_layer.py            # N in {4, 16, 64}
     python benchmarks/moe_layer.py --quick    # N = 16 only
@@ -173,7 +174,9 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor) -> Dict[str, int]:
+def count_ops(
+    layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor
+) -> Dict[str, int]:
     """Operators of one forward (and of forward+backward when ``train``), on one intra-op thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
