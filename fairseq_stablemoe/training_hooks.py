@@ -39,14 +39,13 @@ it relies on, each a small wrapper that calls fairseq's own:
 from typing import Iterable, List, Tuple
 
 import torch
-import torch.distributed as dist
 from fairseq import utils
 from fairseq.distributed.legacy_distributed_data_parallel import LegacyDistributedDataParallel
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 
 from .layer import MoELayer
-from .parallel import reduce_replica_gradients
+from .parallel import all_reduce_sum, reduce_replica_gradients
 
 _fairseq = {}
 
@@ -98,8 +97,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, aggregate_n
     for g, r in experts:
         by_replicas.setdefault(r, []).append(g)
     expert_sq = sum((_sum_sq(gs, device) / r for r, gs in by_replicas.items()), _sum_sq([], device))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(expert_sq)
+    all_reduce_sum(expert_sq)
     total_norm = (shared_sq + expert_sq).sqrt()
     if max_norm > 0:
         clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp_(max=1)
