@@ -1,5 +1,6 @@
 """Shared test helpers: a small synthetic corpus with Markov structure, binarised by fairseq."""
 
+import os
 import random
 import socket
 import subprocess
@@ -44,3 +45,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_checked(cmd, ok: bool = True, env=None, timeout: int = 300) -> str:
+    """Run ``cmd`` (one thread per process); its combined output, after checking its exit status."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
+    if ok:
+        assert out.returncode == 0, out.stdout[-5000:]
+    else:
+        assert out.returncode != 0, out.stdout[-3000:]
+    return out.stdout

@@ -28,7 +28,7 @@ import torch
 from fairseq_stablemoe import consolidate
 from fairseq_stablemoe.checkpointing import META_KEY
 from fairseq_stablemoe.launch import PACKAGE_DIR, launch_args
-from corpus import free_port, markov_corpus
+from corpus import free_port, markov_corpus, run_checked
 
 TWO_STAGE = 3
 TINY = [
@@ -55,13 +55,7 @@ def train(data, save, *extra, nproc=2, max_update=8, ok=True):
                "--master_port", str(free_port()), "-m", "fairseq_stablemoe.launch", *args]
     else:
         cmd = [sys.executable, "-m", "fairseq_stablemoe.launch", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
-    if ok:
-        assert out.returncode == 0, out.stdout[-5000:]
-    else:
-        assert out.returncode != 0, out.stdout[-3000:]
-    return out.stdout
+    return run_checked(cmd, ok)
 
 
 def logged(output: str, tag: str):

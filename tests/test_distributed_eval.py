@@ -8,17 +8,15 @@ numbers of batches (eval-lm's filler batch) and beam search ends at different st
 2-process logs must report forwards on a padding token, or the lockstep was not exercised.
 """
 
-import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from corpus import binarise, free_port, markov_lines
+from corpus import binarise, free_port, markov_lines, run_checked
 
 LM = [
     "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
@@ -42,13 +40,7 @@ N_TEST_MT = 37
 
 
 def run(cmd, ok=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", STABLEMOE_LOCKSTEP_TIMEOUT="120")
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
-    if ok:
-        assert out.returncode == 0, out.stdout[-5000:]
-    else:
-        assert out.returncode != 0, out.stdout[-3000:]
-    return out.stdout
+    return run_checked(cmd, ok, env={"STABLEMOE_LOCKSTEP_TIMEOUT": "120"})
 
 
 def on_two(tool, *args, ok=True):
