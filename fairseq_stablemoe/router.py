@@ -25,36 +25,19 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 
-def make_finite(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Replace NaN/inf affinities so that argmax stays well defined.
+def finite_affinities(raw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Replace NaN/inf affinities so that the top-1 choice stays well defined.
 
     As the paper's code does, non-finite entries take the smallest finite value
-    of the tensor (0 if none is finite).
-
-    Args:
-        scores: ``(T, N)`` affinities; not modified.
-    Returns:
-        ``(finite_scores, num_replaced)``: a ``(T, N)`` tensor and a 0-dim long
-        tensor counting the replaced entries.
-    """
-    ok = torch.isfinite(scores)
-    num_bad = (~ok).sum()
-    # Branch-free (no host sync): the min over finite entries, +inf if none.
-    fill = scores.masked_fill(~ok, float("inf")).amin()
-    fill = torch.where(torch.isfinite(fill), fill, torch.zeros_like(fill))
-    return torch.where(ok, scores, fill), num_bad
-
-
-def finite_affinities(raw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`make_finite` in one pass, keeping the gradient of the finite entries.
+    of the tensor (0 if none is finite). One pass, keeping the gradient of the
+    finite entries.
 
     Args:
         raw: ``(T, N)`` affinities, possibly with grad; not modified.
     Returns:
-        ``(scores, num_replaced)``: ``scores`` equals ``make_finite(raw)[0]``
-        and has ``raw``'s gradient at its finite entries (none at the replaced
-        ones); ``num_replaced`` is a 0-dim fp32 count. Seven operators, no
-        host sync (``isfinite`` alone is four).
+        ``(scores, num_replaced)``: ``scores`` has ``raw``'s gradient at its
+        finite entries (none at the replaced ones); ``num_replaced`` is a 0-dim
+        fp32 count. Seven operators, no host sync (``isfinite`` alone is four).
     """
     with torch.no_grad():
         bad = (raw * 0).ne(0)  # inf * 0 and nan * 0 are nan; any finite value gives 0
