@@ -167,7 +167,7 @@ class MoELayer(nn.Module):
 
         # every process's per-expert counts: the one collective and host sync; the capacity
         # (global per expert) and its split among the senders follow from them on every process
-        N, shard = self.num_experts, self.shard
+        shard = self.shard
         counts = gather_counts(plan.load, shard.world_size)
         host = counts.tolist()
         kept = capacity_split(host, self.capacity_factor)
@@ -189,7 +189,7 @@ class MoELayer(nn.Module):
             num_tokens=valid.sum(),
             global_tokens=load.sum(),
             load=load,
-            dropped=torch.tensor(float(sum(host[shard.rank][:N]) - sum(kept[shard.rank]))),
+            dropped=torch.tensor(float(sum(host[shard.rank]) - sum(kept[shard.rank]))),
         )
         return output.view_as(features), stats
 
