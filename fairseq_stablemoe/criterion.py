@@ -61,8 +61,11 @@ class StableMoECriterion(FairseqCriterion):
         self._marked = False
 
     def forward(self, model, sample, reduce=True):
-        if not self._marked:  # tell the decoder(s) that the auxiliary losses are used
-            model.apply(lambda m: setattr(m, "aux_loss_consumer", True) if hasattr(m, "aux_loss_consumer") else None)
+        if not self._marked:
+            # tell the decoder(s) that the auxiliary losses are used, and the MoE layers that
+            # validation logs their losses and routing statistics (eval forwards skip them otherwise)
+            for attr in ("aux_loss_consumer", "eval_stats"):
+                model.apply(lambda m: setattr(m, attr, True) if hasattr(m, attr) else None)
             self._marked = True
         net_output = model(**sample["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)

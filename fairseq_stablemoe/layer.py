@@ -67,6 +67,11 @@ class MoELayer(nn.Module):
     Subclasses implement :meth:`route`.
     """
 
+    #: whether eval-mode forwards also compute the losses and routing diagnostics (training forwards
+    #: always do): set by the ``stablemoe`` criterion, whose validation logs them, and by the routing
+    #: summary; plain inference (``fairseq-eval-lm``, ``fairseq-generate``) leaves them out
+    eval_stats = False
+
     def __init__(
         self,
         embed_dim: int,
@@ -168,10 +173,14 @@ class MoELayer(nn.Module):
         # every process's per-expert counts: the one collective and host sync; the capacity
         # (global per expert) and its split among the senders follow from them on every process
         shard = self.shard
-        counts = gather_counts(plan.load, shard.world_size)
-        host = counts.tolist()
+        if shard.is_parallel:
+            counts = gather_counts(plan.load, shard.world_size)
+            host = counts.tolist()
+            load = counts.sum(0).to(torch.float32)
+        else:
+            host = [plan.load.tolist()]
+            load = plan.load.to(torch.float32)
         kept = capacity_split(host, self.capacity_factor)
-        load = (counts.sum(0) if shard.is_parallel else plan.load).to(torch.float32)
         with _fp32(h):
             stats = dict(routing.stats, **self.aux_losses(routing, load, valid))
 
@@ -185,9 +194,10 @@ class MoELayer(nn.Module):
 
         if self.training:
             self.collapse.observe(load)
+        num_tokens = valid.sum()
         stats.update(
-            num_tokens=valid.sum(),
-            global_tokens=load.sum(),
+            num_tokens=num_tokens,
+            global_tokens=load.sum() if shard.is_parallel else num_tokens,  # on one process the same count
             load=load,
             dropped=torch.tensor(float(sum(host[shard.rank]) - sum(kept[shard.rank]))),
         )
@@ -300,15 +310,18 @@ class StableMoELayer(MoELayer):
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         """Stage 1 (training): backbone; stage 2 and inference: distilled router.
 
-        Extra stats: ``balance_loss`` and ``distill_loss`` (stage 1 only),
-        ``agree`` (tokens where both routers pick the same expert),
-        ``backbone_load`` (``(N,)``), ``nonfinite`` (replaced affinities),
-        ``stage`` (1.0 or 2.0).
+        Extra stats (in training, and at eval with :attr:`eval_stats`):
+        ``distill_loss`` (stage 1 only; ``balance_loss`` comes from
+        :meth:`aux_losses` in stage-1 training), ``agree`` (tokens where both
+        routers pick the same expert), ``nonfinite`` (replaced affinities),
+        ``stage`` (1.0 or 2.0), and at eval ``backbone_load`` (``(N,)``, where
+        the backbone router would send the tokens). At eval without
+        :attr:`eval_stats` the backbone's affinities only give the gate.
         """
         stage2 = self.in_stage2
+        with_stats = self.training or self.eval_stats
         # backbone affinities (fp32, with grad: they feed the gate and the balance loss)
-        scores, nonfinite = finite_affinities(self.backbone(h))
-        backbone_choice = top1(scores)
+        scores, nonfinite = finite_affinities(self.backbone(h), count=with_stats)
 
         # distilled affinities; no autograd once the router is frozen or at inference
         router_tokens, steps = self._router_input if self._router_input is not None else (tokens, tokens.shape[0])
@@ -320,9 +333,10 @@ class StableMoELayer(MoELayer):
                 f"{h.shape[0]} hidden states: pass token ids time first, (T, B), as the features (T, B, d)"
             )
         with torch.no_grad():  # only its arg-max routes; the distillation loss reads the raw affinities
-            distill_choice, nonfinite_distill = finite_affinities(distill_scores)
+            distill_choice, nonfinite_distill = finite_affinities(distill_scores, count=with_stats)
             distill_choice = top1(distill_choice)
 
+        backbone_choice = top1(scores) if with_stats else None
         if self.training and not stage2:
             # the distillation target stays the backbone's top-1 (as the paper's code, also with BA)
             choice = backbone_choice
@@ -331,12 +345,15 @@ class StableMoELayer(MoELayer):
         else:
             choice = distill_choice
         gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
+        if not with_stats:
+            return Routing(choice, gate, {})
         stats: Stats = {
             "agree": backbone_choice.eq(distill_choice).float().dot(valid),
-            "backbone_load": self._count(backbone_choice, valid),
             "nonfinite": nonfinite + nonfinite_distill,
             "stage": torch.tensor(2.0 if stage2 else 1.0),
         }
+        if not self.training:
+            stats["backbone_load"] = self._count(backbone_choice, valid)
         scores_for_loss = None
         if not stage2:
             stats["distill_loss"] = (
@@ -373,13 +390,18 @@ class SwitchLayer(MoELayer):
         self.backbone = BackboneRouter(embed_dim, num_experts)
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
-        scores, nonfinite = finite_affinities(self.backbone(h))
+        with_stats = self.training or self.eval_stats
+        scores, nonfinite = finite_affinities(self.backbone(h), count=with_stats)
         probs = torch.softmax(scores, dim=1)
         choice = top1(scores)
         gate = probs.gather(1, choice.unsqueeze(1)).squeeze(1)
+        if not with_stats:
+            return Routing(choice, gate, {})
         return Routing(choice, gate, {"nonfinite": nonfinite}, probs)
 
     def aux_losses(self, routing: Routing, load: torch.Tensor, valid: torch.Tensor) -> Stats:
+        if routing.scores is None:
+            return {}
         frac = load / load.sum().clamp(min=1.0)
         probs = routing.scores
         return {"balance_loss": self.num_experts * (frac * (probs * valid.unsqueeze(1)).sum(0)).sum()}
@@ -400,12 +422,13 @@ class BaseLayer(MoELayer):
         self._libbase = load_libbase("--moe-type base")
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
-        scores, nonfinite = finite_affinities(self.backbone(h))
+        with_stats = self.training or self.eval_stats
+        scores, nonfinite = finite_affinities(self.backbone(h), count=with_stats)
         choice = top1(scores)
         if self.training:
             choice = self._balanced(scores.detach(), choice, valid)
         gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
-        return Routing(choice, gate, {"nonfinite": nonfinite})
+        return Routing(choice, gate, {"nonfinite": nonfinite} if with_stats else {})
 
     def _balanced(self, scores: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return balanced_assignment(self._libbase, scores, greedy, valid, self.num_experts)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 
-def finite_affinities(raw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def finite_affinities(raw: torch.Tensor, count: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Replace NaN/inf affinities so that the top-1 choice stays well defined.
 
     As the paper's code does, non-finite entries take the smallest finite value
@@ -34,15 +34,17 @@ def finite_affinities(raw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
     Args:
         raw: ``(T, N)`` affinities, possibly with grad; not modified.
+        count: also count the replaced entries.
     Returns:
         ``(scores, num_replaced)``: ``scores`` has ``raw``'s gradient at its
         finite entries (none at the replaced ones); ``num_replaced`` is a 0-dim
-        fp32 count. Seven operators, no host sync (``isfinite`` alone is four).
+        fp32 count (None without ``count``). No host sync.
     """
     with torch.no_grad():
-        bad = (raw * 0).ne(0)  # inf * 0 and nan * 0 are nan; any finite value gives 0
-        num_bad = bad.sum(dtype=torch.float32)
-        fill = raw.masked_fill(bad, float("inf")).amin().nan_to_num(posinf=0.0)  # 0 if nothing is finite
+        capped = raw.nan_to_num(nan=math.inf, posinf=math.inf, neginf=math.inf)  # every non-finite entry is +inf
+        bad = capped.eq(math.inf)
+        fill = capped.amin().nan_to_num(posinf=0.0)  # 0 if nothing is finite
+        num_bad = bad.sum(dtype=torch.float32) if count else None
     return torch.where(bad, fill, raw), num_bad
 
 
@@ -213,7 +215,7 @@ class DistilledRouter(nn.Module):
                 self._with_snapshot = False
         steps = tokens.shape[0] if num_steps is None else num_steps
         if self.kind == "wordemb":
-            feats = self.embed_tokens(tokens[tokens.shape[0] - steps:])
+            feats = self.embed_tokens(tokens if steps == tokens.shape[0] else tokens[tokens.shape[0] - steps:])
         else:
             seq = tokens if tokens.dim() == 2 else tokens.unsqueeze(1)
             feats = self._cnn(seq, steps) if self.kind == "cnn" else self._transformer(seq, steps)

@@ -37,6 +37,8 @@ def summarise(data_dir: str, path: str, split: str = "test", max_tokens: int = 8
         raise FileNotFoundError(f"split {split!r} not found in {data_dir}: {e}") from e
     device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
     model.to(device).eval()
+    for layer in model.decoder.moe_layers:
+        layer.moe.eval_stats = True  # the backbone's load and the agreement, which inference leaves out
     totals: List[Dict[str, torch.Tensor]] = []
     itr = task.get_batch_iterator(
         dataset=task.dataset(split), max_tokens=max_tokens, max_positions=model.max_positions(),

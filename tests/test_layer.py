@@ -155,6 +155,32 @@ def test_inference_routes_with_distilled_router_in_stage1():
     assert not torch.allclose(out, ref_backbone), "example must tell the two routers apart"
 
 
+@pytest.mark.parametrize("updates", [0, 10])
+def test_inference_without_eval_stats_skips_losses_and_diagnostics(updates):
+    """Plain inference computes the output alone; validation (``eval_stats``, set by the criterion)
+    also gets the losses and diagnostics, with the same output."""
+    layer = make_layer(two_stage=10)
+    layer.set_num_updates(updates)
+    layer.eval()
+    h, tokens = inputs(pad_positions=(2, 7))
+    with torch.no_grad():
+        out, stats = layer(h, tokens)
+        layer.eval_stats = True
+        out_stats, full = layer(h, tokens)
+    assert torch.equal(out, out_stats)
+    assert set(stats) == {"num_tokens", "global_tokens", "load", "dropped"}
+    assert torch.equal(stats["load"], full["load"]) and stats["num_tokens"].item() == 14
+    ref_out, _, distill, load, agree, _ = reference(layer, h, tokens, "distill")
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert full["agree"].item() == agree and full["stage"].item() == (2.0 if updates else 1.0)
+    assert full["nonfinite"].item() == 0
+    assert ("distill_loss" in full) == (updates == 0) and "balance_loss" not in full
+    if updates == 0:
+        assert full["distill_loss"].item() == pytest.approx(distill, rel=1e-5)
+    _, _, _, backbone_load, *_ = reference(layer, h, tokens, "backbone")
+    assert full["backbone_load"].tolist() == backbone_load
+
+
 def test_router_frozen_across_stage2_updates_even_with_zero_filled_grads():
     layer = make_layer(two_stage=2)
     layer.train()
