@@ -15,16 +15,14 @@ class Dispatch:
     """The plan for sending ``T`` tokens to ``N`` experts.
 
     Made in two steps so that the layer needs a single host sync: the
-    constructor sorts the tokens and counts them per expert on the device
-    (:attr:`load`); once the (global) counts are on the host, :meth:`keep`
-    fixes the tokens each expert runs.
+    constructor sorts the tokens on the device; once the (global) counts are
+    on the host, :meth:`keep` fixes the tokens each expert runs. The counts
+    themselves are the caller's (:meth:`MoELayer._count`).
 
     Attributes:
         order: ``(T_kept,)`` token indices sorted by expert (stable, so within
             an expert tokens keep their original order); skipped tokens (and,
             after :meth:`keep`, tokens over capacity) are left out.
-        load: ``(N,)`` long, tokens per expert before capacity (skipped ones
-            not counted), on the device.
     """
 
     def __init__(self, expert_index: torch.Tensor, num_experts: int, skip: Optional[torch.Tensor] = None):
@@ -40,32 +38,29 @@ class Dispatch:
             expert_index = expert_index.masked_fill(skip, num_experts)
         self.num_experts = num_experts
         self.order = torch.argsort(expert_index, stable=True)
-        ones = torch.ones_like(expert_index)
-        # index_add, not bincount: bincount's output size needs a host sync on CUDA
-        self.load = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_index.device).index_add_(
-            0, expert_index, ones
-        )[:num_experts]
         self._expert_index = expert_index
 
-    def keep(self, kept: List[int], at_random: bool = False) -> None:
-        """Keep ``kept[i]`` tokens of expert ``i`` (python ints, at most :attr:`load`).
+    def keep(self, kept: List[int], sent: List[int]) -> None:
+        """Keep ``kept[i]`` of the ``sent[i]`` tokens of expert ``i`` (python ints, ``sent`` not counting skipped ones).
 
-        ``at_random``: some expert keeps fewer tokens than it got (capacity);
-        which ones stay is then drawn uniformly at random (torch's generator
-        of the device), whatever their position in the sequence. Kept tokens
-        stay sorted by expert, and by position within an expert.
+        Where some expert keeps fewer tokens than it got (capacity), which
+        ones stay is drawn uniformly at random (torch's generator of the
+        device), whatever their position in the sequence. Kept tokens stay
+        sorted by expert, and by position within an expert.
         """
         num_kept = sum(kept)
-        if at_random:
+        if list(kept) != list(sent):
             device = self.order.device
             num_tokens = self._expert_index.numel()
             # each expert's tokens in a random order: a random permutation, then a stable sort by expert
             perm = torch.randperm(num_tokens, device=device)
             shuffled = perm.index_select(0, torch.argsort(self._expert_index.index_select(0, perm), stable=True))
             experts = self._expert_index.index_select(0, shuffled)
-            starts = torch.cumsum(self.load, 0) - self.load
-            starts = torch.cat([starts, starts.new_zeros(1)])  # the padding bucket
-            rank = torch.arange(num_tokens, device=device) - starts[experts]
+            starts = [0]
+            for n in sent:
+                starts.append(starts[-1] + n)
+            starts[-1] = 0  # the padding bucket
+            rank = torch.arange(num_tokens, device=device) - torch.tensor(starts).to(device, non_blocking=True)[experts]
             quota = torch.tensor(list(kept) + [0], dtype=torch.long).to(device, non_blocking=True)
             dropped = torch.empty_like(rank, dtype=torch.bool).index_put_((shuffled,), rank >= quota[experts])
             # kept tokens first, still sorted by expert and position (no boolean indexing: it syncs)
@@ -73,7 +68,8 @@ class Dispatch:
                 0, torch.argsort(dropped.index_select(0, self.order).to(torch.uint8), stable=True)
             )
         # padding (the last bucket of the sort) and dropped tokens are past the first num_kept
-        self.order = self.order[:num_kept]
+        if num_kept != self.order.numel():
+            self.order = self.order[:num_kept]
         self._expert_index = None
 
     def gather(self, features: torch.Tensor) -> torch.Tensor:

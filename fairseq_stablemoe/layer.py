@@ -173,18 +173,18 @@ class MoELayer(nn.Module):
         # every process's per-expert counts: the one collective and host sync; the capacity
         # (global per expert) and its split among the senders follow from them on every process
         shard = self.shard
+        load = self._count(routing.choice, valid)  # fp32 counts are exact up to 2**24 tokens
         if shard.is_parallel:
-            counts = gather_counts(plan.load, shard.world_size)
-            host = counts.tolist()
-            load = counts.sum(0).to(torch.float32)
+            counts = gather_counts(load, shard.world_size)
+            host = [[int(c) for c in row] for row in counts.tolist()]
+            load = counts.sum(0)
         else:
-            host = [plan.load.tolist()]
-            load = plan.load.to(torch.float32)
+            host = [[int(c) for c in load.tolist()]]
         kept = capacity_split(host, self.capacity_factor)
         with _fp32(h):
             stats = dict(routing.stats, **self.aux_losses(routing, load, valid))
 
-        plan.keep(kept[shard.rank], at_random=kept[shard.rank] != host[shard.rank])
+        plan.keep(kept[shard.rank], host[shard.rank])
         routed = plan.gather(h)
         if shard.is_parallel:
             expert_out = exchange(routed, Splits(kept, shard), shard, self.experts)
