@@ -298,13 +298,16 @@ def measure(opts, n: int) -> None:
     tokens = torch.randint(4, VOCAB, (T,), device=device)
     g = torch.randn(T, d, device=device) / T
     dense = dense_layer(d, f).to(device)
+    all_cases = make_cases(d, f, n, not opts.no_fairscale, opts.backend)
     cases = {
         name: (layer.to(device), train, stage2)
-        for name, (layer, train, stage2) in make_cases(d, f, n, not opts.no_fairscale, opts.backend).items()
+        for name, (layer, train, stage2) in all_cases.items()
+        if not opts.cases or name in opts.cases
     }
-    runs = {"dense_train": (dense, True, False), "dense_infer": (dense, False, False), **cases}
+    dense_runs = {"dense_train": (dense, True, False), "dense_infer": (dense, False, False)}
+    runs = {**{ref: dense_runs[ref] for ref in sorted({reference(name) for name in cases})}, **cases}
     # routing sanity: the assignment is not degenerate
-    stable = cases["stage1"][0]
+    stable = all_cases["stage1"][0].to(device)
     stable.train()
     stable.set_num_updates(0)
     with torch.no_grad():
@@ -350,9 +353,9 @@ def measure(opts, n: int) -> None:
             f"ratio_vs_dense={statistics.median(ratios[name]):.3f} {counted}".rstrip(),
             flush=True,
         )
-    dense_ops = " ".join(f"{k}={v}" for k, v in ops["dense_train"].items())
-    print(f"# experts={n}: dense ms train={med['dense_train']:.1f} inference={med['dense_infer']:.1f}; "
-          f"dense {dense_ops}", flush=True)
+    dense_ops = " ".join(f"{k}={v}" for k, v in ops[max(ops, key=lambda r: r.startswith("dense_train"))].items())
+    dense_ms = " ".join(f"{ref[6:].replace('infer', 'inference')}={med[ref]:.1f}" for ref in dense_runs if ref in med)
+    print(f"# experts={n}: dense ms {dense_ms}; dense {dense_ops}", flush=True)
 
 
 def main() -> None:
@@ -369,6 +372,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU, when there is one)")
     parser.add_argument("--backend", default="auto", choices=["auto", "loop", "threads", "grouped_mm", "padded_bmm"],
                         help="the experts' backend (fairseq_stablemoe.experts.EXPERT_BACKENDS)")
+    parser.add_argument("--cases", nargs="+", choices=["stage1", "stage2", "inference", "fairscale_top2", "switch",
+                                                       "base", "hash"],
+                        help="measure only these cases (default: all)")
     parser.add_argument("--steady-malloc", action="store_true",
                         help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")
     opts = parser.parse_args()
