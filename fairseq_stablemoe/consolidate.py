@@ -10,10 +10,17 @@ optimizer state.
   experts, for ``fairseq-eval-lm``, ``fairseq-generate``, hub loading or a
   one-process resume.
 * ``stablemoe-consolidate DIR/NAME.pt --shards W2`` writes
-  ``DIR/NAME-rank{r}-of{W2}.pt`` for ``r < W2`` (``W2`` must divide ``N``)
-  from a one-process checkpoint, or from per-rank files of another ``W``, so
-  that ``fairseq-train --save-dir DIR`` (or ``--restore-file DIR/NAME.pt``)
-  resumes on ``W2`` processes.
+  ``DIR/NAME-rank{r}-of{W2}.pt`` for ``r < W2`` (``W2`` divides ``N``, or is
+  a multiple of it: replicas) from a one-process checkpoint, or from per-rank
+  files of another ``W``, so that ``fairseq-train --save-dir DIR`` (or
+  ``--restore-file DIR/NAME.pt``) resumes, and the evaluation tools run, on
+  ``W2`` processes.
+
+Memory: per-rank inputs are streamed (:func:`reshard_files`): at most one input
+file is in memory at a time, plus the output file being built, whether merging
+or re-sharding to another ``W``; a one-process input is read once and its parts
+share its tensors. The tool prints its peak resident memory next to the largest
+input's size.
 
 The optimizer state is merged/split by parameter name (each checkpoint of this
 plugin records the name behind every optimizer index); fairseq's flat
@@ -28,7 +35,7 @@ import copy
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -291,22 +298,15 @@ def _warn_if_replicas_differ(merged: Dict[str, Any], state: State, shard: Expert
                        path, len(differ), differ[0])
 
 
-def merge_files(paths: List[str], keep_optimizer: bool = True) -> State:
-    """One one-process checkpoint (all experts) from a run's per-rank files.
-
-    Holds at most one input file in memory at a time (plus the output being
-    built): a first pass reads the records and names of every file
-    memory-mapped (no tensor data), a second reads the files one by one and
-    moves their entries into the output.
-    """
+def _plan(paths: List[str], keep_optimizer: bool):
+    """Records, names and merge plans of a run's per-rank files, read memory-mapped (no tensor data)."""
     summaries = []
     for path in paths:
         mapped = map_file(path)
         summaries.append(summarise(mapped))
         del mapped
     meta = check_shards(summaries, paths)
-    world = len(paths)
-    shards = layout(world, meta["num_experts"])
+    shards = layout(len(paths), meta["num_experts"])
     model_plan = merge_order([s["model"] for s in summaries], shards)
     ema_plan = merge_order([s["ema"] for s in summaries], shards) if summaries[0]["ema"] is not None else None
     opt_plan = None
@@ -315,53 +315,88 @@ def merge_files(paths: List[str], keep_optimizer: bool = True) -> State:
             _optimizer_names(s["meta"], {"param_groups": s["optimizer_groups"]}, p) for s, p in zip(summaries, paths)
         ]
         opt_plan = optimizer_merge_plan([s["optimizer_groups"] for s in summaries], names, shards)
+    return meta, shards, model_plan, ema_plan, opt_plan
+
+
+def reshard_files(paths: List[str], world: int = 1, keep_optimizer: bool = True) -> Iterator[State]:
+    """A run's per-rank files (rank ``r`` at index ``r``) as the checkpoints of ``world`` processes.
+
+    ``world=1`` gives one ordinary one-process checkpoint with all experts; any
+    other ``world`` gives per-rank checkpoints, yielded rank by rank. Holds at
+    most one input file in memory at a time, plus the output being built: a
+    first pass reads every file's record and names memory-mapped (no tensor
+    data); then, for each output, the inputs it needs (rank 0 for the shared
+    parameters and the training state, and the ranks holding its experts) are
+    read one by one and their entries moved into it. Every output rank's
+    experts therefore cost one read of the inputs that hold them.
+    """
+    meta, shards, model_plan, ema_plan, opt_plan = _plan(paths, keep_optimizer)
+    check_target(meta["num_experts"], world)
+    warned: set = set()
+    for target in layout(world, meta["num_experts"]):
+        yield _build_part(paths, target, world, meta, shards, model_plan, ema_plan, opt_plan, warned)
+
+
+def _build_part(paths, target, world, meta, shards, model_plan, ema_plan, opt_plan, warned) -> State:
+    """The checkpoint of ``target``'s rank, reading the inputs it needs one by one (see :func:`reshard_files`)."""
+    rename = dict(split_order([glob for glob, _, _ in model_plan], target))
+    ema_rename = dict(split_order([glob for glob, _, _ in ema_plan], target)) if ema_plan is not None else {}
+    wanted_opt = []
+    if opt_plan is not None:
+        keep = set(dict(split_order(opt_plan[2], target)))
+        wanted_opt = [(idx, r, old) for idx, r, old in opt_plan[1] if opt_plan[2][idx] in keep]
+    needed = {0} | {r for glob, r, _ in model_plan if glob in rename}
+    needed |= {r for glob, r, _ in ema_plan or () if glob in ema_rename} | {r for _, r, _ in wanted_opt}
 
     out: State = {}
-    model: Dict[str, Any] = {}
+    model: Dict[str, Any] = {}  # by global name
     ema: Dict[str, Any] = {}
-    opt_state: Dict[int, Any] = {}
-    for rank, path in enumerate(paths):
-        state = load_file(path)
+    opt_state: Dict[int, Any] = {}  # by merged (one-process) index
+    for rank in sorted(needed):
+        state = load_file(paths[rank])
         if rank == 0:
             out = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
             if "last_optimizer_state" in state and opt_plan is not None:
                 out["last_optimizer_state"] = {
                     k: v for k, v in state["last_optimizer_state"].items() if k not in ("state", "param_groups")
                 }
-        else:
-            _warn_if_copies_differ(model, state, path)
-            _warn_if_replicas_differ(model, state, shards[rank], path)
+        elif paths[rank] not in warned:
+            warned.add(paths[rank])
+            _warn_if_copies_differ(model, state, paths[rank])
+            _warn_if_replicas_differ(model, state, shards[rank], paths[rank])
         for glob, r, local in model_plan:
-            if r == rank:
+            if r == rank and glob in rename:
                 model[glob] = state["model"][local]
-        if ema_plan is not None:
-            for glob, r, local in ema_plan:
-                if r == rank:
-                    ema[glob] = state["extra_state"]["ema"][local]
-        if opt_plan is not None:
-            rank_state = state["last_optimizer_state"]["state"]
-            for idx, r, old in opt_plan[1]:
-                if r == rank and old in rank_state:
-                    opt_state[idx] = rank_state[old]
+        for glob, r, local in ema_plan or ():
+            if r == rank and glob in ema_rename:
+                ema[glob] = state["extra_state"]["ema"][local]
+        for idx, r, old in wanted_opt:
+            if r == rank and old in state["last_optimizer_state"]["state"]:
+                opt_state[idx] = state["last_optimizer_state"]["state"][old]
         del state
 
-    out["model"] = {glob: model[glob] for glob, _, _ in model_plan}
+    out["model"] = {rename[glob]: model[glob] for glob, _, _ in model_plan if glob in rename}
     extra = dict(out["extra_state"])
     if ema_plan is not None:
-        extra["ema"] = {glob: ema[glob] for glob, _, _ in ema_plan}
+        extra["ema"] = {ema_rename[glob]: ema[glob] for glob, _, _ in ema_plan if glob in ema_rename}
     if "ema_fp32_params" in extra:
         logger.warning("dropping the EMA fp32 copy (ema_fp32_params): it is rebuilt from the EMA model on load")
         del extra["ema_fp32_params"]
-    new_meta = dict(meta, world_size=1, rank=0, optimizer_param_names=None, format=META_FORMAT)
-    new_meta["consolidated_from"] = world
+    new_meta = dict(meta, world_size=world, rank=target.rank, optimizer_param_names=None, format=META_FORMAT)
+    new_meta["consolidated_from" if world == 1 else "resharded_from"] = len(paths)
     if opt_plan is not None:
-        out["last_optimizer_state"]["state"] = opt_state
-        out["last_optimizer_state"]["param_groups"] = opt_plan[0]
-        new_meta["optimizer_param_names"] = opt_plan[2]
+        merged = {"state": opt_state, "param_groups": opt_plan[0]}
+        split, new_meta["optimizer_param_names"] = split_optimizer(merged, opt_plan[2], target)
+        out["last_optimizer_state"].update(split)
     extra[META_KEY] = new_meta
     out["extra_state"] = extra
-    _set_world(out, 1, 0)
+    _set_world(out, world, target.rank)
     return out
+
+
+def merge_files(paths: List[str], keep_optimizer: bool = True) -> State:
+    """One one-process checkpoint (all experts) from a run's per-rank files (see :func:`reshard_files`)."""
+    return next(reshard_files(paths, 1, keep_optimizer))
 
 
 def one_process_experts(state: State, path: str) -> int:
@@ -383,9 +418,7 @@ def one_process_experts(state: State, path: str) -> int:
     return num
 
 
-def split_checkpoint(state: State, world: int, path: str = "checkpoint", keep_optimizer: bool = True) -> List[State]:
-    """Per-rank checkpoints for ``world`` processes from a one-process checkpoint."""
-    num_experts = one_process_experts(state, path)
+def check_target(num_experts: int, world: int) -> None:
     if world < 1 or layout_problem(num_experts, world):
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
         raise ConsolidateError(
@@ -393,6 +426,12 @@ def split_checkpoint(state: State, world: int, path: str = "checkpoint", keep_op
             f"or each expert has processes / num_experts replicas): use --shards in {divisors} or a multiple "
             f"of {num_experts}"
         )
+
+
+def split_checkpoint(state: State, world: int, path: str = "checkpoint", keep_optimizer: bool = True) -> List[State]:
+    """Per-rank checkpoints for ``world`` processes from a one-process checkpoint."""
+    num_experts = one_process_experts(state, path)
+    check_target(num_experts, world)
     meta = dict(meta_of(state) or {})
     meta.setdefault("run_id", None)
     meta.setdefault("num_updates", ((state.get("optimizer_history") or [{}])[-1]).get("num_updates", 0))
@@ -454,7 +493,18 @@ def shard_paths(base: str, world: int) -> List[str]:
 
 
 def peak_memory_mib() -> float:
-    """This process's peak resident memory so far (Linux: ``ru_maxrss`` in KiB)."""
+    """This process's peak resident memory so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, which starts afresh with the program (``ru_maxrss``
+    carries over the peak of the process that started it); elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -483,44 +533,40 @@ def _output_base(output: Optional[str], base: str) -> str:
 def run(args: argparse.Namespace) -> List[str]:
     keep_optimizer = not args.no_optimizer
     base, world = find_input(args.input, want_split=args.shards is not None)
-    if world is not None:
-        paths = shard_paths(base, world)
-        state = merge_files(paths, keep_optimizer)
-        source = f"{world} per-rank files {paths[0]} ..."
-        largest_input = max(os.path.getsize(p) for p in paths)
-    else:
-        if args.shards is None:
-            raise ConsolidateError(
-                f"{base} is already a one-process checkpoint; to split it for W processes pass --shards W"
-            )
-        state = load_file(base)
-        source = base
-        largest_input = os.path.getsize(base)
     out_base = _output_base(args.output, base)
-    written = []
-    if args.shards is None:
-        save(state, out_base, args.force)
-        written.append(out_base)
+    if world is None and args.shards is None:
+        raise ConsolidateError(f"{base} is already a one-process checkpoint; to split it for W processes pass --shards W")
+    if world is not None and world == args.shards and os.path.abspath(out_base) == os.path.abspath(base):
+        raise ConsolidateError(f"{base} is already split for {world} processes")
+    outs = [out_base] if args.shards is None else [rank_path(out_base, r, args.shards) for r in range(args.shards)]
+    for path in outs:
+        if os.path.exists(path) and not args.force:
+            raise ConsolidateError(f"{path} exists: pass --force to overwrite it, or -o for another name")
+
+    if world is not None:
+        inputs = shard_paths(base, world)
+        parts = reshard_files(inputs, args.shards or 1, keep_optimizer)
+        source = f"{world} per-rank files {inputs[0]} ..."
     else:
-        if world == args.shards and os.path.abspath(out_base) == os.path.abspath(base):
-            raise ConsolidateError(f"{base} is already split for {world} processes")
-        parts = split_checkpoint(state, args.shards, base, keep_optimizer)
-        outs = [rank_path(out_base, r, args.shards) for r in range(args.shards)]
-        for path in outs:
-            if os.path.exists(path) and not args.force:
-                raise ConsolidateError(f"{path} exists: pass --force to overwrite it, or -o for another name")
-        for part, path in zip(parts, outs):
-            save(part, path, force=True)
-        written.extend(outs)
-    meta = meta_of(state) or {}
+        inputs = [base]
+        parts = iter(split_checkpoint(load_file(base), args.shards, base, keep_optimizer))
+        source = base
+    meta: Dict[str, Any] = {}
+    optimizer = False
+    for path in outs:  # written one by one: one output part in memory at a time (zip() would hold the last)
+        part = next(parts)
+        save(part, path, force=True)
+        meta, optimizer = meta_of(part) or {}, "last_optimizer_state" in part
+        del part
     print(
-        f"stablemoe-consolidate: {source} -> {', '.join(written)} "
+        f"stablemoe-consolidate: {source} -> {', '.join(outs)} "
         f"({meta.get('num_experts', '?')} experts, update {meta.get('num_updates', '?')}, "
-        f"optimizer state {'kept' if keep_optimizer and 'last_optimizer_state' in state else 'dropped'}; "
-        f"peak memory {peak_memory_mib():.1f} MiB, largest input file {largest_input / 2**20:.1f} MiB, "
-        f"output {sum(os.path.getsize(p) for p in written) / 2**20:.1f} MiB)"
+        f"optimizer state {'kept' if optimizer else 'dropped'}; "
+        f"peak memory {peak_memory_mib():.1f} MiB, largest input file "
+        f"{max(os.path.getsize(p) for p in inputs) / 2**20:.1f} MiB, "
+        f"output {sum(os.path.getsize(p) for p in outs) / 2**20:.1f} MiB)"
     )
-    return written
+    return outs
 
 
 def build_parser() -> argparse.ArgumentParser:

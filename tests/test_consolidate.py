@@ -41,6 +41,11 @@ def optimizer_by_name(state):
     return {names[i]: opt["state"][i] for g in opt["param_groups"] for i in g["params"]}
 
 
+def tensors_of(state):
+    opt = state.get("last_optimizer_state") or {"state": {}}
+    return list(state["model"].values()) + [v for s in opt["state"].values() for v in s.values()]
+
+
 class Tracked(dict):
     """A loaded checkpoint whose lifetime the test can watch."""
 
@@ -103,3 +108,60 @@ def test_files_of_different_saves_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         consolidate.cli_main([str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "merged.pt")])
     assert not (tmp_path / "merged.pt").exists()
+
+
+@pytest.mark.parametrize("source,target", [(2, 4), (4, 2), (2, 8)])  # 8: replicas
+def test_reshard_streams_and_equals_a_direct_split(tmp_path, monkeypatch, source, target):
+    original = one_process_state()
+    torch.save(original, tmp_path / "one.pt")
+    consolidate.cli_main([str(tmp_path / "one.pt"), "--shards", str(source), "-o", str(tmp_path / "src.pt")])
+    consolidate.cli_main([str(tmp_path / "one.pt"), "--shards", str(target), "-o", str(tmp_path / "direct.pt")])
+
+    alive, most, reads, tensors, written = [], [0], [], [], []
+    real_load = consolidate.load_file
+
+    def watched_load(path):
+        gc.collect()
+        alive[:] = [ref for ref in alive if ref() is not None]
+        state = Tracked(real_load(path))
+        alive.append(weakref.ref(state))
+        most[0] = max(most[0], len(alive))
+        reads.append(path)
+        tensors.extend(weakref.ref(t) for t in tensors_of(state))
+        # nothing of an output already written is still held while the next is built
+        assert all(ref() is None for ref in written)
+        return state
+
+    monkeypatch.setattr(consolidate, "load_file", watched_load)
+    real_save = consolidate.save
+    saved = []
+
+    def watched_save(state, path, force):
+        gc.collect()
+        saved.append(len([ref for ref in alive if ref() is not None]))
+        # no tensor read from an input outlives the output part it went into (no merged model in memory)
+        live = {id(ref()) for ref in tensors if ref() is not None}
+        assert live <= {id(t) for t in tensors_of(state)}
+        real_save(state, path, force)
+        written.extend(weakref.ref(t) for t in tensors_of(state))
+
+    monkeypatch.setattr(consolidate, "save", watched_save)
+    consolidate.cli_main([str(tmp_path / "src-rank0-of2.pt" if source == 2 else tmp_path / "src.pt"),
+                          "--shards", str(target), "-o", str(tmp_path / "resharded.pt")])
+    assert most[0] == 1  # one input in memory at a time
+    assert max(saved) <= 1 and len(saved) == target  # each output written before the next is built
+    # every output reads rank 0 (shared weights, training state) and only the inputs holding its experts
+    assert len(reads) <= target + max(source, target)
+
+    for r in range(target):
+        want = torch.load(tmp_path / f"direct-rank{r}-of{target}.pt", weights_only=True)
+        got = torch.load(tmp_path / f"resharded-rank{r}-of{target}.pt", weights_only=True)
+        assert list(got["model"]) == list(want["model"])
+        for k, v in want["model"].items():
+            assert torch.equal(got["model"][k], v), (r, k)
+        want_opt, got_opt = optimizer_by_name(want), optimizer_by_name(got)
+        assert list(got_opt) == list(want_opt)
+        for name in want_opt:
+            assert torch.equal(got_opt[name]["exp_avg"], want_opt[name]["exp_avg"]), (r, name)
+        meta = got["extra_state"][META_KEY]
+        assert (meta["world_size"], meta["rank"], meta["num_experts"], meta["resharded_from"]) == (target, r, N, source)
