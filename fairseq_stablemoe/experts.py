@@ -195,23 +195,18 @@ def grouped_mm_supported(features: torch.Tensor, ffn_dim: int) -> bool:
 def _stacked(sublayers: Sequence[FFNSublayer]) -> Tuple[torch.Tensor, ...]:
     """The sublayers' parameters stacked (autograd copies; the gradients go back to each sublayer's own).
 
-    Returns ``(vectors, w1, w2)``: ``vectors`` ``(L, 3d + f)`` one row per
-    sublayer, its norm weight, norm bias, ``fc2`` bias and ``fc1`` bias side by
-    side (one copy for the four, gathered per token in one pass, split with
-    :func:`_split_vectors`); ``w1`` ``(L, d, f)`` and ``w2`` ``(L, f, d)``, the
-    matrices as transposed views of the stacked ``(L, out, in)`` weights.
+    Returns ``(vectors, w1, b1, w2)``: ``vectors`` ``(3, L, d)`` the norm weights,
+    norm biases and ``fc2`` biases (one copy for the three), ``w1`` ``(L, d, f)``,
+    ``b1`` ``(L, f)``, ``w2`` ``(L, f, d)`` (the matrices transposed views of the
+    stacked ``(L, out, in)`` weights).
     """
-    vectors = [v for m in sublayers for v in (m.norm.weight, m.norm.bias, m.fc2.bias, m.fc1.bias)]
+    vectors = [m.norm.weight for m in sublayers] + [m.norm.bias for m in sublayers] + [m.fc2.bias for m in sublayers]
     return (
-        torch.cat(vectors).view(len(sublayers), -1),
+        torch.stack(vectors).view(3, len(sublayers), -1),
         torch.stack([m.fc1.weight for m in sublayers]).transpose(1, 2),
+        torch.stack([m.fc1.bias for m in sublayers]),
         torch.stack([m.fc2.weight for m in sublayers]).transpose(1, 2),
     )
-
-
-def _split_vectors(vectors: torch.Tensor, d: int) -> Tuple[torch.Tensor, ...]:
-    """``(..., 3d + f)`` -> norm weight, norm bias, ``fc2`` bias (``(..., d)`` each), ``fc1`` bias (``(..., f)``)."""
-    return vectors.split([d, d, d, vectors.shape[-1] - 3 * d], dim=-1)
 
 
 def _autocast_dtype(x: torch.Tensor):
@@ -244,12 +239,12 @@ def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List
 
     def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
         vectors, *linear = _stacked(sublayers)
-        w1, w2 = _products(x, linear)
-        norm_w, norm_b, b2, b1 = _split_vectors(vectors.index_select(0, expert_of_row), x.shape[-1])  # (T, .) each
+        w1, b1, w2 = _products(x, linear)
+        norm_w, norm_b, b2 = vectors.index_select(1, expert_of_row).unbind(0)  # (T, d) each
         first = sublayers[0]
         normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
-        hidden = F.grouped_mm(normed.to(w1.dtype), w1, offs=offsets)
-        out = F.grouped_mm(first.activation_fn(hidden + b1.to(hidden.dtype)), w2, offs=offsets)
+        hidden = F.grouped_mm(normed.to(w1.dtype), w1, offs=offsets) + b1.index_select(0, expert_of_row)
+        out = F.grouped_mm(first.activation_fn(hidden), w2, offs=offsets)
         return out + b2.to(out.dtype)
 
     return _sum_of_updates(experts, busy, sorted_features, residual)
@@ -271,11 +266,11 @@ def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List
 
     def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
         vectors, *linear = _stacked(sublayers)
-        w1, w2 = _products(x, linear)
-        norm_w, norm_b, b2, b1 = _split_vectors(vectors.unsqueeze(1), x.shape[-1])  # (L, 1, .) each
+        w1, b1, w2 = _products(x, linear)
+        norm_w, norm_b, b2 = vectors.unsqueeze(2).unbind(0)  # (L, 1, d) each
         first = sublayers[0]
         normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
-        hidden = first.activation_fn(torch.baddbmm(b1.to(w1.dtype), normed.to(w1.dtype), w1))
+        hidden = first.activation_fn(torch.baddbmm(b1.unsqueeze(1), normed.to(w1.dtype), w1))
         return torch.baddbmm(b2.to(hidden.dtype), hidden, w2)
 
     total = _sum_of_updates(experts, busy, padded, residual)
