@@ -35,7 +35,7 @@ print("PEAK", consolidate.peak_memory_mib() - base)
 
 
 def synthetic(shared_mib: float, expert_mib: float, experts: int):
-    from fairseq_stablemoe.checkpointing import META_KEY
+    from fairseq_stablemoe.checkpoint_files import META_KEY
 
     def tensor(mib):  # fp32 parameters
         return torch.randn(max(1, int(mib * 2**20 / 4 / 256)), 256)

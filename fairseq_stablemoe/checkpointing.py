@@ -35,15 +35,11 @@ for any other model every overridden member calls fairseq's own code:
   count and the frozen-router flag (a buffer of the model) are then restored
   by fairseq's own code on every rank.
 
-Why ``-rank{r}-of{W}`` and not fairseq's ``-rank-{r}`` (BASE layers) or ``-shard{r}`` (FSDP): the
-name records the number of processes, so a file set written for W processes is never read by a
-job of another size (the error names ``stablemoe-consolidate ... --shards W``), and
-``stablemoe-consolidate`` finds a run's files from any one of them. fairseq's evaluation tools
-(eval-lm, generate, interactive, validate) reach the same files through
-:mod:`.distributed_eval`, which maps the logical name (``--path DIR/checkpoint_last.pt``, with
-fairseq's ``--checkpoint-suffix``) to each process's file. The Trainer patch stays because
-fairseq turns on per-rank saving only for ``--base-layers``, and setting that option would make
-fairseq insert its own BASE layers.
+The file names, the record and the checks live in :mod:`.checkpoint_files`; this
+module is only the patch. It stays a patch because fairseq turns on per-rank
+saving only for ``--base-layers``, and setting that option would make fairseq
+insert its own BASE layers. fairseq's evaluation tools (eval-lm, generate,
+interactive, validate) reach the same files through :mod:`.distributed_eval`.
 
 One-process runs of a MoE model keep fairseq's file names and loading; they
 get the record and the checks (e.g. resuming per-rank files on one process
@@ -60,10 +56,8 @@ the opt-in (for MoE models).
 """
 
 import contextlib
-import glob
 import logging
 import os
-import re
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -71,54 +65,19 @@ import torch
 import torch.distributed as dist
 from fairseq.trainer import Trainer
 
+from .checkpoint_files import (
+    META_FORMAT,
+    META_KEY,
+    check_before_load,
+    fall_back_if_unreadable,
+    parse_rank_path,
+    rank_path,
+    shard_tag,
+)
 from .layer import MoELayer
 from .parallel import ExpertShard
 
 logger = logging.getLogger(__name__)
-
-#: key of the plugin's record in a checkpoint's ``extra_state``
-META_KEY = "stablemoe_experts"
-META_FORMAT = 1
-#: ``<layer prefix>experts.<i>.<rest>`` in a model state dict
-EXPERT_KEY = re.compile(r"^(?P<layer>.*\.experts\.)(?P<idx>\d+)(?P<rest>\..+)$")
-RANK_FILE = re.compile(r"^(?P<stem>.*)-rank(?P<rank>\d+)-of(?P<world>\d+)\.pt$")
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint that does not fit the run (or is incomplete); the message says how to fix it."""
-
-
-# ----------------------------------------------------------------------------- file names
-
-
-def shard_tag(rank: int, world_size: int) -> str:
-    return f"-rank{rank}-of{world_size}"
-
-
-def rank_path(base: str, rank: int, world_size: int) -> str:
-    """``dir/name.pt`` -> ``dir/name-rank{rank}-of{world_size}.pt``."""
-    if not base.endswith(".pt"):
-        raise ValueError(f"checkpoint names end with .pt: {base}")
-    return base[:-3] + shard_tag(rank, world_size) + ".pt"
-
-
-def parse_rank_path(path: str) -> Optional[Tuple[str, int, int]]:
-    """``(base, rank, world_size)`` of a per-rank file name, None for any other name."""
-    m = RANK_FILE.match(path)
-    if m is None:
-        return None
-    return m.group("stem") + ".pt", int(m.group("rank")), int(m.group("world"))
-
-
-def rank_files_on_disk(base: str) -> Dict[int, List[str]]:
-    """The per-rank files of ``base`` that exist, by the world size in their names."""
-    found: Dict[int, List[str]] = {}
-    for path in glob.glob(glob.escape(base[:-3]) + "-rank*-of*.pt"):
-        parsed = parse_rank_path(path)
-        if parsed is not None and parsed[0] == base:
-            found.setdefault(parsed[2], []).append(path)
-    return {w: sorted(p) for w, p in sorted(found.items())}
-
 
 # ----------------------------------------------------------------------------- model inspection
 
@@ -141,16 +100,6 @@ def model_shard(trainer: Trainer) -> Optional[ExpertShard]:
 def is_expert_parallel(trainer: Trainer) -> bool:
     shard = model_shard(trainer)
     return shard is not None and shard.is_parallel
-
-
-def experts_per_layer(model_state: Dict[str, Any]) -> Dict[str, int]:
-    """Number of experts held in a model state dict, by layer prefix."""
-    ids: Dict[str, set] = {}
-    for key in model_state:
-        m = EXPERT_KEY.match(key)
-        if m is not None:
-            ids.setdefault(m.group("layer"), set()).add(int(m.group("idx")))
-    return {layer: len(v) for layer, v in ids.items()}
 
 
 def optimizer_param_names(trainer: Trainer) -> Optional[List[str]]:
@@ -214,168 +163,6 @@ def describe(trainer: Trainer, shard: ExpertShard) -> Dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- load checks
-
-
-def peek(path: str) -> Dict[str, Any]:
-    """A checkpoint's contents without reading its tensors (memory-mapped) where possible."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # older (non-zip) format: read it all
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def meta_of(state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    extra = state.get("extra_state") or {}
-    return extra.get(META_KEY) if isinstance(extra, dict) else None
-
-
-def shard_problem(path: str, state: Dict[str, Any], shard: ExpertShard, prefixes: List[str]) -> Optional[str]:
-    """Why the checkpoint ``path`` does not fit this process's shard (None if it does)."""
-    W, r = shard.world_size, shard.rank
-    meta = meta_of(state)
-    counts = experts_per_layer(state.get("model") or {})
-    if meta is not None:
-        saved_w, saved_r, saved_n = meta["world_size"], meta["rank"], meta["num_experts"]
-        if saved_n != shard.num_experts:
-            return (
-                f"{path} was trained with {saved_n} experts per MoE layer but this run has "
-                f"--num-experts {shard.num_experts}: use the run's --num-experts"
-            )
-        if saved_w != W:
-            if saved_w == 1:
-                return (
-                    f"{path} is a one-process checkpoint holding all {saved_n} experts, but this run has "
-                    f"{W} processes (each holds {shard.num_local}): split it into per-rank files with "
-                    f"`stablemoe-consolidate {path} --shards {W}` and resume from that name (--restore-file "
-                    f"{path} or its directory as --save-dir; each rank reads its -rankR-of{W} file)"
-                )
-            if W == 1:
-                return (
-                    f"{path} is the rank-{saved_r} file of a {saved_w}-process expert-parallel run "
-                    f"(it holds {saved_n // saved_w} of the {saved_n} experts); to resume or evaluate on one "
-                    f"process, consolidate the run's files with `stablemoe-consolidate {path}`"
-                )
-            return (
-                f"{path} belongs to a {saved_w}-process expert-parallel run but this run has {W} processes: "
-                f"re-shard it with `stablemoe-consolidate {path} --shards {W}`"
-            )
-        if saved_r != r:
-            return (
-                f"{path} holds the experts of rank {saved_r} but is being loaded by rank {r}: every rank "
-                f"loads its own file (pass the name without -rankR-ofW to --restore-file)"
-            )
-    elif W > 1:
-        return (
-            f"{path} has no expert-parallel record (it was not saved per rank by fairseq-stablemoe); if it "
-            f"is a one-process checkpoint, split it with `stablemoe-consolidate {path} --shards {W}`"
-        )
-    for prefix in prefixes:
-        got = counts.get(prefix)
-        if got is not None and got != shard.num_local:
-            return (
-                f"{path} holds {got} experts in {prefix[:-1]} but this process holds {shard.num_local} "
-                f"(--num-experts {shard.num_experts} on {W} process(es)); "
-                + (
-                    f"split it with `stablemoe-consolidate {path} --shards {W}`"
-                    if W > 1 and got == shard.num_experts
-                    else "check --num-experts and the number of processes"
-                )
-            )
-    return None
-
-
-def _alternatives(filename: str, shard: ExpertShard) -> List[str]:
-    """Checkpoints of the same name saved with another number of processes (what to convert)."""
-    tag = shard_tag(shard.rank, shard.world_size) + ".pt" if shard.is_parallel else ".pt"
-    if not filename.endswith(tag):
-        return []
-    base = filename[: -len(tag)] + ".pt"
-    hints = []
-    if shard.is_parallel and os.path.isfile(base):
-        hints.append(
-            f"{base} (a one-process checkpoint): split it with "
-            f"`stablemoe-consolidate {base} --shards {shard.world_size}`"
-        )
-    for world, paths in rank_files_on_disk(base).items():
-        if world == shard.world_size:
-            continue
-        first = rank_path(base, 0, world)
-        if shard.is_parallel:
-            hints.append(
-                f"{first} ... (per-rank files of {world} processes): re-shard them with "
-                f"`stablemoe-consolidate {first} --shards {shard.world_size}`"
-            )
-        else:
-            hints.append(
-                f"{first} ... (per-rank files of {world} processes): consolidate them with "
-                f"`stablemoe-consolidate {first}`"
-            )
-    return hints
-
-
-def _report(filename: str, shard: ExpertShard, prefixes: List[str]) -> Dict[str, Any]:
-    report: Dict[str, Any] = {"rank": shard.rank, "file": filename, "exists": os.path.isfile(filename)}
-    if report["exists"]:
-        try:
-            state = peek(filename)
-        except Exception as e:  # reported on every rank rather than raised on this one only
-            report["problem"] = f"cannot read {filename}: {type(e).__name__}: {e}"
-            return report
-        meta = meta_of(state) or {}
-        report["run_id"] = meta.get("run_id")
-        report["num_updates"] = meta.get("num_updates")
-        report["problem"] = shard_problem(filename, state, shard, prefixes)
-        del state
-    else:
-        report["alternatives"] = _alternatives(filename, shard)
-    return report
-
-
-def check_before_load(trainer: Trainer, filename: str) -> None:
-    """Raise :class:`CheckpointMismatchError` on every rank if any rank's file is wrong or missing.
-
-    One ``all_gather_object`` on an expert-parallel model, so that all ranks
-    take the same decision (load, start from scratch, or stop).
-    """
-    shard = model_shard(trainer)
-    prefixes = [p for p, _ in expert_layers(trainer._model)]
-    mine = _report(filename, shard, prefixes)
-    if shard.is_parallel:
-        reports: List[Any] = [None] * shard.world_size
-        dist.all_gather_object(reports, mine)
-    else:
-        reports = [mine]
-
-    problems = [r["problem"] for r in reports if r["exists"] and r.get("problem")]
-    if problems:
-        raise CheckpointMismatchError("cannot resume from this checkpoint: " + "; ".join(dict.fromkeys(problems)))
-    missing = [r for r in reports if not r["exists"]]
-    if missing and len(missing) < len(reports):
-        names = ", ".join(f"{r['file']} (rank {r['rank']})" for r in missing)
-        have = ", ".join(r["file"] for r in reports if r["exists"])
-        raise CheckpointMismatchError(
-            f"missing per-rank checkpoint file(s): {names}. Every rank of an expert-parallel run needs its own "
-            f"file (found: {have}); restore the missing file or resume from another checkpoint"
-        )
-    if missing:  # nothing to resume from, unless it was saved with another number of processes
-        hints = [h for r in reports for h in r.get("alternatives", [])]
-        if hints:
-            wanted = reports[0]["file"] if shard.is_parallel else filename
-            what = f"per-rank checkpoint files {wanted} ..." if shard.is_parallel else f"checkpoint {filename}"
-            raise CheckpointMismatchError(
-                f"no {what} for {shard.world_size} process(es), but found " + "; ".join(dict.fromkeys(hints))
-            )
-        return
-    saves = {(r["run_id"], r["num_updates"]) for r in reports}
-    if len(saves) > 1:
-        listing = "; ".join(f"{r['file']}: run {r['run_id']} at update {r['num_updates']}" for r in reports)
-        raise CheckpointMismatchError(
-            f"the per-rank checkpoint files are from different runs or updates ({listing}): all ranks must "
-            "resume from the files of one save"
-        )
-
-
 @contextlib.contextmanager
 def _load_on_all_ranks(cfg):
     old = cfg.checkpoint.load_checkpoint_on_all_dp_ranks
@@ -419,116 +206,12 @@ def _save_checkpoint(self, filename, extra_state):
     return _fairseq["save_checkpoint"](self, filename, extra_state)
 
 
-def readable_updates(path: str) -> Optional[int]:
-    """The update count of a checkpoint that can be read, None for a truncated or corrupt file."""
-    try:
-        state = peek(path)
-        history = state.get("optimizer_history") or [{}]
-        return int(history[-1].get("num_updates", 0))
-    except Exception:
-        return None
-
-
-def newest_intact(filename: str, shard: ExpertShard) -> Optional[str]:
-    """The newest checkpoint next to ``filename`` that every rank can read (same suffix)."""
-    directory = os.path.dirname(filename) or "."
-    found: Dict[int, str] = {}
-    for path in glob.glob(os.path.join(glob.escape(directory), "checkpoint*.pt")):
-        if os.path.abspath(path) == os.path.abspath(filename):
-            continue
-        if shard.is_parallel:
-            parsed = parse_rank_path(path)
-            if parsed is None or (parsed[1], parsed[2]) != (shard.rank, shard.world_size):
-                continue
-        elif parse_rank_path(path) is not None:
-            continue
-        updates = readable_updates(path)
-        if updates is not None and updates not in found:
-            found[updates] = path
-    candidates = sorted(found, reverse=True)
-    if shard.is_parallel:  # the newest save every rank has
-        everyone: List[Any] = [None] * shard.world_size
-        dist.all_gather_object(everyone, candidates)
-        common = set(candidates).intersection(*map(set, everyone))
-        candidates = sorted(common, reverse=True)
-    return found[candidates[0]] if candidates else None
-
-
-#: set to 1 to let a resume fall back to an older checkpoint than the one asked for (see _fall_back_if_unreadable)
-ALLOW_OLDER_ENV = "STABLEMOE_ALLOW_OLDER_CHECKPOINT"
-
-
-def is_truncated_copy(path: str, source: str, chunk: int = 1 << 20) -> bool:
-    """Whether ``path``'s bytes are a prefix of ``source``'s: a copy of ``source`` cut short (or whole)."""
-    try:
-        if os.path.getsize(path) > os.path.getsize(source):
-            return False
-        with open(path, "rb") as a, open(source, "rb") as b:
-            while True:
-                block = a.read(chunk)
-                if not block:
-                    return True
-                if block != b.read(len(block)):
-                    return False
-    except OSError:
-        return False
-
-
-def _fall_back_if_unreadable(trainer: Trainer, filename: str, shard: ExpertShard) -> str:
-    """The file to resume from when ``filename`` is cut short or corrupt.
-
-    fairseq writes each checkpoint atomically and then *copies* it to
-    ``checkpoint_last.pt``; a kill during the copy leaves a truncated file
-    whose bytes are a prefix of the checkpoint it copies. That checkpoint holds
-    the same update, and the resume uses it. Any other fallback would resume
-    from an older update than the one asked for: an error, unless
-    ``STABLEMOE_ALLOW_OLDER_CHECKPOINT=1``.
-    """
-    broken = os.path.isfile(filename) and readable_updates(filename) is None
-    if shard.is_parallel:
-        flags: List[Any] = [None] * shard.world_size
-        dist.all_gather_object(flags, broken)
-        broken = any(flags)
-    if not broken:
-        return filename
-    fallback = newest_intact(filename, shard)
-    if fallback is None:
-        raise CheckpointMismatchError(
-            f"{filename} is truncated or corrupt (a run killed while writing it?) and no other readable "
-            f"checkpoint is in {os.path.dirname(filename) or '.'}: delete it to start from scratch"
-        )
-    same = is_truncated_copy(filename, fallback)
-    if shard.is_parallel:
-        votes: List[Any] = [None] * shard.world_size
-        dist.all_gather_object(votes, same)
-        same = all(votes)
-    if same:
-        logger.warning(
-            "%s is truncated (a run killed while fairseq copied %s to it): resuming from %s, the same save",
-            filename, fallback, fallback,
-        )
-        return fallback
-    updates = readable_updates(fallback)
-    if os.environ.get(ALLOW_OLDER_ENV) == "1":
-        logger.warning(
-            "%s is truncated or corrupt: resuming from %s (update %s), an older save, as %s=1 allows",
-            filename, fallback, updates, ALLOW_OLDER_ENV,
-        )
-        return fallback
-    raise CheckpointMismatchError(
-        f"{filename} is truncated or corrupt (a run killed while writing it?) and is not a copy of any readable "
-        f"checkpoint; the newest readable one, {fallback}, holds update {updates}, which may be older than the "
-        f"save asked for. To resume from it, set {ALLOW_OLDER_ENV}=1 (or pass --restore-file {fallback}); to "
-        f"start from scratch, delete {filename}"
-    )
-
-
 def _load_checkpoint(self, filename, *args, **kwargs):
     shard = model_shard(self)
     if shard is None:
         return _fairseq["load_checkpoint"](self, filename, *args, **kwargs)
-    filename = _fall_back_if_unreadable(self, filename, shard)
-    check_before_load(self, filename)
+    filename = fall_back_if_unreadable(filename, shard)
+    check_before_load(filename, shard, [p for p, _ in expert_layers(self._model)])
     if shard.is_parallel:
         logger.info("expert parallelism: every rank loads its own checkpoint (%s on rank %d)", filename, shard.rank)
         with _load_on_all_ranks(self.cfg):

@@ -1,7 +1,7 @@
 """stablemoe-consolidate: merge an expert-parallel run's per-rank checkpoints, or split one.
 
 An expert-parallel run on ``W`` processes saves ``NAME-rank{r}-of{W}.pt`` on
-every rank ``r`` (see :mod:`.checkpointing`): the shared parameters, the rank's
+every rank ``r`` (see :mod:`.checkpoint_files`): the shared parameters, the rank's
 ``N / W`` experts (``experts.<i>`` = global expert ``r * N / W + i``) and its
 optimizer state.
 
@@ -39,15 +39,17 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpointing import (
+from .checkpoint_files import (
     EXPERT_KEY,
     META_FORMAT,
     META_KEY,
     experts_per_layer,
     meta_of,
+    num_updates_of,
     parse_rank_path,
     rank_files_on_disk,
     rank_path,
+    read,
 )
 from .parallel import ExpertShard, layout_problem
 
@@ -68,17 +70,8 @@ FLAT_OPTIMIZER = (
 )
 
 
-def load_file(path: str) -> State:
-    """A checkpoint with its tensors read into memory."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def map_file(path: str) -> State:
-    """A checkpoint whose tensors stay on disk (memory-mapped) until touched: for names and records."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-        return load_file(path)
+#: how an input is read whole (one name, so that tests can watch the reads)
+load_file = read
 
 
 # ----------------------------------------------------------------------------- name bookkeeping
@@ -302,7 +295,7 @@ def _plan(paths: List[str], keep_optimizer: bool):
     """Records, names and merge plans of a run's per-rank files, read memory-mapped (no tensor data)."""
     summaries = []
     for path in paths:
-        mapped = map_file(path)
+        mapped = read(path, mmap=True)
         summaries.append(summarise(mapped))
         del mapped
     meta = check_shards(summaries, paths)
@@ -434,7 +427,7 @@ def split_checkpoint(state: State, world: int, path: str = "checkpoint", keep_op
     check_target(num_experts, world)
     meta = dict(meta_of(state) or {})
     meta.setdefault("run_id", None)
-    meta.setdefault("num_updates", ((state.get("optimizer_history") or [{}])[-1]).get("num_updates", 0))
+    meta.setdefault("num_updates", num_updates_of(state))
     meta["expert_layers"] = meta.get("expert_layers") or sorted(experts_per_layer(state["model"]))
     opt = state.get("last_optimizer_state")
     names = _optimizer_names(meta_of(state), opt, path) if (opt is not None and keep_optimizer) else None

@@ -58,7 +58,7 @@ import torch.distributed as dist
 from fairseq import checkpoint_utils
 from fairseq.distributed import utils as distributed_utils
 
-from .checkpointing import CheckpointMismatchError, meta_of, peek, rank_files_on_disk, rank_path
+from .checkpoint_files import CheckpointMismatchError, meta_of, rank_files_on_disk, rank_path, read
 from .layer import MoELayer
 from .parallel import world_size_and_rank
 
@@ -210,7 +210,7 @@ def resolve(path: str, world: int, rank: int) -> Dict[str, Any]:
             return report
         report["file"] = mine
         try:
-            meta = meta_of(peek(mine)) or {}
+            meta = meta_of(read(mine, mmap=True)) or {}
         except Exception as e:
             report["problem"] = f"cannot read {mine}: {type(e).__name__}: {e}"
             return report
@@ -244,7 +244,7 @@ def resolve(path: str, world: int, rank: int) -> Dict[str, Any]:
         return report
     if world > 1 and os.path.isfile(path):
         try:
-            meta = meta_of(peek(path))
+            meta = meta_of(read(path, mmap=True))
         except Exception:
             meta = None  # fairseq reports an unreadable file itself
         if meta is not None and meta.get("world_size") == 1 and meta.get("num_experts", 0) > 1:

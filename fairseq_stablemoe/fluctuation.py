@@ -20,14 +20,13 @@ memory: name any one rank's file. Reports
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpointing import parse_rank_path
+from .checkpoint_files import num_updates_of, parse_rank_path
 from .consolidate import ConsolidateError, merge_files, shard_paths
 from .safe_globals import CheckpointLoadError, finish_fairseq_state, load_fairseq_state
 
@@ -61,7 +60,7 @@ def _load(path: str, data_dir: str, trusted: bool = False):
     if not arch.startswith("stablemoe"):
         raise ValueError(f"{path} is a {arch!r} checkpoint, not a stablemoe_lm one")
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data_dir}, state=state)
-    num_updates = state["optimizer_history"][-1]["num_updates"] if state.get("optimizer_history") else 0
+    num_updates = num_updates_of(state)
     return models[0], cfg, task, num_updates
 
 

@@ -464,7 +464,7 @@ def check_moe_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) 
     * a file holding another number of experts per layer than this process
       (a per-rank file opened in one process, or the other way round).
     """
-    from .checkpointing import experts_per_layer
+    from .checkpoint_files import experts_per_layer
 
     for name, param in model.named_parameters():
         if name.endswith("distill_router.embed_tokens.weight") and name in state_dict:

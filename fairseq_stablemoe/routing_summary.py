@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .checkpoint_files import num_updates_of
 from .safe_globals import CheckpointLoadError, load_fairseq_state
 
 
@@ -26,7 +27,7 @@ def summarise(data_dir: str, path: str, split: str = "test", max_tokens: int = 8
     from fairseq import checkpoint_utils
 
     state = load_fairseq_state(path, trusted=trusted)
-    num_updates = state["optimizer_history"][-1]["num_updates"] if state.get("optimizer_history") else 0
+    num_updates = num_updates_of(state)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data_dir}, state=state)
     model = models[0]
     if not hasattr(model.decoder, "moe_layers"):

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from fairseq_stablemoe import consolidate
-from fairseq_stablemoe.checkpointing import META_KEY
+from fairseq_stablemoe.checkpoint_files import META_KEY
 from fairseq_stablemoe.launch import PACKAGE_DIR, launch_args
 from corpus import free_port, markov_corpus, run_checked
 

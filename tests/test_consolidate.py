@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fairseq_stablemoe import consolidate
-from fairseq_stablemoe.checkpointing import META_KEY
+from fairseq_stablemoe.checkpoint_files import META_KEY
 
 N = 4
 LAYERS = ("decoder.layers.1.moe.", "decoder.layers.3.moe.")
