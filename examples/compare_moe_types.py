@@ -104,11 +104,9 @@ def model_flags(opts) -> List[str]:
     ]
 
 
-def train(opts, run: Run, save_dir: Path) -> float:
-    """fairseq-train for one run (resuming from ``save_dir/checkpoint_last.pt`` if there);
-    appends its log to ``save_dir/train.log`` and returns this session's seconds."""
+def train_command(opts, run: Run, save_dir: Path) -> List[str]:
     interval = max(1, run.max_update // opts.checkpoints)
-    cmd = [
+    return [
         sys.executable, "-m", "fairseq_cli.train", str(opts.data), "--user-dir", str(REPO / "fairseq_stablemoe"),
         *model_flags(opts), "--moe-type", run.moe_type,
         "--two-stage-updates", str(int(round(run.max_update * run.stage1_fraction))),
@@ -120,6 +118,12 @@ def train(opts, run: Run, save_dir: Path) -> float:
         "--validate-interval-updates", str(interval), "--no-epoch-checkpoints",
         "--log-format", "json", "--log-interval", str(max(1, interval // 2)), *run.flags,
     ]
+
+
+def train(opts, run: Run, save_dir: Path) -> float:
+    """fairseq-train for one run (resuming from ``save_dir/checkpoint_last.pt`` if there);
+    appends its log to ``save_dir/train.log`` and returns this session's seconds."""
+    cmd = train_command(opts, run, save_dir)
     start = time.time()
     with open(save_dir / "train.log", "a") as log:
         log.write(f"# session {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
@@ -303,8 +307,41 @@ def _pyplot():
     return plt
 
 
-def _mean_curve(runs: Sequence[Dict[str, object]], column: int) -> List[tuple]:
-    """Seed-mean of the validation curves: ``(x, ppl)`` with x = update (column 0) or wall time (2)."""
+def measure_step_cost(opts, updates: int, rounds: int) -> Dict[str, object]:
+    """Seconds per training update of every type, measured side by side on this machine.
+
+    The runs of a study are hours apart and share the machine with whatever else runs then, so
+    their own training times do not compare types fairly. Here every type trains ``updates``
+    updates of the study's model and batch (no checkpoints, no validation), in ``rounds`` rounds
+    whose order alternates, one run right after the other; a type's cost is the median over its
+    runs of the median seconds per update of its log intervals (fairseq's ``train_wall``; the
+    first interval, with the start-up, is left out).
+    """
+    import tempfile
+
+    samples: Dict[str, List[float]] = {t: [] for t in opts.types}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for t in (opts.types if r % 2 == 0 else opts.types[::-1]):
+                save_dir = Path(tmp) / f"{t}-{r}"
+                save_dir.mkdir()
+                run = Run(t, t, 1, updates, opts.stage1_fraction)
+                cmd = train_command(opts, run, save_dir) + ["--no-save", "--disable-validation", "--log-interval", "10"]
+                with open(save_dir / "train.log", "w") as log:
+                    if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                        raise RuntimeError(f"step-cost run of {t} failed:\n{(save_dir / 'train.log').read_text()[-3000:]}")
+                steps = sorted((int(rec["num_updates"]), float(rec["train_wall"])) for k, rec in log_records(save_dir)
+                               if k == "train_inner" and "train_wall" in rec)
+                per_update = [w / (u - prev) for (prev, _), (u, w) in zip(steps, steps[1:])]
+                samples[t].append(statistics.median(per_update))
+                print(f"[step-cost] round {r + 1}: {t} {samples[t][-1]:.4f} s/update", flush=True)
+    return {"updates": updates, "rounds": rounds, "samples": samples,
+            "seconds_per_update": {t: statistics.median(v) for t, v in samples.items()}}
+
+
+def _mean_curve(runs: Sequence[Dict[str, object]], column: int, cost: Optional[float] = None) -> List[tuple]:
+    """Seed-mean of the validation curves: ``(x, ppl)`` with x = update (column 0) or wall time (2);
+    with ``cost`` (seconds per update), x = update x cost."""
     by_update: Dict[int, List[tuple]] = {}
     for r in runs:
         for point in r["valid_curve"]:
@@ -312,7 +349,11 @@ def _mean_curve(runs: Sequence[Dict[str, object]], column: int) -> List[tuple]:
     out = []
     for u in sorted(by_update):
         pts = by_update[u]
-        if len(pts) == len(runs) and all(p[column] is not None for p in pts):
+        if len(pts) < len(runs):
+            continue
+        if cost is not None:
+            out.append((u * cost, statistics.mean(p[1] for p in pts)))
+        elif all(p[column] is not None for p in pts):
             out.append((statistics.mean(p[column] for p in pts), statistics.mean(p[1] for p in pts)))
     return out
 
@@ -337,13 +378,20 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
         "consecutive checkpoints; 'late' is the share whose last change is past 20% of training (paper, Figure 2).",
         "",
     ]
+    cost_file = Path(f"{stem}_step_cost.json")
+    cost = json.loads(cost_file.read_text())["seconds_per_update"] if cost_file.exists() else {}
     main = [r for r in results if r["config"]["max_update"] == opts.max_update and not r["config"]["flags"]
             and r["label"] in TYPES and (r["moe_type"] != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
     if main:
+        if cost:
+            text += ["Training time: 'train s' is each run's own (fairseq's `train_wall`), which depends on what else "
+                     "ran on the machine then; 's/update side by side' is the cost per update of each type measured "
+                     f"in one sitting (`--step-cost`, {cost_file.name}), and Figure 4's time axis is updates x that "
+                     "cost.", ""]
         text += [f"## Main comparison: {opts.max_update} updates, StableMoE stage 1 {100 * opts.stage1_fraction:.0f}%", "",
-                 "| type | seeds | valid ppl | test ppl | params | active | train s | final fluctuation | late (>20%) "
-                 "| StableMoE stage-1 last pair |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "| type | seeds | valid ppl | test ppl | params | active | train s | s/update side by side "
+                 "| final fluctuation | late (>20%) | StableMoE stage-1 last pair |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         fig, axes = plt.subplots(2, 2, figsize=(12, 8))
         (ax_upd, ax_wall), (ax_pair, ax_last) = axes
         for t in opts.types:
@@ -355,11 +403,12 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 f"| {t} | {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in runs])} "
                 f"| {_mean_spread([r['test_ppl'] for r in runs])} | {p['total'] / 1e6:.2f}M | {p['active'] / 1e6:.2f}M "
                 f"| {_mean_spread([r['train_seconds'] for r in runs])} "
+                f"| {f'{cost[t]:.4f}' if t in cost else 'n/a'} "
                 f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
                 f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
                 f"| {_mean_spread([r.get('stage1_last_fluctuation') for r in runs], 100, '%')} |")
             for ax, col in ((ax_upd, 0), (ax_wall, 2)):
-                curve = _mean_curve(runs, col)
+                curve = _mean_curve(runs, col, cost.get(t) if (ax is ax_wall and cost) else None)
                 if curve:
                     ax.plot([x for x, _ in curve], [y for _, y in curve], marker=".", label=t)
             if runs[0].get("fluctuation"):
@@ -370,8 +419,9 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 ax_last.plot(last["update_pct"], [100 * c for c in last["cumulative_share"]], marker=".",
                              label=f"{t} (seed {runs[0]['seed']})")
         ax_upd.set(xlabel="update", ylabel="validation perplexity (seed mean)", yscale="log")
-        ax_wall.set(xlabel="training wall time (s, seed mean)", ylabel="validation perplexity", yscale="log",
-                    title="Figure 4: perplexity against wall time")
+        ax_wall.set(xlabel=("training time: updates x seconds per update side by side (s)" if cost
+                            else "training wall time (s, seed mean)"),
+                    ylabel="validation perplexity", yscale="log", title="Figure 4: perplexity against wall time")
         ax_pair.set(xlabel="update", ylabel="tokens whose expert changed since the previous checkpoint (%)",
                     title="fluctuation between checkpoints")
         ax_pair.axvline(opts.max_update * opts.stage1_fraction, color="grey", linestyle=":")
@@ -469,6 +519,13 @@ def main(argv: Sequence[str] = None) -> None:
                         help="hours: start no new run after this long (the report covers the finished runs; "
                         "run the same command again to go on)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs (and which are finished) and stop")
+    parser.add_argument("--step-cost", type=int, metavar="UPDATES", default=None,
+                        help="instead of the study: measure every type's seconds per update side by side (UPDATES "
+                        "updates per run, --step-cost-rounds rounds) into OUT's _step_cost.json, which the report then "
+                        "uses for Figure 4's time axis")
+    parser.add_argument("--step-cost-rounds", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the finished runs' records; train nothing")
     parser.add_argument("--fresh", action="store_true",
                         help="retrain every run (default: reuse finished runs, resume interrupted ones)")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -492,6 +549,21 @@ def main(argv: Sequence[str] = None) -> None:
                 "started" if (opts.work / r.name / "checkpoint_last.pt").exists() else "to run")
             print(f"{r.name:45s} {r.study:10s} {' '.join(r.flags):60s} {state}")
         print(f"{len(runs)} runs, {sum(r.max_update for r in runs)} updates in all")
+        return
+    if opts.step_cost:
+        measured = measure_step_cost(opts, opts.step_cost, opts.step_cost_rounds)
+        measured["command"] = "python examples/compare_moe_types.py " + " ".join(argv)
+        measured["date"] = time.strftime("%Y-%m-%d")
+        path = Path(f"{opts.out.with_suffix('')}_step_cost.json")
+        path.write_text(json.dumps(measured, indent=1))
+        print(f"[step-cost] {measured['seconds_per_update']} -> {path}")
+        return
+    if opts.report_only:
+        kept = {r.name: opts.records / f"{r.name}.json" for r in runs}
+        done = [rec for rec, r in ((json.loads(kept[r.name].read_text()), r) for r in runs if kept[r.name].exists())
+                if rec.get("config") == run_config(opts, r)]
+        write_report(opts, done, argv)
+        print(f"[study] report of {len(done)} of {len(runs)} runs: {opts.out}")
         return
     start, results = time.time(), []
     for i, run in enumerate(runs):
