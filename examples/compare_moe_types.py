@@ -314,8 +314,9 @@ def measure_step_cost(opts, updates: int, rounds: int) -> Dict[str, object]:
     their own training times do not compare types fairly. Here every type trains ``updates``
     updates of the study's model and batch (no checkpoints, no validation), in ``rounds`` rounds
     whose order alternates, one run right after the other; a type's cost is the median over its
-    runs of the median seconds per update of its log intervals (fairseq's ``train_wall``; the
-    first interval, with the start-up, is left out).
+    runs of the median seconds per update of its log intervals (tokens per update over fairseq's
+    logged words per second, which has more digits than its ``train_wall``; the first interval,
+    with the start-up, is left out).
     """
     import tempfile
 
@@ -326,14 +327,13 @@ def measure_step_cost(opts, updates: int, rounds: int) -> Dict[str, object]:
                 save_dir = Path(tmp) / f"{t}-{r}"
                 save_dir.mkdir()
                 run = Run(t, t, 1, updates, opts.stage1_fraction)
-                cmd = train_command(opts, run, save_dir) + ["--no-save", "--disable-validation", "--log-interval", "10"]
+                cmd = train_command(opts, run, save_dir) + ["--no-save", "--disable-validation", "--log-interval", "25"]
                 with open(save_dir / "train.log", "w") as log:
                     if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
                         raise RuntimeError(f"step-cost run of {t} failed:\n{(save_dir / 'train.log').read_text()[-3000:]}")
-                steps = sorted((int(rec["num_updates"]), float(rec["train_wall"])) for k, rec in log_records(save_dir)
-                               if k == "train_inner" and "train_wall" in rec)
-                per_update = [w / (u - prev) for (prev, _), (u, w) in zip(steps, steps[1:])]
-                samples[t].append(statistics.median(per_update))
+                steps = sorted((int(rec["num_updates"]), float(rec["wpb"]) / float(rec["wps"]))
+                               for k, rec in log_records(save_dir) if k == "train_inner" and "wps" in rec)
+                samples[t].append(statistics.median(cost for _, cost in steps[1:]))
                 print(f"[step-cost] round {r + 1}: {t} {samples[t][-1]:.4f} s/update", flush=True)
     return {"updates": updates, "rounds": rounds, "samples": samples,
             "seconds_per_update": {t: statistics.median(v) for t, v in samples.items()}}
