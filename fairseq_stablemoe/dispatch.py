@@ -82,12 +82,12 @@ class Dispatch:
         Args:
             features: ``(T, d)`` the layer's input (the residual stream).
             sorted_updates: ``(T_kept, d)`` expert updates, sorted by expert.
-            gate: ``(T,)`` per-token gate in token order, or None (gate 1).
+            gate: ``(T, 1)`` per-token gate in token order, or None (gate 1).
         Returns:
             ``(T, d)``; tokens no expert processed keep ``features`` unchanged.
         """
         if gate is not None:
-            sorted_updates = gate.index_select(0, self.order).to(sorted_updates.dtype).unsqueeze(1) * sorted_updates
+            sorted_updates = gate.index_select(0, self.order).to(sorted_updates.dtype) * sorted_updates
         # under autocast the experts' output may be half precision while the residual stream is not
         return features.index_add(0, self.order, sorted_updates.to(features.dtype))
 

@@ -39,7 +39,7 @@ from .dispatch import Dispatch, capacity_split
 from .experts import Expert, Experts
 from .health import CollapseMonitor
 from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
-from .router import BackboneRouter, DistilledRouter, finite_affinities, top1
+from .router import BackboneRouter, DistilledRouter, chosen_affinity, finite_affinities, top1
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Routing(NamedTuple):
     """What a router decided for ``T`` tokens."""
 
     choice: torch.Tensor  # (T,) long: expert of every token
-    gate: Optional[torch.Tensor]  # (T,) fp32 scale of the expert output, None for 1
+    gate: Optional[torch.Tensor]  # (T, 1) fp32 scale of the expert output (a column, as it scales rows), None for 1
     stats: Stats  # losses and diagnostics (0-dim tensors)
     scores: Optional[torch.Tensor] = None  # (T, N) fp32 with grad, for losses that need the global load
 
@@ -316,27 +316,39 @@ class StableMoELayer(MoELayer):
         routers pick the same expert), ``nonfinite`` (replaced affinities),
         ``stage`` (1.0 or 2.0), and at eval ``backbone_load`` (``(N,)``, where
         the backbone router would send the tokens). At eval without
-        :attr:`eval_stats` the backbone's affinities only give the gate.
+        :attr:`eval_stats` the backbone's affinities only give the gate (its
+        chosen column, :func:`chosen_affinity`). A frozen ``wordemb`` router
+        routes by its token id table (:meth:`DistilledRouter.lookup`); its
+        affinities are computed only for the distillation loss.
         """
         stage2 = self.in_stage2
         with_stats = self.training or self.eval_stats
+        router = self.distill_router
+        # distilled routing: a frozen wordemb router is a token id -> expert table
+        by_table = router.routes_by_table
+        if by_table:
+            distill_choice, nonfinite_distill = router.lookup(tokens, count=with_stats)
+        distill_scores = None
+        if not by_table or (with_stats and not stage2):  # the distillation loss reads the affinities
+            router_tokens, steps = self._router_input if self._router_input is not None else (tokens, tokens.shape[0])
+            # no autograd once the router is frozen or at inference
+            with torch.set_grad_enabled(self.training and not stage2 and torch.is_grad_enabled()):
+                distill_scores = router(router_tokens, steps)
+            if distill_scores.shape[0] != h.shape[0]:
+                raise ValueError(
+                    f"{self.layer_name}: the distilled router routed {distill_scores.shape[0]} tokens for "
+                    f"{h.shape[0]} hidden states: pass token ids time first, (T, B), as the features (T, B, d)"
+                )
+            if not by_table:
+                with torch.no_grad():  # only its arg-max routes; the distillation loss reads the raw affinities
+                    distill_choice, nonfinite_distill = finite_affinities(distill_scores, count=with_stats)
+                    distill_choice = top1(distill_choice)
+
+        if not with_stats:  # inference: the distilled router routes, the backbone gives the gate only
+            return Routing(distill_choice, torch.sigmoid(chosen_affinity(self.backbone(h), distill_choice)), {})
         # backbone affinities (fp32, with grad: they feed the gate and the balance loss)
-        scores, nonfinite = finite_affinities(self.backbone(h), count=with_stats)
-
-        # distilled affinities; no autograd once the router is frozen or at inference
-        router_tokens, steps = self._router_input if self._router_input is not None else (tokens, tokens.shape[0])
-        with torch.set_grad_enabled(self.training and not stage2 and torch.is_grad_enabled()):
-            distill_scores = self.distill_router(router_tokens, steps)
-        if distill_scores.shape[0] != h.shape[0]:
-            raise ValueError(
-                f"{self.layer_name}: the distilled router routed {distill_scores.shape[0]} tokens for "
-                f"{h.shape[0]} hidden states: pass token ids time first, (T, B), as the features (T, B, d)"
-            )
-        with torch.no_grad():  # only its arg-max routes; the distillation loss reads the raw affinities
-            distill_choice, nonfinite_distill = finite_affinities(distill_scores, count=with_stats)
-            distill_choice = top1(distill_choice)
-
-        backbone_choice = top1(scores) if with_stats else None
+        scores, nonfinite = finite_affinities(self.backbone(h), count=True)
+        backbone_choice = top1(scores)
         if self.training and not stage2:
             # the distillation target stays the backbone's top-1 (as the paper's code, also with BA)
             choice = backbone_choice
@@ -344,9 +356,7 @@ class StableMoELayer(MoELayer):
                 choice = balanced_assignment(self._libbase, scores.detach(), backbone_choice, valid, self.num_experts)
         else:
             choice = distill_choice
-        gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
-        if not with_stats:
-            return Routing(choice, gate, {})
+        gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)))
         stats: Stats = {
             "agree": backbone_choice.eq(distill_choice).float().dot(valid),
             "nonfinite": nonfinite + nonfinite_distill,
@@ -373,7 +383,7 @@ class StableMoELayer(MoELayer):
             return {}
         mean_load = load.sum() / self.num_experts
         weight = (load - mean_load) / mean_load.clamp(min=1e-9)  # 0 for an all-padding batch
-        return {"balance_loss": (weight[routing.choice] * routing.gate * valid).sum()}
+        return {"balance_loss": (weight[routing.choice] * routing.gate.squeeze(1) * valid).sum()}
 
 
 class SwitchLayer(MoELayer):
@@ -394,7 +404,7 @@ class SwitchLayer(MoELayer):
         scores, nonfinite = finite_affinities(self.backbone(h), count=with_stats)
         probs = torch.softmax(scores, dim=1)
         choice = top1(scores)
-        gate = probs.gather(1, choice.unsqueeze(1)).squeeze(1)
+        gate = probs.gather(1, choice.unsqueeze(1))
         if not with_stats:
             return Routing(choice, gate, {})
         return Routing(choice, gate, {"nonfinite": nonfinite}, probs)
@@ -427,7 +437,7 @@ class BaseLayer(MoELayer):
         choice = top1(scores)
         if self.training:
             choice = self._balanced(scores.detach(), choice, valid)
-        gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)).squeeze(1))
+        gate = torch.sigmoid(scores.gather(1, choice.unsqueeze(1)))
         return Routing(choice, gate, {"nonfinite": nonfinite} if with_stats else {})
 
     def _balanced(self, scores: torch.Tensor, greedy: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

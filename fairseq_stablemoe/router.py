@@ -9,7 +9,9 @@
   is the embedding of ``x_t``; ``cnn``: a learned mix of the embeddings of
   ``x_t`` and the 4 tokens before it; ``transformer``: a small causal
   Transformer over ``x_1..x_t`` (the paper's Table 6 variants). At the stage
-  boundary it is frozen for good (see :meth:`DistilledRouter.freeze`).
+  boundary it is frozen for good (see :meth:`DistilledRouter.freeze`); a
+  frozen ``wordemb`` router routes by a token id -> expert table
+  (:meth:`DistilledRouter.lookup`).
 
 All affinities are computed in fp32, also under ``--fp16``/``--bf16``.
 """
@@ -46,6 +48,27 @@ def finite_affinities(raw: torch.Tensor, count: bool = True) -> Tuple[torch.Tens
         fill = capped.amin().nan_to_num(posinf=0.0)  # 0 if nothing is finite
         num_bad = bad.sum(dtype=torch.float32) if count else None
     return torch.where(bad, fill, raw), num_bad
+
+
+def chosen_affinity(raw: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """``finite_affinities(raw)[0]`` at each row's chosen column, as a ``(T, 1)`` column.
+
+    The same values and gradient (a non-finite entry becomes the smallest
+    finite one of the whole tensor, 0 if none, and gets no gradient), but
+    only the ``T`` chosen entries are replaced.
+
+    Args:
+        raw: ``(T, N)`` affinities; choice: ``(T,)`` long columns.
+    """
+    index = choice.unsqueeze(1)
+    with torch.no_grad():
+        capped = raw.nan_to_num(nan=math.inf, posinf=math.inf, neginf=math.inf)
+        fill = capped.amin().nan_to_num(posinf=0.0)
+        chosen = capped.gather(1, index)
+        bad = chosen.eq(math.inf)
+    if raw.requires_grad:
+        chosen = raw.gather(1, index)  # the gradient of the finite entries, as finite_affinities
+    return torch.where(bad, fill, chosen)
 
 
 def top1(scores: torch.Tensor) -> torch.Tensor:
@@ -144,6 +167,12 @@ class DistilledRouter(nn.Module):
     Freezing never changes ``requires_grad``: fairseq builds its optimizer's
     parameter groups from it at start-up, and a resume after the boundary
     would then fail to load the optimizer state.
+
+    A frozen ``wordemb`` router is a fixed map from token id to expert: its
+    routing *is* the table :meth:`choice_table` (arg-max of the snapshot's
+    affinities for every id, :func:`finite_affinities`' replacement over the
+    ``V x N`` table, first index on ties), built once and looked up per token
+    (:meth:`lookup`), in stage-2 training and at inference alike.
     """
 
     def __init__(
@@ -175,6 +204,8 @@ class DistilledRouter(nn.Module):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self._frozen = False  # python mirror of the buffer: no device sync per forward
         self._with_snapshot = False  # inside forward's functional call on the snapshot
+        # (key, choice, nonfinite) of choice_table: the key holds the snapshot tensors and their versions
+        self._table: Optional[Tuple[tuple, torch.Tensor, torch.Tensor]] = None
         # the snapshot, one buffer per parameter: not saved (the saved parameters are the snapshot)
         for _, buffer in self._snapshot_names():
             self.register_buffer(buffer, None, persistent=False)
@@ -221,6 +252,53 @@ class DistilledRouter(nn.Module):
             feats = self._cnn(seq, steps) if self.kind == "cnn" else self._transformer(seq, steps)
         return feats.reshape(-1, feats.shape[-1]).float().matmul(self.centroids.float().t())
 
+    @property
+    def routes_by_table(self) -> bool:
+        """Whether routing is the token id -> expert table (a frozen ``wordemb`` router)."""
+        return self._frozen and self.kind == "wordemb"
+
+    @torch.no_grad()
+    def choice_table(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The routing of every token id by the frozen ``wordemb`` router, cached.
+
+        Returns:
+            ``(choice, nonfinite)``: ``(V,)`` long, the expert of each id (the
+            arg-max of its snapshot affinities after :func:`finite_affinities`
+            over the ``V x N`` table, first index on ties), and ``(V,)`` fp32,
+            the number of non-finite affinities of each id.
+
+        Rebuilt when a snapshot tensor is another object (:meth:`freeze`, a
+        loaded state dict, a move to another device or dtype) or was changed in
+        place (its version counter).
+        """
+        if not self.routes_by_table:
+            raise RuntimeError("choice_table: only a frozen wordemb router routes by a table")
+        snapshot = [getattr(self, buffer) for _, buffer in self._snapshot_names()]
+        key = tuple((t, t._version) for t in snapshot)
+        table = self._table
+        if table is None or len(table[0]) != len(key) or any(
+            t is not old or version != old_version for (t, version), (old, old_version) in zip(key, table[0])
+        ):
+            raw = self(torch.arange(self.vocab_size, device=snapshot[0].device))  # the snapshot's affinities
+            scores, _ = finite_affinities(raw, count=False)
+            nonfinite = raw.isfinite().logical_not().sum(1, dtype=torch.float32)
+            self._table = table = (key, top1(scores), nonfinite)
+        return table[1], table[2]
+
+    def lookup(self, ids: torch.Tensor, count: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Route ``(T,)`` token ids by :meth:`choice_table` (a frozen ``wordemb`` router only).
+
+        A ``wordemb`` router routes each id on its own, so in incremental
+        decoding the ids are the current tokens themselves.
+
+        Returns:
+            ``(choice, num_nonfinite)``: ``(T,)`` long, and with ``count`` the
+            0-dim fp32 number of the ids' non-finite affinities (else None).
+        """
+        choice, nonfinite = self.choice_table()
+        with torch.no_grad():
+            return choice.index_select(0, ids), (nonfinite.index_select(0, ids).sum() if count else None)
+
     def _cnn(self, seq: torch.Tensor, steps: int) -> torch.Tensor:
         """``(T_ctx, B)`` -> ``(steps, B, D)``: the kernel over each step's window."""
         emb = self.embed_tokens(seq[max(0, seq.shape[0] - steps - CNN_WINDOW + 1):])
@@ -262,6 +340,7 @@ class DistilledRouter(nn.Module):
             setattr(self, buffer, params[name].detach().clone())
         self.frozen.fill_(True)
         self._frozen = True
+        self._table = None
 
     @torch.no_grad()
     def unfreeze(self) -> None:
@@ -270,6 +349,7 @@ class DistilledRouter(nn.Module):
             setattr(self, buffer, None)
         self.frozen.fill_(False)
         self._frozen = False
+        self._table = None
 
     @torch.no_grad()
     def restore_frozen(self) -> None:

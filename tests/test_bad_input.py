@@ -190,6 +190,27 @@ def test_nan_backbone_centroid(mode, updates, training):
     assert torch.equal(out[~valid], h[~valid])
 
 
+@pytest.mark.parametrize("updates", [0, 100], ids=["live-router", "frozen-router"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_plain_inference_gates_nonfinite_affinities_as_validation(updates, value):
+    """Without eval_stats the gate reads only the chosen backbone affinity: the same replacement, bit for bit."""
+    h, tokens = inputs()
+    layer = make_layer()
+    with torch.no_grad():
+        layer.backbone.expert_centroids[2, 3] = value
+        if value != value:  # NaN: also a whole column of the distilled router's affinities
+            layer.distill_router.centroids[0, 1] = value
+    layer.set_num_updates(updates)
+    layer.eval()
+    with torch.no_grad():
+        plain, _ = layer(h, tokens)
+        layer.eval_stats = True
+        logged, stats = layer(h, tokens)
+    assert stats["nonfinite"].item() > 0
+    assert torch.isfinite(plain).all()
+    assert torch.equal(plain, logged)
+
+
 def test_nonfinite_features_leave_other_tokens_alone():
     layer = make_layer()
     layer.train()
