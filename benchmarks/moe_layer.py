@@ -26,7 +26,8 @@ no case pays for page faults that another does not (the dense FFN's 64 MB
 buffers are otherwise faulted in on every call): see ``benchmarks/allocator.py``.
 
 ``ops`` is the number of ATen operators one forward dispatches (for the
-training cases ``ops_fwd_bwd`` that of forward and backward), counted with a
+training cases ``ops_fwd_bwd`` that of forward and backward; the second of two
+calls, so inference's caches are built), counted with a
 ``TorchDispatchMode`` on one intra-op thread (so experts that would run in
 worker threads run in the counting thread), next to the dense FFN's
 (``dense_ops``). ``kernels`` leaves out the operators that only make a view
@@ -48,6 +49,7 @@ Prints one line per case:
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -177,7 +179,11 @@ class OpCount(TorchDispatchMode):
 def count_ops(
     layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor
 ) -> Dict[str, int]:
-    """Operators of one forward (and of forward+backward when ``train``), on one intra-op thread."""
+    """Operators of one forward (and of forward+backward when ``train``), on one intra-op thread.
+
+    Counted on the second of two calls: what inference keeps between calls (the distilled router's
+    token table, the grouped backends' stacked weights) is built by the first.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -189,6 +195,9 @@ def count_ops(
             layer.train(train)
             layer.zero_grad(set_to_none=True)
             x = h.detach().requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                layer(x, tokens)
+            layer.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(train), counter:
                 out = layer(x, tokens)
                 if with_backward:
@@ -229,7 +238,8 @@ def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "aut
     cases = {
         "stage1": (stable, True, False),
         "stage2": (stable, True, True),
-        "inference": (stable, False, True),
+        # its own copy: a model that only infers keeps what inference caches (training drops it)
+        "inference": (copy.deepcopy(stable), False, True),
     }
     if with_fairscale:
         cases["fairscale_top2"] = (fairscale_top2(d, f, n), True, False)

@@ -12,13 +12,16 @@ call by :meth:`Experts.forward` from :data:`EXPERT_BACKENDS` (as megablocks'
   elsewhere).
 * ``grouped_mm``: every sublayer's two matrix products for all experts at once
   with ``torch.nn.functional.grouped_mm`` over the tokens sorted by expert
-  (jagged segments, no padding). The per-expert weights are stacked per call
-  (a copy of the busy experts' weights; their gradients flow back to each
-  expert's own parameters), so the checkpoint layout is unchanged. A fixed
-  number of operators whatever the number of experts.
+  (jagged segments, no padding). In training the per-expert weights are
+  stacked per call (a copy of the busy experts' weights; their gradients flow
+  back to each expert's own parameters), so the checkpoint layout is
+  unchanged; at inference the stacks are kept between calls
+  (:meth:`Experts.stacked`). A fixed number of operators whatever the number
+  of experts.
 * ``padded_bmm``: the same with ``baddbmm`` over segments padded to the
-  largest one (``L x C`` rows, ``C`` the most tokens of one expert); any
-  device and dtype, at the price of the padding's arithmetic.
+  largest one (``L x C`` rows, ``C`` the most tokens of one expert, ``L`` the
+  busy experts in training, all local ones at inference); any device and
+  dtype, at the price of the padding's arithmetic.
 
 ``auto`` (the default): on CUDA ``grouped_mm`` where torch supports it for the
 dtype (bfloat16 on compute capability 8.0 or more), else ``padded_bmm``; on
@@ -30,7 +33,7 @@ expert without tokens gets no gradient on any of them.
 """
 
 import os
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -120,6 +123,8 @@ class Experts(nn.ModuleList):
         for p in self.parameters():
             p.expert = True
             p.expert_replicas = replicas
+        # the grouped backends' stacks at inference, per sublayer depth: (key, parameters, stacks); see stacked()
+        self._stacks: Dict[int, Tuple[tuple, List[torch.Tensor], Tuple[torch.Tensor, ...]]] = {}
         #: ``auto`` or a key of :data:`EXPERT_BACKENDS` (not saved: the checkpoint layout is the same for all)
         self.backend = os.environ.get("STABLEMOE_EXPERT_BACKEND", "auto")
         if self.backend != "auto" and self.backend not in EXPERT_BACKENDS:
@@ -127,6 +132,53 @@ class Experts(nn.ModuleList):
                 f"unknown expert backend {self.backend!r} (STABLEMOE_EXPERT_BACKEND): choose auto or one of "
                 f"{', '.join(EXPERT_BACKENDS)}"
             )
+
+    def train(self, mode: bool = True) -> "Experts":
+        if mode:
+            self._stacks.clear()
+        return super().train(mode)
+
+    def keeps_stacks(self) -> bool:
+        """Whether the grouped backends keep their stacked weights between calls: at inference (eval
+        mode, and autograd off or no expert parameter requiring a gradient)."""
+        if self.training:
+            return False
+        return not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
+
+    def members(self, counts: Sequence[int]) -> List[int]:
+        """The experts a grouped backend runs for ``counts``: the busy ones in training (an idle expert gets
+        no gradient); all of them at inference (:meth:`stacked`), the idle ones as empty segments."""
+        if self.keeps_stacks():
+            return list(range(len(self)))
+        return [i for i, n in enumerate(counts) if n > 0]
+
+    def stacked(self, depth: int, members: Sequence[int], x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Sublayer ``depth`` of the experts ``members`` (:meth:`members`), stacked: ``(vectors, w1, b1, w2)``
+        (see :func:`_stacked`; the matrices in the dtype of ``x``'s products, :func:`_products`).
+
+        In training (not :meth:`keeps_stacks`) a new stack per call, with
+        autograd. At inference (``members`` all local experts) the stacks are
+        kept (one more copy of the weights) and reused while every parameter
+        is the same tensor with the same version counter and data pointer (an
+        in-place change under ``no_grad``, ``load_state_dict``, a move to
+        another device or dtype makes new ones). They are dropped on every
+        call that does not keep them (a training forward) and on ``train()``:
+        optimizers that write through ``p.data`` (fairseq's Adam, its fp16
+        master copy) leave the version counter as it was, and a training step
+        always has a training forward before them.
+        """
+        if not self.keeps_stacks():
+            self._stacks.clear()
+            vectors, *linear = _stacked([self[i][depth] for i in members])
+            return (vectors, *_products(x, linear))
+        params = [p for expert in self for p in expert[depth].parameters()]
+        key = (_autocast_dtype(x), tuple((p._version, p.data_ptr()) for p in params))
+        entry = self._stacks.get(depth)
+        if entry is None or entry[0] != key or any(p is not q for p, q in zip(params, entry[1])):
+            with torch.no_grad():
+                vectors, *linear = _stacked([expert[depth] for expert in self])
+                entry = self._stacks[depth] = (key, params, (vectors, *_products(x, linear)))
+        return entry[2]
 
     def backend_for(self, features: torch.Tensor) -> str:
         """The backend that runs ``features`` (:attr:`backend`, or the ``auto`` choice for its device and dtype)."""
@@ -228,31 +280,30 @@ def _products(x: torch.Tensor, params: Tuple[torch.Tensor, ...]) -> Tuple[torch.
 
 def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """``grouped_mm`` backend: jagged segments, one grouped product per matrix and sublayer."""
-    busy = [i for i, n in enumerate(counts) if n > 0]
-    sizes = [counts[i] for i in busy]
+    members = experts.members(counts)
+    sizes = [counts[i] for i in members]
     device = sorted_features.device
     offsets = torch.tensor(_cumsum(sizes), dtype=torch.int32).to(device, non_blocking=True)
-    # the local expert of every row (among the busy ones), for the per-expert vectors
+    # the expert of every row (its index among the members), for the per-expert vectors
     expert_of_row = torch.repeat_interleave(
         torch.tensor(sizes).to(device, non_blocking=True), output_size=sorted_features.shape[0]
     )
 
-    def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
-        vectors, *linear = _stacked(sublayers)
-        w1, b1, w2 = _products(x, linear)
+    def residual(x: torch.Tensor, depth: int) -> torch.Tensor:
+        vectors, w1, b1, w2 = experts.stacked(depth, members, x)
         norm_w, norm_b, b2 = vectors.index_select(1, expert_of_row).unbind(0)  # (T, d) each
-        first = sublayers[0]
+        first = experts[members[0]][depth]
         normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
         hidden = F.grouped_mm(normed.to(w1.dtype), w1, offs=offsets) + b1.index_select(0, expert_of_row)
         out = F.grouped_mm(first.activation_fn(hidden), w2, offs=offsets)
         return out + b2.to(out.dtype)
 
-    return _sum_of_updates(experts, busy, sorted_features, residual)
+    return _sum_of_updates(len(experts[members[0]]), sorted_features, residual)
 
 
 def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """``padded_bmm`` backend: segments padded to the largest, one ``baddbmm`` per matrix and sublayer."""
-    busy = [i for i, n in enumerate(counts) if n > 0]
+    busy = experts.members(counts)
     sizes = [counts[i] for i in busy]
     L, C, d = len(busy), max(sizes), sorted_features.shape[1]
     device = sorted_features.device
@@ -264,27 +315,25 @@ def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List
     )
     padded = sorted_features.new_zeros(L * C, d).index_copy(0, slot, sorted_features).view(L, C, d)
 
-    def residual(x: torch.Tensor, sublayers: Sequence[FFNSublayer]) -> torch.Tensor:
-        vectors, *linear = _stacked(sublayers)
-        w1, b1, w2 = _products(x, linear)
+    def residual(x: torch.Tensor, depth: int) -> torch.Tensor:
+        vectors, w1, b1, w2 = experts.stacked(depth, busy, x)
         norm_w, norm_b, b2 = vectors.unsqueeze(2).unbind(0)  # (L, 1, d) each
-        first = sublayers[0]
+        first = experts[busy[0]][depth]
         normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
         hidden = first.activation_fn(torch.baddbmm(b1.unsqueeze(1), normed.to(w1.dtype), w1))
         return torch.baddbmm(b2.to(hidden.dtype), hidden, w2)
 
-    total = _sum_of_updates(experts, busy, padded, residual)
+    total = _sum_of_updates(len(experts[busy[0]]), padded, residual)
     return total.view(L * C, d).index_select(0, slot)
 
 
-def _sum_of_updates(experts: Experts, busy: List[int], x: torch.Tensor, residual) -> torch.Tensor:
-    """``Expert.update`` for all busy experts at once: ``residual(x, sublayers)`` per sublayer depth."""
-    depth = len(experts[busy[0]])
+def _sum_of_updates(depth: int, x: torch.Tensor, residual) -> torch.Tensor:
+    """``Expert.update`` for all experts at once: ``residual(x, k)`` for every sublayer depth ``k``."""
     total = None
     for k in range(depth):
         if k:
             x = x + r
-        r = residual(x, [experts[i][k] for i in busy])
+        r = residual(x, k)
         total = r if total is None else total + r
     return total
 

@@ -214,3 +214,95 @@ def test_grouped_backends_keep_one_host_sync(backend, kind, monkeypatch):
     counts = test_host_syncs.count(kind)
     assert counts["forward"] == ["tolist"], counts
     assert counts.get("backward", []) == [], counts
+
+
+class Stacks(TorchDispatchMode):
+    """Counts the ``stack`` operators (the grouped backends' weight copies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stacks = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.stacks += func.overloadpacket.__name__ == "stack"
+        return func(*args, **(kwargs or {}))
+
+
+def inference(experts: Experts, x: torch.Tensor, counts):
+    with torch.no_grad(), Stacks() as mode:
+        out = experts(x, counts)
+    return out, mode.stacks
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("counts", [[5, 0, 7, 3], [2, 4, 1, 6]], ids=["idle-expert", "all-busy"])
+def test_inference_keeps_the_stacks_and_follows_the_weights(backend, counts):
+    experts = random_experts(len(counts), 2)
+    experts.backend = backend
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(sum(counts), D, generator=g)
+
+    def loop():
+        experts.backend = "loop"
+        with torch.no_grad():
+            out = experts(x, counts)
+        experts.backend = backend
+        return out
+
+    experts.eval()
+    first, stacked = inference(experts, x, counts)
+    again, restacked = inference(experts, x, counts)
+    assert stacked > 0 and restacked == 0
+    assert torch.equal(again, first)  # the kept stacks are the weights themselves
+    experts.train()  # a training forward stacks afresh (and drops what inference kept)
+    with Stacks() as mode:
+        trained = experts(x.clone().requires_grad_(), counts)
+    assert mode.stacks > 0 and torch.equal(trained.detach(), first)
+    experts.eval()
+    torch.testing.assert_close(inference(experts, x, counts)[0], loop(), rtol=1e-5, atol=1e-5)
+    # changed in place under no_grad (the version counter)
+    p = experts[2][1].fc1.weight
+    with torch.no_grad():
+        p.add_(1.0)
+    changed, restacked = inference(experts, x, counts)
+    assert restacked > 0 and not torch.equal(changed, first)
+    torch.testing.assert_close(changed, loop(), rtol=1e-5, atol=1e-5)
+    # loaded weights
+    other = random_experts(len(counts), 2)
+    with torch.no_grad():
+        for q in other.parameters():
+            q.mul_(-0.5)
+    experts.load_state_dict(other.state_dict())
+    loaded, restacked = inference(experts, x, counts)
+    assert restacked > 0
+    torch.testing.assert_close(loaded, loop(), rtol=1e-5, atol=1e-5)
+    # written through .data (as fairseq's optimizers do): invisible to the version counter, so the
+    # stacks go with the next train() (every training step starts with one) or training forward
+    p.data.add_(1.0)
+    experts.train()
+    experts.eval()
+    torch.testing.assert_close(inference(experts, x, counts)[0], loop(), rtol=1e-5, atol=1e-5)
+    # a new tensor in place of a parameter's (as a move to another dtype or device makes)
+    p.data = p.data - 2.0
+    moved, restacked = inference(experts, x, counts)
+    assert restacked > 0
+    torch.testing.assert_close(moved, loop(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
+def test_no_stacks_kept_where_autograd_reaches_the_experts(backend):
+    experts = random_experts(3, 1)
+    experts.backend = backend
+    x = torch.randn(9, D)
+    experts.eval()
+    with Stacks() as mode:  # eval mode with autograd on: a forward that may be differentiated
+        out = experts(x, [3, 3, 3])
+        (out * x).sum().backward()
+    assert mode.stacks > 0 and not experts._stacks
+    assert all(p.grad is not None for p in experts.parameters())
+    for p in experts.parameters():  # no expert parameter trains: the stacks are kept
+        p.requires_grad_(False)
+    inference(experts, x, [3, 3, 3])
+    with Stacks() as mode:
+        experts(x.requires_grad_(), [3, 3, 3])
+    assert mode.stacks == 0
