@@ -33,7 +33,7 @@ expert without tokens gets no gradient on any of them.
 """
 
 import os
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -86,6 +86,18 @@ class Expert(nn.Sequential):
         return total
 
 
+class Stacks(NamedTuple):
+    """One sublayer depth of several experts' parameters, stacked (:meth:`Experts.stacked`)."""
+
+    vectors: torch.Tensor  # (3, L, d): the norm weights, norm biases and fc2 biases
+    w1: torch.Tensor  # (L, d, f) in the dtype of the products (as w2 and b1)
+    b1: torch.Tensor  # (L, f)
+    w2: torch.Tensor  # (L, f, d)
+    #: (L, 3d + f), kept at inference: each expert's norm weight, norm bias, fc2 bias and fc1 bias in
+    #: one row (in the parameters' dtype), so that one gather gives every token's four vectors
+    rows: Optional[torch.Tensor] = None
+
+
 class Experts(nn.ModuleList):
     """The experts held by this process.
 
@@ -124,7 +136,7 @@ class Experts(nn.ModuleList):
             p.expert = True
             p.expert_replicas = replicas
         # the grouped backends' stacks at inference, per sublayer depth: (key, parameters, stacks); see stacked()
-        self._stacks: Dict[int, Tuple[tuple, List[torch.Tensor], Tuple[torch.Tensor, ...]]] = {}
+        self._stacks: Dict[int, Tuple[tuple, List[torch.Tensor], Stacks]] = {}
         #: ``auto`` or a key of :data:`EXPERT_BACKENDS` (not saved: the checkpoint layout is the same for all)
         self.backend = os.environ.get("STABLEMOE_EXPERT_BACKEND", "auto")
         if self.backend != "auto" and self.backend not in EXPERT_BACKENDS:
@@ -152,9 +164,8 @@ class Experts(nn.ModuleList):
             return list(range(len(self)))
         return [i for i, n in enumerate(counts) if n > 0]
 
-    def stacked(self, depth: int, members: Sequence[int], x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Sublayer ``depth`` of the experts ``members`` (:meth:`members`), stacked: ``(vectors, w1, b1, w2)``
-        (see :func:`_stacked`; the matrices in the dtype of ``x``'s products, :func:`_products`).
+    def stacked(self, depth: int, members: Sequence[int], x: torch.Tensor) -> "Stacks":
+        """Sublayer ``depth`` of the experts ``members`` (:meth:`members`), stacked (see :class:`Stacks`).
 
         In training (not :meth:`keeps_stacks`) a new stack per call, with
         autograd. At inference (``members`` all local experts) the stacks are
@@ -170,14 +181,15 @@ class Experts(nn.ModuleList):
         if not self.keeps_stacks():
             self._stacks.clear()
             vectors, *linear = _stacked([self[i][depth] for i in members])
-            return (vectors, *_products(x, linear))
+            return Stacks(vectors, *_products(x, linear))
         params = [p for expert in self for p in expert[depth].parameters()]
         key = (_autocast_dtype(x), tuple((p._version, p.data_ptr()) for p in params))
         entry = self._stacks.get(depth)
         if entry is None or entry[0] != key or any(p is not q for p, q in zip(params, entry[1])):
             with torch.no_grad():
-                vectors, *linear = _stacked([expert[depth] for expert in self])
-                entry = self._stacks[depth] = (key, params, (vectors, *_products(x, linear)))
+                vectors, w1, b1, w2 = _stacked([expert[depth] for expert in self])
+                rows = torch.cat([vectors.transpose(0, 1).reshape(len(self), -1), b1], dim=1)
+                entry = self._stacks[depth] = (key, params, Stacks(vectors, *_products(x, (w1, b1, w2)), rows))
         return entry[2]
 
     def backend_for(self, features: torch.Tensor) -> str:
@@ -281,21 +293,25 @@ def _products(x: torch.Tensor, params: Tuple[torch.Tensor, ...]) -> Tuple[torch.
 def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """``grouped_mm`` backend: jagged segments, one grouped product per matrix and sublayer."""
     members = experts.members(counts)
-    sizes = [counts[i] for i in members]
     device = sorted_features.device
-    offsets = torch.tensor(_cumsum(sizes), dtype=torch.int32).to(device, non_blocking=True)
-    # the expert of every row (its index among the members), for the per-expert vectors
-    expert_of_row = torch.repeat_interleave(
-        torch.tensor(sizes).to(device, non_blocking=True), output_size=sorted_features.shape[0]
-    )
+    offsets = torch.tensor(_cumsum([counts[i] for i in members]), dtype=torch.int32).to(device, non_blocking=True)
+    # the expert of every row (its index among the members: the segments ending at or before it), for the
+    # per-expert vectors
+    rows = torch.arange(sorted_features.shape[0], dtype=torch.int32, device=device)
+    expert_of_row = torch.searchsorted(offsets, rows, right=True)
 
     def residual(x: torch.Tensor, depth: int) -> torch.Tensor:
-        vectors, w1, b1, w2 = experts.stacked(depth, members, x)
-        norm_w, norm_b, b2 = vectors.index_select(1, expert_of_row).unbind(0)  # (T, d) each
+        stacks = experts.stacked(depth, members, x)
+        d, f = stacks.w1.shape[1:]
+        if stacks.rows is not None:
+            norm_w, norm_b, b2, b1 = stacks.rows.index_select(0, expert_of_row).split([d, d, d, f], dim=1)
+        else:  # in training two gathers: split's backward would copy the (T, f) gradient once more
+            norm_w, norm_b, b2 = stacks.vectors.index_select(1, expert_of_row).unbind(0)  # (T, d) each
+            b1 = stacks.b1.index_select(0, expert_of_row)
         first = experts[members[0]][depth]
         normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
-        hidden = F.grouped_mm(normed.to(w1.dtype), w1, offs=offsets) + b1.index_select(0, expert_of_row)
-        out = F.grouped_mm(first.activation_fn(hidden), w2, offs=offsets)
+        hidden = F.grouped_mm(normed.to(stacks.w1.dtype), stacks.w1, offs=offsets) + b1.to(stacks.w1.dtype)
+        out = F.grouped_mm(first.activation_fn(hidden), stacks.w2, offs=offsets)
         return out + b2.to(out.dtype)
 
     return _sum_of_updates(len(experts[members[0]]), sorted_features, residual)
@@ -316,7 +332,7 @@ def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List
     padded = sorted_features.new_zeros(L * C, d).index_copy(0, slot, sorted_features).view(L, C, d)
 
     def residual(x: torch.Tensor, depth: int) -> torch.Tensor:
-        vectors, w1, b1, w2 = experts.stacked(depth, busy, x)
+        vectors, w1, b1, w2, _ = experts.stacked(depth, busy, x)
         norm_w, norm_b, b2 = vectors.unsqueeze(2).unbind(0)  # (L, 1, d) each
         first = experts[busy[0]][depth]
         normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)

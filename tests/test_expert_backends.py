@@ -306,3 +306,20 @@ def test_no_stacks_kept_where_autograd_reaches_the_experts(backend):
     with Stacks() as mode:
         experts(x.requires_grad_(), [3, 3, 3])
     assert mode.stacks == 0
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
+def test_kept_stacks_under_autocast_equal_fresh_ones(backend):
+    experts = random_experts(3, 2)
+    experts.backend = backend
+    x = torch.randn(12, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = experts(x, [4, 0, 8]).detach()  # training mode: stacked on this call
+        experts.eval()
+        kept = [inference(experts, x, [4, 0, 8]) for _ in range(2)]
+    assert kept[0][1] > 0 and kept[1][1] == 0
+    assert fresh.dtype == kept[1][0].dtype == torch.bfloat16
+    assert torch.equal(kept[0][0], fresh) and torch.equal(kept[1][0], fresh)
+    with torch.no_grad():  # the stacks in the products' dtype are not those of a forward without autocast
+        torch.testing.assert_close(experts(x, [4, 0, 8]), fresh.float(), rtol=4e-2, atol=1e-1)
+    assert experts._stacks[0][0][0] is None
