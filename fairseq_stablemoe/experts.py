@@ -297,8 +297,8 @@ def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List
     offsets = torch.tensor(_cumsum([counts[i] for i in members]), dtype=torch.int32).to(device, non_blocking=True)
     # the expert of every row (its index among the members: the segments ending at or before it), for the
     # per-expert vectors
-    rows = torch.arange(sorted_features.shape[0], dtype=torch.int32, device=device)
-    expert_of_row = torch.searchsorted(offsets, rows, right=True)
+    positions = torch.arange(sorted_features.shape[0], dtype=torch.int32, device=device)
+    expert_of_row = torch.searchsorted(offsets, positions, right=True)
 
     def residual(x: torch.Tensor, depth: int) -> torch.Tensor:
         stacks = experts.stacked(depth, members, x)
