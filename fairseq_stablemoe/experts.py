@@ -312,6 +312,8 @@ def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List
         normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
         hidden = F.grouped_mm(normed.to(stacks.w1.dtype), stacks.w1, offs=offsets) + b1.to(stacks.w1.dtype)
         out = F.grouped_mm(first.activation_fn(hidden), stacks.w2, offs=offsets)
+        if out.requires_grad:  # grouped_mm's backward refuses a broadcast gradient (e.g. of out.sum())
+            out.register_hook(torch.Tensor.contiguous)
         return out + b2.to(out.dtype)
 
     return _sum_of_updates(len(experts[members[0]]), sorted_features, residual)

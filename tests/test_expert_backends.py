@@ -71,6 +71,25 @@ def test_experts_equal_loop(backend, sublayers, counts):
 
 
 @pytest.mark.parametrize("backend", GROUPED)
+def test_experts_take_a_broadcast_gradient(backend):
+    """``out.sum().backward()`` hands the backward an expanded (stride-0) gradient."""
+    counts = [4, 0, 6, 2]
+    experts = random_experts(len(counts), 2)
+    x = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(3))
+    ones = torch.ones(sum(counts), D).expand(sum(counts), D)
+
+    def summed(backend):
+        experts.backend = backend
+        experts.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        experts(xg, counts).sum().backward()
+        return None, xg.grad, {n: p.grad for n, p in experts.named_parameters()}
+
+    got, want = summed(backend), summed("loop")
+    assert_same((ones, *got[1:]), (ones, *want[1:]))
+
+
+@pytest.mark.parametrize("backend", GROUPED)
 def test_experts_without_tokens(backend):
     experts = random_experts(3, 1)
     experts.backend = backend
