@@ -50,6 +50,38 @@ class Tracked(dict):
     """A loaded checkpoint whose lifetime the test can watch."""
 
 
+class WatchedIO:
+    """Watches consolidate's reads and writes: how many inputs are alive at each read (``most``), that
+    no input tensor outlives the output part it went into, and that no written part is still held
+    while the next is built."""
+
+    def __init__(self, monkeypatch):
+        self.alive, self.most, self.reads, self.tensors, self.written, self.saved = [], 0, [], [], [], []
+        real_load, real_save = consolidate.load_file, consolidate.save
+
+        def load(path):
+            gc.collect()
+            self.alive = [ref for ref in self.alive if ref() is not None]
+            state = Tracked(real_load(path))
+            self.alive.append(weakref.ref(state))
+            self.most = max(self.most, len(self.alive))
+            self.reads.append(path)
+            self.tensors.extend(weakref.ref(t) for t in tensors_of(state))
+            assert all(ref() is None for ref in self.written)
+            return state
+
+        def save(state, path, force):
+            gc.collect()
+            self.saved.append(len([ref for ref in self.alive if ref() is not None]))
+            live = {id(ref()) for ref in self.tensors if ref() is not None}
+            assert live <= {id(t) for t in tensors_of(state)}
+            real_save(state, path, force)
+            self.written.extend(weakref.ref(t) for t in tensors_of(state))
+
+        monkeypatch.setattr(consolidate, "load_file", load)
+        monkeypatch.setattr(consolidate, "save", save)
+
+
 @pytest.mark.parametrize("world", [2, 4, 8])  # 8: two replicas of every expert
 def test_split_then_merge_gives_the_checkpoint_back_one_input_at_a_time(tmp_path, monkeypatch, world):
     original = one_process_state()
@@ -64,20 +96,9 @@ def test_split_then_merge_gives_the_checkpoint_back_one_input_at_a_time(tmp_path
         assert sum(".experts." in k for k in part["model"]) == 2 * 2 * per_rank
     del parts
 
-    alive, most = [], [0]
-    real_load = consolidate.load_file
-
-    def watched_load(path):
-        gc.collect()
-        alive[:] = [ref for ref in alive if ref() is not None]
-        state = Tracked(real_load(path))
-        alive.append(weakref.ref(state))
-        most[0] = max(most[0], len(alive))
-        return state
-
-    monkeypatch.setattr(consolidate, "load_file", watched_load)
+    io = WatchedIO(monkeypatch)
     consolidate.cli_main([str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "merged.pt")])
-    assert most[0] == 1  # each input file is released before the next is read
+    assert io.most == 1  # each input file is released before the next is read
     merged = torch.load(tmp_path / "merged.pt", weights_only=True)
     assert list(merged["model"]) == list(original["model"])
     for k, v in original["model"].items():
@@ -117,41 +138,13 @@ def test_reshard_streams_and_equals_a_direct_split(tmp_path, monkeypatch, source
     consolidate.cli_main([str(tmp_path / "one.pt"), "--shards", str(source), "-o", str(tmp_path / "src.pt")])
     consolidate.cli_main([str(tmp_path / "one.pt"), "--shards", str(target), "-o", str(tmp_path / "direct.pt")])
 
-    alive, most, reads, tensors, written = [], [0], [], [], []
-    real_load = consolidate.load_file
-
-    def watched_load(path):
-        gc.collect()
-        alive[:] = [ref for ref in alive if ref() is not None]
-        state = Tracked(real_load(path))
-        alive.append(weakref.ref(state))
-        most[0] = max(most[0], len(alive))
-        reads.append(path)
-        tensors.extend(weakref.ref(t) for t in tensors_of(state))
-        # nothing of an output already written is still held while the next is built
-        assert all(ref() is None for ref in written)
-        return state
-
-    monkeypatch.setattr(consolidate, "load_file", watched_load)
-    real_save = consolidate.save
-    saved = []
-
-    def watched_save(state, path, force):
-        gc.collect()
-        saved.append(len([ref for ref in alive if ref() is not None]))
-        # no tensor read from an input outlives the output part it went into (no merged model in memory)
-        live = {id(ref()) for ref in tensors if ref() is not None}
-        assert live <= {id(t) for t in tensors_of(state)}
-        real_save(state, path, force)
-        written.extend(weakref.ref(t) for t in tensors_of(state))
-
-    monkeypatch.setattr(consolidate, "save", watched_save)
+    io = WatchedIO(monkeypatch)
     consolidate.cli_main([str(tmp_path / "src-rank0-of2.pt" if source == 2 else tmp_path / "src.pt"),
                           "--shards", str(target), "-o", str(tmp_path / "resharded.pt")])
-    assert most[0] == 1  # one input in memory at a time
-    assert max(saved) <= 1 and len(saved) == target  # each output written before the next is built
+    assert io.most == 1  # one input in memory at a time
+    assert max(io.saved) <= 1 and len(io.saved) == target  # each output written before the next is built
     # every output reads rank 0 (shared weights, training state) and only the inputs holding its experts
-    assert len(reads) <= target + max(source, target)
+    assert len(io.reads) <= target + max(source, target)
 
     for r in range(target):
         want = torch.load(tmp_path / f"direct-rank{r}-of{target}.pt", weights_only=True)
