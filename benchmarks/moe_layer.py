@@ -35,7 +35,18 @@ worker threads run in the counting thread), next to the dense FFN's
 launches. The expert backend is ``--backend`` (default ``auto``: see
 :mod:`fairseq_stablemoe.experts`).
 
-``--device cuda`` runs the same on a GPU (timings after ``torch.cuda.synchronize``).
+``--device cuda`` runs the same on a GPU (timings after ``torch.cuda.synchronize``;
+the header names the device).
+
+``--sublayers K``: FFN sublayers per expert (the paper's base setting: 3); the
+dense reference then has the same K sublayers. ``--dtype bf16|fp16`` casts every
+layer and the inputs to that dtype, as ``fairseq-train --bf16``/``--fp16`` do
+(the Trainer calls ``model.to(torch.bfloat16)``/``model.half()``; the plugin's
+routing affinities, gates and losses then stay fp32 inside the layer). With
+``--autocast`` the parameters stay fp32 and the forwards run under
+``torch.autocast`` with that dtype instead (backward outside it), as
+``--amp`` does (fairseq's ``--amp`` autocasts to fp16). Default: fp32, no
+autocast (the behaviour before these options).
 
 Prints one line per case:
 
@@ -45,6 +56,7 @@ Prints one line per case:
     python benchmarks/moe_layer.py            # N in {4, 16, 64}
     python benchmarks/moe_layer.py --quick    # N = 16 only
     python benchmarks/moe_layer.py --backend grouped_mm --tokens 4096 --dim 256 --ffn 1024 --experts 8 32
+    python benchmarks/moe_layer.py --device cuda --dtype bf16 --sublayers 3 --dim 768 --ffn 3072 --experts 1 4 16
 """
 
 import argparse
@@ -177,7 +189,8 @@ class OpCount(TorchDispatchMode):
 
 
 def count_ops(
-    layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor
+    layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor,
+    precision: Callable = contextlib.nullcontext,
 ) -> Dict[str, int]:
     """Operators of one forward (and of forward+backward when ``train``), on one intra-op thread.
 
@@ -195,16 +208,18 @@ def count_ops(
             layer.train(train)
             layer.zero_grad(set_to_none=True)
             x = h.detach().requires_grad_(train)
-            with torch.set_grad_enabled(train):
+            with torch.set_grad_enabled(train), precision():
                 layer(x, tokens)
             layer.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(train), counter:
-                out = layer(x, tokens)
+                with precision():
+                    out = layer(x, tokens)
+                    if with_backward:
+                        out, stats = out
+                        loss = (out * g).sum()
+                        if stats:
+                            loss = loss + 0.3 * stats.get("balance_loss", 0.0) + 0.3 * stats.get("distill_loss", 0.0)
                 if with_backward:
-                    out, stats = out
-                    loss = (out * g).sum()
-                    if stats:
-                        loss = loss + 0.3 * stats.get("balance_loss", 0.0) + 0.3 * stats.get("distill_loss", 0.0)
                     loss.backward()
             suffix = "_fwd_bwd" if with_backward else ""
             counts["ops" + suffix], counts["kernels" + suffix] = counter.ops, counter.kernels
@@ -218,23 +233,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def dense_layer(d: int, f: int) -> nn.Module:
-    return DenseFFNLayer(d, f, 1)
+def dense_layer(d: int, f: int, sublayers: int = 1) -> nn.Module:
+    return DenseFFNLayer(d, f, sublayers)
 
 
-def fairscale_top2(d: int, f: int, n: int) -> nn.Module:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_of(opts) -> Callable:
+    """The context every forward runs in: ``torch.autocast`` with ``--dtype`` under ``--autocast``, else none."""
+    if not opts.autocast or opts.dtype == "fp32":
+        return contextlib.nullcontext
+    device_type = torch.device(opts.device).type
+    return lambda: torch.autocast(device_type=device_type, dtype=DTYPES[opts.dtype])
+
+
+def param_dtype_of(opts) -> torch.dtype:
+    """The dtype of the layers' parameters and of the inputs: ``--dtype``, or fp32 under ``--autocast``."""
+    return torch.float32 if opts.autocast else DTYPES[opts.dtype]
+
+
+def fairscale_top2(d: int, f: int, n: int, sublayers: int = 1) -> nn.Module:
     from fairscale.nn.moe import MOELayer, Top2Gate
 
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29599", rank=0, world_size=1)
-    experts = nn.ModuleList([nn.Sequential(nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d)) for _ in range(n)])
+    experts = nn.ModuleList([
+        nn.Sequential(*[m for _ in range(sublayers) for m in (nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d))])
+        for _ in range(n)
+    ])
     return MOELayer(Top2Gate(d, n), experts)
 
 
-def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "auto") -> Dict[str, Callable]:
+def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "auto",
+               sublayers: int = 1) -> Dict[str, Callable]:
     """``name -> (layer, train, stage2)``; each layer is called as ``layer(h, tokens)``."""
     os.environ["STABLEMOE_EXPERT_BACKEND"] = backend
-    stable = StableMoELayer(d, f, n, 1, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=1)
+    k = sublayers
+    stable = StableMoELayer(d, f, n, k, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=1)
     cases = {
         "stage1": (stable, True, False),
         "stage2": (stable, True, True),
@@ -242,16 +278,17 @@ def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "aut
         "inference": (copy.deepcopy(stable), False, True),
     }
     if with_fairscale:
-        cases["fairscale_top2"] = (fairscale_top2(d, f, n), True, False)
-    cases["switch"] = (SwitchLayer(d, f, n, 1, PAD), True, False)
-    cases["base"] = (BaseLayer(d, f, n, 1, PAD), True, False)
+        cases["fairscale_top2"] = (fairscale_top2(d, f, n, k), True, False)
+    cases["switch"] = (SwitchLayer(d, f, n, k, PAD), True, False)
+    cases["base"] = (BaseLayer(d, f, n, k, PAD), True, False)
     symbols = [f"tok{i}" for i in range(VOCAB)]
-    cases["hash"] = (HashLayer(d, f, n, 1, PAD, symbols=symbols), True, False)
+    cases["hash"] = (HashLayer(d, f, n, k, PAD, symbols=symbols), True, False)
     return cases
 
 
-def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, track=None):
-    """One forward(+backward); returns seconds."""
+def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, track=None,
+             precision: Callable = contextlib.nullcontext):
+    """One forward(+backward) (the forward in ``precision()``, the backward outside it); returns seconds."""
     is_fairscale = type(layer).__name__ == "MOELayer"
     if hasattr(layer, "set_num_updates"):
         layer.set_num_updates(1 if stage2 else 0)
@@ -261,7 +298,7 @@ def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Te
     _sync(h.device)
     start = time.perf_counter()
     if not train:
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             if track is not None:
                 with track:
                     out = layer(h, tokens)
@@ -271,7 +308,7 @@ def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Te
         return time.perf_counter() - start
     x = h.detach().requires_grad_()
     ctx = track if track is not None else _Null()
-    with ctx:
+    with ctx, precision():
         if is_fairscale:
             # fairscale wants a leading dimension divisible by its number of experts
             out = layer(x.view(len(layer.experts), -1, x.shape[-1])).reshape_as(x)
@@ -304,49 +341,52 @@ def measure(opts, n: int) -> None:
     torch.manual_seed(0)
     d, f, T = opts.dim, opts.ffn, opts.tokens
     device = torch.device(opts.device)
-    h = torch.randn(T, d, device=device)
+    dtype, precision = param_dtype_of(opts), precision_of(opts)
+    h = torch.randn(T, d, device=device).to(dtype)
     tokens = torch.randint(4, VOCAB, (T,), device=device)
-    g = torch.randn(T, d, device=device) / T
-    dense = dense_layer(d, f).to(device)
-    all_cases = make_cases(d, f, n, not opts.no_fairscale, opts.backend)
+    g = (torch.randn(T, d, device=device) / T).to(dtype)
+    dense = dense_layer(d, f, opts.sublayers).to(device=device, dtype=dtype)
+    all_cases = make_cases(d, f, n, not opts.no_fairscale, opts.backend, opts.sublayers)
     cases = {
-        name: (layer.to(device), train, stage2)
+        name: (layer.to(device=device, dtype=dtype), train, stage2)
         for name, (layer, train, stage2) in all_cases.items()
         if not opts.cases or name in opts.cases
     }
     dense_runs = {"dense_train": (dense, True, False), "dense_infer": (dense, False, False)}
     runs = {**{ref: dense_runs[ref] for ref in sorted({reference(name) for name in cases})}, **cases}
     # routing sanity: the assignment is not degenerate
-    stable = all_cases["stage1"][0].to(device)
+    stable = all_cases["stage1"][0].to(device=device, dtype=dtype)
     stable.train()
     stable.set_num_updates(0)
-    with torch.no_grad():
+    with torch.no_grad(), precision():
         _, stats = stable(h, tokens)
     load1 = stats["load"]
     stable.set_num_updates(1)
-    with torch.no_grad():
+    with torch.no_grad(), precision():
         _, stats = stable(h, tokens)
     load2 = stats["load"]
+    with precision():
+        backend = stable.experts.backend_for(h)
     print(
         f"# experts={n}: load max/mean stage 1 {float(load1.max() * n / load1.sum()):.2f}, "
-        f"stage 2 {float(load2.max() * n / load2.sum()):.2f}",
+        f"stage 2 {float(load2.max() * n / load2.sum()):.2f}; expert backend used: {backend}",
         flush=True,
     )
 
-    ops = {name: count_ops(*runs[name], h, tokens, g) for name in runs if name != "fairscale_top2"}
+    ops = {name: count_ops(*runs[name], h, tokens, g, precision=precision) for name in runs if name != "fairscale_top2"}
     peaks = {}
     for name, (layer, train, stage2) in runs.items():
         tracker = PeakLiveBytes()
         with in_expert_threads(tracker):
-            run_once(layer, train, stage2, h, tokens, g, track=tracker)
+            run_once(layer, train, stage2, h, tokens, g, track=tracker, precision=precision)
         peaks[name] = tracker.peak
         for _ in range(opts.warmup - 1):
-            run_once(layer, train, stage2, h, tokens, g)
+            run_once(layer, train, stage2, h, tokens, g, precision=precision)
     times: Dict[str, List[float]] = {name: [] for name in runs}
     ratios: Dict[str, List[float]] = {name: [] for name in cases}
 
     def run(name: str) -> float:
-        return run_once(*runs[name], h, tokens, g)
+        return run_once(*runs[name], h, tokens, g, precision=precision)
 
     plugin = [name for name in cases if name != "fairscale_top2"]
     paired_rounds(plugin, reference, run, opts.repeats, times, ratios)
@@ -380,6 +420,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-fairscale", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU, when there is one)")
+    parser.add_argument("--sublayers", type=int, default=1,
+                        help="FFN sublayers per expert (the paper's base: 3); the dense FFN gets as many")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="parameters and inputs in this dtype, as fairseq-train --bf16/--fp16 (default fp32)")
+    parser.add_argument("--autocast", action="store_true",
+                        help="with --dtype bf16/fp16: fp32 parameters, forwards under torch.autocast (as --amp)")
     parser.add_argument("--backend", default="auto", choices=["auto", "loop", "threads", "grouped_mm", "padded_bmm"],
                         help="the experts' backend (fairseq_stablemoe.experts.EXPERT_BACKENDS)")
     parser.add_argument("--cases", nargs="+", choices=["stage1", "stage2", "inference", "fairscale_top2", "switch",
@@ -388,6 +434,12 @@ def main() -> None:
     parser.add_argument("--steady-malloc", action="store_true",
                         help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")
     opts = parser.parse_args()
+    if opts.autocast and opts.dtype == "fp32":
+        parser.error("--autocast needs --dtype bf16 or fp16")
+    if param_dtype_of(opts) != torch.float32 and not opts.no_fairscale:
+        # its einsum dispatch multiplies an fp32 one-hot mask with the inputs: fp32 parameters only
+        print("# fairscale_top2 left out: it runs with fp32 parameters only (use --autocast)", flush=True)
+        opts.no_fairscale = True
     if opts.device.startswith("cuda"):
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no GPU visible to torch")
@@ -395,9 +447,15 @@ def main() -> None:
     allocator = steady_malloc(opts.steady_malloc)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    device = opts.device
+    if device.startswith("cuda"):
+        device = (f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda}, "
+                  f"capability {'.'.join(map(str, torch.cuda.get_device_capability(torch.device(device))))})")
+    precision = f"{opts.dtype} {'autocast, fp32 parameters' if opts.autocast else 'parameters and inputs'}"
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (cpu count {os.cpu_count()}), "
-          f"T={opts.tokens} d={opts.dim} f={opts.ffn}, device {opts.device}, expert backend {opts.backend}, "
-          f"median of {opts.repeats} rounds, each case paired with a dense run; {allocator}", flush=True)
+          f"T={opts.tokens} d={opts.dim} f={opts.ffn} sublayers={opts.sublayers}, {precision}, device {device}, "
+          f"expert backend {opts.backend}, median of {opts.repeats} rounds, each case paired with a dense run; "
+          f"{allocator}", flush=True)
     for n in [16] if opts.quick else opts.experts:
         measure(opts, n)
 
