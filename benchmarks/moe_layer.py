@@ -266,8 +266,12 @@ def fairscale_top2(d: int, f: int, n: int, sublayers: int = 1) -> nn.Module:
 
 
 def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "auto",
-               sublayers: int = 1) -> Dict[str, Callable]:
-    """``name -> (layer, train, stage2)``; each layer is called as ``layer(h, tokens)``."""
+               sublayers: int = 1, only=None) -> Dict[str, Callable]:
+    """``name -> (layer, train, stage2)``; each layer is called as ``layer(h, tokens)``.
+
+    The StableMoE cases always (the routing check uses them); the others only if in ``only`` (or all
+    when ``only`` is empty): ``base`` needs fairseq's compiled ``libbase``.
+    """
     os.environ["STABLEMOE_EXPERT_BACKEND"] = backend
     k = sublayers
     stable = StableMoELayer(d, f, n, k, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=1)
@@ -277,12 +281,16 @@ def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "aut
         # its own copy: a model that only infers keeps what inference caches (training drops it)
         "inference": (copy.deepcopy(stable), False, True),
     }
-    if with_fairscale:
+    wanted = set(only or ["fairscale_top2", "switch", "base", "hash"])
+    if with_fairscale and "fairscale_top2" in wanted:
         cases["fairscale_top2"] = (fairscale_top2(d, f, n, k), True, False)
-    cases["switch"] = (SwitchLayer(d, f, n, k, PAD), True, False)
-    cases["base"] = (BaseLayer(d, f, n, k, PAD), True, False)
-    symbols = [f"tok{i}" for i in range(VOCAB)]
-    cases["hash"] = (HashLayer(d, f, n, k, PAD, symbols=symbols), True, False)
+    if "switch" in wanted:
+        cases["switch"] = (SwitchLayer(d, f, n, k, PAD), True, False)
+    if "base" in wanted:
+        cases["base"] = (BaseLayer(d, f, n, k, PAD), True, False)
+    if "hash" in wanted:
+        symbols = [f"tok{i}" for i in range(VOCAB)]
+        cases["hash"] = (HashLayer(d, f, n, k, PAD, symbols=symbols), True, False)
     return cases
 
 
@@ -346,7 +354,7 @@ def measure(opts, n: int) -> None:
     tokens = torch.randint(4, VOCAB, (T,), device=device)
     g = (torch.randn(T, d, device=device) / T).to(dtype)
     dense = dense_layer(d, f, opts.sublayers).to(device=device, dtype=dtype)
-    all_cases = make_cases(d, f, n, not opts.no_fairscale, opts.backend, opts.sublayers)
+    all_cases = make_cases(d, f, n, not opts.no_fairscale, opts.backend, opts.sublayers, opts.cases)
     cases = {
         name: (layer.to(device=device, dtype=dtype), train, stage2)
         for name, (layer, train, stage2) in all_cases.items()
