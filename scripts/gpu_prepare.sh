@@ -18,7 +18,6 @@ VENV_PY="$ROOT/.venv/bin/python"  # has torch: fairseq's setup.py imports it to 
 FAIRSEQ="fairseq-fixed==0.12.3.1"
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
-grep -qxF "/.gpu_site/" "$ROOT/.git/info/exclude" 2>/dev/null || echo "/.gpu_site/" >> "$ROOT/.git/info/exclude"
 rm -rf "$DEST" && mkdir -p "$DEST"
 
 "$PY312" -m venv "$TMP/v312"
