@@ -72,6 +72,11 @@ class MoELayer(nn.Module):
     #: summary; plain inference (``fairseq-eval-lm``, ``fairseq-generate``) leaves them out
     eval_stats = False
 
+    @property
+    def wants_stats(self) -> bool:
+        """Whether this forward computes the losses and routing diagnostics (see :attr:`eval_stats`)."""
+        return self.training or self.eval_stats
+
     def __init__(
         self,
         embed_dim: int,
@@ -322,7 +327,7 @@ class StableMoELayer(MoELayer):
         affinities are computed only for the distillation loss.
         """
         stage2 = self.in_stage2
-        with_stats = self.training or self.eval_stats
+        with_stats = self.wants_stats
         router = self.distill_router
         # distilled routing: a frozen wordemb router is a token id -> expert table
         by_table = router.routes_by_table
@@ -400,7 +405,7 @@ class SwitchLayer(MoELayer):
         self.backbone = BackboneRouter(embed_dim, num_experts)
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
-        with_stats = self.training or self.eval_stats
+        with_stats = self.wants_stats
         scores, nonfinite = finite_affinities(self.backbone(h), count=with_stats)
         probs = torch.softmax(scores, dim=1)
         choice = top1(scores)
@@ -432,7 +437,7 @@ class BaseLayer(MoELayer):
         self._libbase = load_libbase("--moe-type base")
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
-        with_stats = self.training or self.eval_stats
+        with_stats = self.wants_stats
         scores, nonfinite = finite_affinities(self.backbone(h), count=with_stats)
         choice = top1(scores)
         if self.training:
