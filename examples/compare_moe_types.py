@@ -388,10 +388,12 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                      "ran on the machine then; 's/update side by side' is the cost per update of each type measured "
                      f"in one sitting (`--step-cost`, {cost_file.name}), and Figure 4's time axis is updates x that "
                      "cost.", ""]
+        # the fluctuation of StableMoE's stage-1 routing needs two checkpoints in stage 1
+        stage1_col = any(r.get("stage1_last_fluctuation") is not None for r in main)
         text += [f"## Main comparison: {opts.max_update} updates, StableMoE stage 1 {100 * opts.stage1_fraction:.0f}%", "",
                  "| type | seeds | valid ppl | test ppl | params | active | train s | s/update side by side "
-                 "| final fluctuation | late (>20%) | StableMoE stage-1 last pair |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "| final fluctuation | late (>20%) |" + (" StableMoE stage-1 last pair |" if stage1_col else ""),
+                 "|---" * (11 if stage1_col else 10) + "|"]
         fig, axes = plt.subplots(2, 2, figsize=(12, 8))
         (ax_upd, ax_wall), (ax_pair, ax_last) = axes
         for t in opts.types:
@@ -405,8 +407,8 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 f"| {_mean_spread([r['train_seconds'] for r in runs])} "
                 f"| {f'{cost[t]:.4f}' if t in cost else 'n/a'} "
                 f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
-                f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
-                f"| {_mean_spread([r.get('stage1_last_fluctuation') for r in runs], 100, '%')} |")
+                f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} |"
+                + (f" {_mean_spread([r.get('stage1_last_fluctuation') for r in runs], 100, '%')} |" if stage1_col else ""))
             for ax, col in ((ax_upd, 0), (ax_wall, 2)):
                 curve = _mean_curve(runs, col, cost.get(t) if (ax is ax_wall and cost) else None)
                 if curve:
@@ -438,26 +440,55 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
     if ablations:
         ref = [r["valid_ppl"] for r in ablations if r["label"] == "stablemoe"]
         text += [f"## Ablations: {opts.ablation_update} updates (paper: Tables 4, 5, 6)", "",
-                 "| run | flags | stage 1 | seeds | valid ppl | test ppl | valid ppl - stablemoe |", "|---|---|---|---|---|---|---|"]
+                 "Fluctuation columns as in the main table; 'stage-1 last pair': StableMoE's routing in training "
+                 "between the last two checkpoints before the boundary (needs two checkpoints in stage 1; "
+                 "`stage1-only` is never frozen, so its columns are StableMoE's stage-1 routing over the whole run, "
+                 "the paper's Figure 7).", "",
+                 "| run | flags | stage 1 | seeds | valid ppl | test ppl | valid ppl - stablemoe "
+                 "| final fluctuation | late (>20%) | stage-1 last pair |", "|---" * 10 + "|"]
+        fig, ax = plt.subplots(figsize=(7, 4))
         for label in dict.fromkeys(r["label"] for r in ablations):
             runs = [r for r in ablations if r["label"] == label]
             c = runs[0]["config"]
             delta = (statistics.mean(r["valid_ppl"] for r in runs) - statistics.mean(ref)) if ref else float("nan")
             text.append(f"| {label} | `{' '.join(c['flags']) or '-'}` | {100 * c['stage1_fraction']:.0f}% "
                         f"| {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in runs])} "
-                        f"| {_mean_spread([r['test_ppl'] for r in runs])} | {delta:+.2f} |")
-        text.append("")
+                        f"| {_mean_spread([r['test_ppl'] for r in runs])} | {delta:+.2f} "
+                        f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
+                        f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
+                        f"| {_mean_spread([r.get('stage1_last_fluctuation') for r in runs], 100, '%')} |")
+            if runs[0].get("fluctuation") and not c["flags"]:  # routing policy and stage-1 share, not placement
+                fl = runs[0]["fluctuation"]
+                ax.plot([u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{label} (seed {runs[0]['seed']})")
+        ax.set(xlabel="update", ylabel="tokens whose expert changed since the previous checkpoint (%)",
+               title="fluctuation between checkpoints (ablation runs)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{stem}_ablations.png", dpi=110)
+        plt.close(fig)
+        text += ["", f"![ablations' fluctuation]({Path(f'{stem}_ablations.png').name})", ""]
 
-    lengths = sorted({r["config"]["max_update"] for r in results if r["study"] == "length"})
+    # the sweep's lengths that have runs (its longest is usually the main comparison's)
+    swept = {r["config"]["max_update"] for r in results if r["study"] == "length"}
+    lengths = sorted(u for u in opts.lengths if u in swept or u == opts.max_update) if swept and "length" in opts.study else []
     if lengths:
         def mean_at(t, u):
+            # the sweep's seeds at every length (the main comparison's runs of those seeds at its length)
             v = [r["valid_ppl"] for r in results if r["moe_type"] == t and r["label"] == t and not r["config"]["flags"]
-                 and r["config"]["max_update"] == u and (t != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
+                 and r["config"]["max_update"] == u and r["seed"] in opts.length_seeds
+                 and (t != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
             return statistics.mean(v) if v else None
 
-        text += ["## Training-length sweep (valid ppl, seed mean; StableMoE stage 1 at "
-                 f"{100 * opts.stage1_fraction:.0f}% of each length)", "",
-                 "| updates | " + " | ".join(opts.types) + " |", "|---" * (len(opts.types) + 1) + "|"]
+        def gap(t, u):
+            return None if None in (mean_at(t, u), mean_at("stablemoe", u)) else mean_at("stablemoe", u) - mean_at(t, u)
+
+        others = [t for t in opts.types if t != "stablemoe"]
+        text += [f"## Training-length sweep (valid ppl, seed {','.join(map(str, opts.length_seeds))}; StableMoE stage 1 "
+                 f"at {100 * opts.stage1_fraction:.0f}% of each length)", "",
+                 "'stablemoe - X': StableMoE's valid ppl minus X's (negative: StableMoE ahead). One seed per "
+                 "length: read the gaps against the seed spread of the main comparison.", "",
+                 "| updates | " + " | ".join(opts.types) + " | " + " | ".join(f"stablemoe - {t}" for t in others) + " |",
+                 "|---" * (len(opts.types) + len(others) + 1) + "|"]
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in opts.types:
             pts = [(u, mean_at(t, u)) for u in lengths if mean_at(t, u) is not None]
@@ -465,7 +496,8 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 ax.plot([u for u, _ in pts], [v for _, v in pts], marker="o", label=t)
         for u in lengths:
             text.append(f"| {u} | " + " | ".join("n/a" if mean_at(t, u) is None else f"{mean_at(t, u):.2f}"
-                                                   for t in opts.types) + " |")
+                                                   for t in opts.types)
+                        + " | " + " | ".join("n/a" if gap(t, u) is None else f"{gap(t, u):+.2f}" for t in others) + " |")
         text += ["", "StableMoE ahead of (lower valid ppl than) each baseline at:", ""]
         for t in opts.types:
             if t == "stablemoe":
@@ -484,7 +516,8 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
 
-def main(argv: Sequence[str] = None) -> None:
+def parse_options(argv: Sequence[str]) -> argparse.Namespace:
+    """The study's options from ``argv`` (lists parsed, checked; the work directory made)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "runs/shakespeare/data-bin")
     parser.add_argument("--work", type=Path, default=REPO / "runs/study")
@@ -528,7 +561,6 @@ def main(argv: Sequence[str] = None) -> None:
                         help="write the report from the finished runs' records; train nothing")
     parser.add_argument("--fresh", action="store_true",
                         help="retrain every run (default: reuse finished runs, resume interrupted ones)")
-    argv = list(sys.argv[1:] if argv is None else argv)
     opts = parser.parse_args(argv)
     ints = lambda spec: [int(x) for x in str(spec).split(",") if x.strip()]  # noqa: E731
     opts.types = [t.strip() for t in opts.types.split(",") if t.strip()]
@@ -541,6 +573,12 @@ def main(argv: Sequence[str] = None) -> None:
     if not (opts.data / "dict.txt").exists():
         parser.error(f"{opts.data} has no dict.txt: build the data with examples/shakespeare/prepare.py (or pass --data)")
     opts.work.mkdir(parents=True, exist_ok=True)
+    return opts
+
+
+def main(argv: Sequence[str] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_options(argv)
     runs = plan(opts)
     if opts.dry_run:
         for r in runs:

@@ -1,0 +1,114 @@
+"""The study's report (``examples/compare_moe_types.py --report-only``) against direct computations.
+
+Synthetic run records (random perplexities and fluctuation figures, each with the configuration
+the script itself gives the run) are written where the script keeps them; the report's tables
+must hold the mean and sample standard deviation of exactly the records whose configuration
+matches (a record of another configuration is left out), the ablations' differences to the
+StableMoE reference, and the length sweep's per-length values and gaps for the sweep's seed.
+"""
+
+import json
+import random
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import compare_moe_types as study  # noqa: E402
+
+
+def _record(opts, run, rng):
+    record = {
+        "moe_type": run.moe_type, "label": run.label, "study": run.study, "seed": run.seed,
+        "valid_ppl": rng.uniform(60, 70), "test_ppl": rng.uniform(60, 70),
+        "params": {"total": 3_000_000, "active": 2_000_000}, "train_seconds": rng.uniform(400, 500),
+        "valid_curve": [[u, rng.uniform(60, 200), u * 0.2] for u in range(50, run.max_update + 1, 50)],
+        "config": study.run_config(opts, run),
+    }
+    if run.moe_type != "dense":
+        record.update(
+            fluctuation=[[u, rng.random()] for u in range(50, run.max_update + 1, 50)],
+            final_fluctuation=rng.random(), late_share=rng.random(),
+            last_fluctuation={"update_pct": [0, 50, 100], "cumulative_share": [0.1, 0.5, 1.0]},
+            stage1_last_fluctuation=rng.random() if run.label == "stage1-only" else None,
+        )
+    return record
+
+
+def _rows(text: str, heading: str):
+    """The table under the section whose heading starts with ``heading``: ``{first cell: cells}``."""
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}
+
+
+def _spread(values, unit=""):
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit} (n={len(values)})"
+
+
+def test_report_tables_match_the_records(tmp_path):
+    data = tmp_path / "data-bin"
+    data.mkdir()
+    (data / "dict.txt").write_text("a 1\nb 1\n")
+    argv = ["--data", str(data), "--work", str(tmp_path / "work"), "--records", str(tmp_path / "records"),
+            "--out", str(tmp_path / "out" / "report.md"), "--study", "main,ablations,length", "--seeds", "1,2,3",
+            "--max-update", "300", "--ablation-update", "150", "--lengths", "100,200,300"]
+    opts = study.parse_options(argv)
+    rng = random.Random(0)
+    records = {}
+    (tmp_path / "records").mkdir()
+    for run in study.plan(opts):
+        records[run.name] = _record(opts, run, rng)
+        (tmp_path / "records" / f"{run.name}.json").write_text(json.dumps(records[run.name]))
+    # a record of another configuration under a run's name is not this study's
+    stale = dict(records["hash-u300-seed2"], config=dict(records["hash-u300-seed2"]["config"], lr=1.0))
+    (tmp_path / "records" / "hash-u300-seed2.json").write_text(json.dumps(stale))
+    del records["hash-u300-seed2"]
+
+    study.main(argv + ["--report-only"])
+    text = (tmp_path / "out" / "report.md").read_text()
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(r["label"] + str(r["seed"]) + str(r["config"]["max_update"]) for r in written) == sorted(
+        r["label"] + str(r["seed"]) + str(r["config"]["max_update"]) for r in records.values())
+
+    main = _rows(text, "Main comparison")
+    for t in study.TYPES:
+        runs = [r for r in records.values() if r["study"] == "main" and r["moe_type"] == t]
+        assert main[t][1] == ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+        assert main[t][2] == _spread(r["valid_ppl"] for r in runs)
+        assert main[t][3] == _spread(r["test_ppl"] for r in runs)
+        if t != "dense":
+            assert main[t][8] == _spread((100 * r["final_fluctuation"] for r in runs), "%")
+            assert main[t][9] == _spread((100 * r["late_share"] for r in runs), "%")
+    assert main["hash"][1] == "1,3"
+
+    ablations = _rows(text, "Ablations")
+    ablation = {r["label"]: r for r in records.values() if r["study"] == "ablations"}
+    assert set(ablations) == set(ablation)
+    for label, r in ablation.items():
+        assert ablations[label][4] == f"{r['valid_ppl']:.2f}"
+        assert ablations[label][6] == f"{r['valid_ppl'] - ablation['stablemoe']['valid_ppl']:+.2f}"
+    assert ablations["stage1-only"][9] == f"{100 * ablation['stage1-only']['stage1_last_fluctuation']:.2f}%"
+    assert ablations["stablemoe"][9] == "n/a"
+
+    sweep = _rows(text, "Training-length sweep")
+    assert sorted(int(u) for u in sweep) == [100, 200, 300]
+    for u in (100, 200, 300):
+        seed1 = {r["moe_type"]: r["valid_ppl"] for r in records.values()
+                 if r["seed"] == 1 and r["label"] == r["moe_type"] and r["config"]["max_update"] == u}
+        assert sweep[str(u)][1:6] == [f"{seed1[t]:.2f}" for t in study.TYPES]
+        others = [t for t in study.TYPES if t != "stablemoe"]
+        assert sweep[str(u)][6:] == [f"{seed1['stablemoe'] - seed1[t]:+.2f}" for t in others]
+        for t in others:
+            ahead = re.search(rf"^\* {t}: (.*)$", text, re.M).group(1)
+            assert (str(u) in ahead.split(", ")) == (seed1["stablemoe"] < seed1[t])
+    for plot in ("report_main.png", "report_ablations.png", "report_length.png"):
+        assert (tmp_path / "out" / plot).stat().st_size > 0
