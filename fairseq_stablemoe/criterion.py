@@ -23,6 +23,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
+from .layer import reading_moe_stats
+
 
 @dataclass
 class StableMoECriterionConfig(FairseqDataclass):
@@ -58,16 +60,11 @@ class StableMoECriterion(FairseqCriterion):
         self.distill_factor = distill_factor
         self.sentence_avg = sentence_avg
         self.eps = label_smoothing
-        self._marked = False
 
     def forward(self, model, sample, reduce=True):
-        if not self._marked:
-            # tell the decoder(s) that the auxiliary losses are used, and the MoE layers that
-            # validation logs their losses and routing statistics (eval forwards skip them otherwise)
-            for attr in ("aux_loss_consumer", "eval_stats"):
-                model.apply(lambda m: setattr(m, attr, True) if hasattr(m, attr) else None)
-            self._marked = True
-        net_output = model(**sample["net_input"])
+        # the auxiliary losses are used in training, and validation logs the routing statistics
+        with reading_moe_stats():
+            net_output = model(**sample["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
         lprobs = lprobs.view(-1, lprobs.size(-1))
         target = model.get_targets(sample, net_output).view(-1)

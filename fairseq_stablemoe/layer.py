@@ -27,6 +27,8 @@ statistics (the paper's code counts them). Auxiliary losses are sums over
 tokens, so the criterion normalises them as it does the cross-entropy.
 """
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
@@ -44,6 +46,30 @@ from .router import BackboneRouter, DistilledRouter, chosen_affinity, finite_aff
 logger = logging.getLogger(__name__)
 
 Stats = Dict[str, torch.Tensor]
+
+_READING_STATS = contextvars.ContextVar("stablemoe_reading_stats", default=False)
+
+
+@contextlib.contextmanager
+def reading_moe_stats():
+    """Forwards run inside read the MoE layers' losses and routing statistics.
+
+    Inside, eval-mode forwards compute them too (training forwards always do;
+    plain inference, e.g. ``fairseq-eval-lm`` and ``fairseq-generate``, leaves
+    them out), and a training forward may return auxiliary losses (outside, the
+    decoder refuses them: nothing would train the routers). The ``stablemoe``
+    criterion runs the model inside, as does ``stablemoe-routing-summary``.
+    """
+    token = _READING_STATS.set(True)
+    try:
+        yield
+    finally:
+        _READING_STATS.reset(token)
+
+
+def moe_stats_read() -> bool:
+    """Whether the current forward runs inside :func:`reading_moe_stats`."""
+    return _READING_STATS.get()
 
 
 class Routing(NamedTuple):
@@ -67,15 +93,11 @@ class MoELayer(nn.Module):
     Subclasses implement :meth:`route`.
     """
 
-    #: whether eval-mode forwards also compute the losses and routing diagnostics (training forwards
-    #: always do): set by the ``stablemoe`` criterion, whose validation logs them, and by the routing
-    #: summary; plain inference (``fairseq-eval-lm``, ``fairseq-generate``) leaves them out
-    eval_stats = False
-
     @property
     def wants_stats(self) -> bool:
-        """Whether this forward computes the losses and routing diagnostics (see :attr:`eval_stats`)."""
-        return self.training or self.eval_stats
+        """Whether this forward computes the losses and routing diagnostics: in training, and at eval
+        inside :func:`reading_moe_stats`."""
+        return self.training or moe_stats_read()
 
     def __init__(
         self,
@@ -315,13 +337,13 @@ class StableMoELayer(MoELayer):
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         """Stage 1 (training): backbone; stage 2 and inference: distilled router.
 
-        Extra stats (in training, and at eval with :attr:`eval_stats`):
+        Extra stats (in training, and at eval inside :func:`reading_moe_stats`):
         ``distill_loss`` (stage 1 only; ``balance_loss`` comes from
         :meth:`aux_losses` in stage-1 training), ``agree`` (tokens where both
         routers pick the same expert), ``nonfinite`` (replaced affinities),
         ``stage`` (1.0 or 2.0), and at eval ``backbone_load`` (``(N,)``, where
         the backbone router would send the tokens). At eval without
-        :attr:`eval_stats` the backbone's affinities only give the gate (its
+        :func:`reading_moe_stats` the backbone's affinities only give the gate (its
         chosen column, :func:`chosen_affinity`). A frozen ``wordemb`` router
         routes by its token id table (:meth:`DistilledRouter.lookup`); its
         affinities are computed only for the distillation loss.

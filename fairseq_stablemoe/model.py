@@ -34,7 +34,7 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 from omegaconf import II
 
-from .layer import BaseLayer, DenseFFNLayer, HashLayer, MoELayer, StableMoELayer, SwitchLayer
+from .layer import BaseLayer, DenseFFNLayer, HashLayer, MoELayer, StableMoELayer, SwitchLayer, moe_stats_read
 from .parallel import layout_problem, world_size_and_rank
 
 MOE_TYPES = ["stablemoe", "switch", "base", "hash", "dense"]
@@ -289,10 +289,6 @@ class StableMoEDecoder(TransformerDecoder):
     :meth:`StableMoELayer.forward`).
     """
 
-    #: set by the ``stablemoe`` criterion: training with a criterion that ignores the
-    #: auxiliary losses is refused at the first training forward
-    aux_loss_consumer = False
-
     def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True, moe_positions: Optional[Sequence[int]] = None):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         if moe_positions is None:
@@ -334,7 +330,8 @@ class StableMoEDecoder(TransformerDecoder):
             # the encoder's MoE statistics (translation) come first
             encoder_stats = encoder_out.get("moe", []) if isinstance(encoder_out, dict) else []
             extra["moe"] = list(encoder_stats) + [layer.last_stats for layer in self.moe_layers]
-            if self.training and not self.aux_loss_consumer and any(
+            # a training forward outside the criterion's reading_moe_stats() would leave the losses unused
+            if self.training and not moe_stats_read() and any(
                 s is not None and ("balance_loss" in s or "distill_loss" in s) for s in extra["moe"]
             ):
                 raise RuntimeError(

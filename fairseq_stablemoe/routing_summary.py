@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .checkpoint_files import num_updates_of
+from .layer import reading_moe_stats
 from .safe_globals import CheckpointLoadError, load_fairseq_state
 
 
@@ -38,14 +39,13 @@ def summarise(data_dir: str, path: str, split: str = "test", max_tokens: int = 8
         raise FileNotFoundError(f"split {split!r} not found in {data_dir}: {e}") from e
     device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
     model.to(device).eval()
-    for layer in model.decoder.moe_layers:
-        layer.moe.eval_stats = True  # the backbone's load and the agreement, which inference leaves out
     totals: List[Dict[str, torch.Tensor]] = []
     itr = task.get_batch_iterator(
         dataset=task.dataset(split), max_tokens=max_tokens, max_positions=model.max_positions(),
         ignore_invalid_inputs=True, num_workers=0,
     ).next_epoch_itr(shuffle=False)
-    with torch.no_grad():
+    # reading_moe_stats: the backbone's load and the agreement, which inference leaves out
+    with torch.no_grad(), reading_moe_stats():
         for sample in itr:
             if not sample:
                 continue

@@ -10,7 +10,7 @@ import torch
 
 import fairseq_stablemoe  # noqa: F401
 from conftest import TINY_MODEL, USER_DIR, markov_sentences, preprocess, run_cli
-from fairseq_stablemoe.layer import StableMoELayer
+from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
 
 
 def train_cmd(data: Path, save: Path, *extra: str):
@@ -150,8 +150,8 @@ def test_nan_backbone_centroid(mode, updates, training):
     for layer in (clean, bad):
         layer.set_num_updates(updates)
         layer.train(training)
-        layer.eval_stats = True  # the replaced entries are counted at eval too (validation logs them)
-    with torch.no_grad():
+    # the replaced entries are counted at eval too (validation logs them)
+    with torch.no_grad(), reading_moe_stats():
         out_clean, _ = clean(h, tokens)
         out, stats = bad(h, tokens)
     assert torch.isfinite(out).all()
@@ -193,7 +193,7 @@ def test_nan_backbone_centroid(mode, updates, training):
 @pytest.mark.parametrize("updates", [0, 100], ids=["live-router", "frozen-router"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 def test_plain_inference_gates_nonfinite_affinities_as_validation(updates, value):
-    """Without eval_stats the gate reads only the chosen backbone affinity: the same replacement, bit for bit."""
+    """Outside reading_moe_stats the gate reads only the chosen backbone affinity: the same replacement, bit for bit."""
     h, tokens = inputs()
     layer = make_layer()
     with torch.no_grad():
@@ -204,8 +204,8 @@ def test_plain_inference_gates_nonfinite_affinities_as_validation(updates, value
     layer.eval()
     with torch.no_grad():
         plain, _ = layer(h, tokens)
-        layer.eval_stats = True
-        logged, stats = layer(h, tokens)
+        with reading_moe_stats():
+            logged, stats = layer(h, tokens)
     assert stats["nonfinite"].item() > 0
     assert torch.isfinite(plain).all()
     assert torch.equal(plain, logged)

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from fairseq_stablemoe.criterion import StableMoECriterion
+from fairseq_stablemoe.layer import reading_moe_stats
 from test_paper_settings import build_tiny_lm
 
 
@@ -24,12 +25,16 @@ def test_validation_logs_the_routing_statistics_that_plain_inference_skips(tmp_p
               "ntokens": tokens.numel()}
     with torch.no_grad():
         loss, _, log = criterion(model, sample)
-        _, extra = model(tokens)
+        _, after = model(tokens)
+        with reading_moe_stats():
+            _, extra = model(tokens)
     # validation (stage 1 here): the distillation loss, agreement, replaced affinities and stage
     assert 0 <= float(log["moe_agree"]) <= tokens.numel() * len(model.moe_layers)
     assert float(log["distill_loss"]) > 0 and float(log["moe_nonfinite"]) == 0
     assert log["moe_stage"] == 1.0 * tokens.numel()
     for s in extra["moe"]:
         assert {"agree", "nonfinite", "stage", "distill_loss", "backbone_load"} <= set(s)
+    # the criterion leaves the model as it was: plain inference after it still skips them
+    assert all(set(s) == {"num_tokens", "global_tokens", "load", "dropped"} for s in after["moe"])
     assert float(log["balance_loss"]) == 0.0  # validation routes with the distilled router: no balance loss
     assert torch.isfinite(loss)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fairseq_stablemoe.layer import StableMoELayer
+from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
 
 PAD = 1
 VOCAB = 12
@@ -156,17 +156,17 @@ def test_inference_routes_with_distilled_router_in_stage1():
 
 
 @pytest.mark.parametrize("updates", [0, 10])
-def test_inference_without_eval_stats_skips_losses_and_diagnostics(updates):
-    """Plain inference computes the output alone; validation (``eval_stats``, set by the criterion)
-    also gets the losses and diagnostics, with the same output."""
+def test_plain_inference_skips_losses_and_diagnostics(updates):
+    """Plain inference computes the output alone; validation (inside ``reading_moe_stats``, as the
+    criterion runs the model) also gets the losses and diagnostics, with the same output."""
     layer = make_layer(two_stage=10)
     layer.set_num_updates(updates)
     layer.eval()
     h, tokens = inputs(pad_positions=(2, 7))
     with torch.no_grad():
         out, stats = layer(h, tokens)
-        layer.eval_stats = True
-        out_stats, full = layer(h, tokens)
+        with reading_moe_stats():
+            out_stats, full = layer(h, tokens)
     assert torch.equal(out, out_stats)
     assert set(stats) == {"num_tokens", "global_tokens", "load", "dropped"}
     assert torch.equal(stats["load"], full["load"]) and stats["num_tokens"].item() == 14

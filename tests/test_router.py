@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fairseq_stablemoe.layer import StableMoELayer
+from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
 from fairseq_stablemoe.router import chosen_affinity, finite_affinities
 
 PAD, VOCAB, N, D, T = 1, 23, 5, 6, 40
@@ -49,9 +49,8 @@ def loop_table(emb, centroids):
 def routed(layer, h, tokens, training):
     """(choice, stats) of a forward in stage 2 training or at inference (with its statistics)."""
     layer.train(training)
-    layer.eval_stats = True
     choice = layer.assignment(h, tokens, training_routing=training)
-    with torch.no_grad():
+    with torch.no_grad(), reading_moe_stats():
         _, stats = layer(h, tokens)
     return choice, stats
 
@@ -80,7 +79,6 @@ def test_table_is_the_routing_of_stage2_and_inference_alike():
     h, tokens = inputs()
     stage2, _ = routed(layer, h, tokens, True)
     inference, _ = routed(layer, h, tokens, False)
-    layer.eval_stats = False
     layer.eval()
     with torch.no_grad():
         plain = layer.assignment(h, tokens, training_routing=False)

@@ -1,0 +1,77 @@
+"""``stablemoe-routing-summary`` against a direct computation on the same checkpoint and split.
+
+The direct side routes every non-pad input token of the split itself: the distilled (word
+embedding) router's choice is ``argmax(embed[token] @ centroids^T)``, the backbone's is
+``argmax(h @ E^T)`` of the MoE layer's input ``h`` (captured with a forward pre-hook on a plain
+forward of the model), and the summary's shares, agreement and token count must match.
+"""
+
+import json
+import subprocess
+import sys
+
+import torch
+from fairseq import checkpoint_utils
+
+from conftest import REPO
+from fairseq_stablemoe.routing_summary import summarise
+
+
+def _direct(data_dir, path):
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data_dir)})
+    model = models[0].eval()
+    task.load_dataset("test")
+    captured = []
+    hooks = [layer.moe.register_forward_pre_hook(lambda m, args, j=j: captured.append((j, args[0], args[1])))
+             for j, layer in enumerate(model.decoder.moe_layers)]
+    itr = task.get_batch_iterator(dataset=task.dataset("test"), max_tokens=512, max_positions=model.max_positions(),
+                                  num_workers=0).next_epoch_itr(shuffle=False)
+    with torch.no_grad():
+        for sample in itr:
+            model(sample["net_input"]["src_tokens"])
+    for h in hooks:
+        h.remove()
+    out = []
+    for j, layer in enumerate(model.decoder.moe_layers):
+        moe = layer.moe
+        emb, cent = moe.distill_router.embed_tokens.weight, moe.distill_router.centroids
+        backbone = moe.backbone.expert_centroids
+        n = moe.num_experts
+        routed, wanted, agree, tokens = torch.zeros(n), torch.zeros(n), 0, 0
+        for k, x, tok in captured:
+            if k != j:
+                continue
+            keep = tok.reshape(-1).ne(task.dictionary.pad())
+            t, h = tok.reshape(-1)[keep], x.reshape(-1, x.shape[-1])[keep]
+            a = (emb[t].float() @ cent.float().t()).argmax(1)
+            b = (h.float() @ backbone.float().t()).argmax(1)
+            routed += torch.bincount(a, minlength=n).float()
+            wanted += torch.bincount(b, minlength=n).float()
+            agree += int((a == b).sum())
+            tokens += int(keep.sum())
+        out.append({"tokens": tokens, "load": (routed / tokens).tolist(), "backbone_load": (wanted / tokens).tolist(),
+                    "agreement": agree / tokens})
+    return out
+
+
+def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
+    data, path = trained_run.corpus.data_dir, trained_run.save_dir / "checkpoint_last.pt"
+    summary = summarise(str(data), str(path), "test", 8192, cpu=True)
+    direct = _direct(data, path)
+    assert summary["moe_type"] == "stablemoe" and summary["stage"] == 2
+    assert len(summary["layers"]) == len(direct)
+    for got, want in zip(summary["layers"], direct):
+        assert got["tokens"] == want["tokens"] > 0
+        for key in ("load", "backbone_load"):
+            torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(want[key]), rtol=0, atol=1e-9)
+        assert abs(got["agreement"] - want["agreement"]) < 1e-9
+        assert got["max_over_mean"] == max(got["load"]) * len(got["load"])
+        assert len(set(want["load"])) > 1, "the example should route to more than one expert"
+
+    # the command line prints and writes the same summary
+    out = subprocess.run([sys.executable, "-m", "fairseq_stablemoe.routing_summary", str(data), "--path", str(path),
+                          "--split", "test", "--cpu", "--json", str(tmp_path / "s.json")],
+                         capture_output=True, text=True, cwd=str(REPO), check=True, timeout=600)
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["layers"] == summary["layers"]
+    assert f"{100 * summary['layers'][0]['agreement']:.1f}% of tokens" in out.stdout
