@@ -7,6 +7,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+#: the defaults of ``--collapse-share`` and ``--collapse-updates``
+DEFAULT_SHARE = 0.8
+DEFAULT_PATIENCE = 100
+
 
 class CollapseMonitor:
     """Warns once when the busiest expert's share of tokens stays above ``share``
@@ -17,7 +21,7 @@ class CollapseMonitor:
     and reads the last load.
     """
 
-    def __init__(self, layer_name: str, share: float = 0.8, patience: int = 100):
+    def __init__(self, layer_name: str, share: float = DEFAULT_SHARE, patience: int = DEFAULT_PATIENCE):
         self.layer_name = layer_name
         self.share = share
         self.patience = patience

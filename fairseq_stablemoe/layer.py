@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .dispatch import Dispatch, capacity_split
 from .experts import Expert, Experts
+from . import health
 from .health import CollapseMonitor
 from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
 from .router import BackboneRouter, DistilledRouter, chosen_affinity, finite_affinities, top1
@@ -109,8 +110,8 @@ class MoELayer(nn.Module):
         capacity_factor: Optional[float] = None,
         activation_fn: str = "relu",
         layer_name: str = "moe",
-        collapse_share: float = 0.8,
-        collapse_updates: int = 100,
+        collapse_share: float = health.DEFAULT_SHARE,
+        collapse_updates: int = health.DEFAULT_PATIENCE,
     ):
         super().__init__()
         self.num_experts = num_experts

@@ -35,9 +35,14 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 
 from .layer import BaseLayer, DenseFFNLayer, HashLayer, MoELayer, StableMoELayer, SwitchLayer, moe_stats_read
+from .health import DEFAULT_PATIENCE, DEFAULT_SHARE
 from .parallel import layout_problem, world_size_and_rank
 
-MOE_TYPES = ["stablemoe", "switch", "base", "hash", "dense"]
+#: ``--moe-type`` -> its layer (the option's choices, in this order)
+MOE_LAYERS = {
+    "stablemoe": StableMoELayer, "switch": SwitchLayer, "base": BaseLayer, "hash": HashLayer, "dense": DenseFFNLayer,
+}
+MOE_TYPES = list(MOE_LAYERS)
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +75,11 @@ class MoEOptions(FairseqDataclass):
         },
     )
     collapse_share: float = field(
-        default=0.8,
+        default=DEFAULT_SHARE,
         metadata={"help": "warn (once per layer) when the busiest expert takes more than this share of tokens..."},
     )
     collapse_updates: int = field(
-        default=100, metadata={"help": "...for this many consecutive updates"}
+        default=DEFAULT_PATIENCE, metadata={"help": "...for this many consecutive updates"}
     )
     capacity_factor: Optional[float] = field(
         default=None,
@@ -245,40 +250,41 @@ def build_moe_layer(args, dictionary, embed_dim: int, ffn_dim: int) -> nn.Module
     """The MoE layer of ``--moe-type`` (input ``(T, B, d)`` and token ids ``(T, B)``).
 
     ``dictionary``: of the token ids the layer sees (the distilled router's and
-    the hash map's vocabulary).
+    the hash map's vocabulary). An option missing from ``args`` (a checkpoint
+    saved before it existed) takes its :class:`MoEOptions` default.
     """
-    moe_type = str(args.moe_type)
-    if moe_type == "dense":
-        return DenseFFNLayer(embed_dim, ffn_dim, args.moe_sublayers, args.activation_fn)
-    common = dict(
+    defaults = {name: fld.default for name, fld in MoEOptions.__dataclass_fields__.items()}
+    opt = lambda name: safe_getattr(args, name, defaults[name])  # noqa: E731
+    moe_type = str(opt("moe_type"))
+    layer = MOE_LAYERS.get(moe_type)
+    if layer is None:
+        raise ValueError(f"unknown --moe-type {moe_type!r}: choose one of {', '.join(MOE_TYPES)}")
+    if layer is DenseFFNLayer:
+        return DenseFFNLayer(embed_dim, ffn_dim, opt("moe_sublayers"), args.activation_fn)
+    kwargs = dict(
         embed_dim=embed_dim,
         ffn_dim=ffn_dim,
-        num_experts=args.num_experts,
-        num_sublayers=args.moe_sublayers,
+        num_experts=opt("num_experts"),
+        num_sublayers=opt("moe_sublayers"),
         padding_idx=dictionary.pad(),
-        capacity_factor=args.capacity_factor,
+        capacity_factor=opt("capacity_factor"),
         activation_fn=args.activation_fn,
-        collapse_share=safe_getattr(args, "collapse_share", 0.8),
-        collapse_updates=safe_getattr(args, "collapse_updates", 100),
+        collapse_share=opt("collapse_share"),
+        collapse_updates=opt("collapse_updates"),
     )
-    if moe_type == "stablemoe":
-        return StableMoELayer(
+    if layer is StableMoELayer:
+        kwargs.update(
             vocab_size=len(dictionary),
-            distill_dim=args.distill_dim,
-            two_stage_updates=args.two_stage_updates,
-            stage1_assignment=str(safe_getattr(args, "stage1_assignment", "greedy")),
-            distill_router=str(safe_getattr(args, "distill_router", "wordemb")),
-            distill_router_layers=safe_getattr(args, "distill_router_layers", 1),
-            distill_router_heads=safe_getattr(args, "distill_router_heads", 2),
-            **common,
+            distill_dim=opt("distill_dim"),
+            two_stage_updates=opt("two_stage_updates"),
+            stage1_assignment=str(opt("stage1_assignment")),
+            distill_router=str(opt("distill_router")),
+            distill_router_layers=opt("distill_router_layers"),
+            distill_router_heads=opt("distill_router_heads"),
         )
-    if moe_type == "switch":
-        return SwitchLayer(**common)
-    if moe_type == "base":
-        return BaseLayer(**common)
-    if moe_type == "hash":
-        return HashLayer(symbols=list(dictionary.symbols), **common)
-    raise ValueError(f"unknown --moe-type {moe_type!r}: choose one of {', '.join(MOE_TYPES)}")
+    elif layer is HashLayer:
+        kwargs.update(symbols=list(dictionary.symbols))
+    return layer(**kwargs)
 
 
 class StableMoEDecoder(TransformerDecoder):
