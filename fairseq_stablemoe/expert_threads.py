@@ -8,7 +8,7 @@ with ``torch.get_num_threads() // workers`` threads of its own; the operators
 release the GIL while they compute. Each worker writes its experts' results
 into one output buffer. It is not the default: on the 2-core CPU measured,
 the experts one after the other, each product on all threads, were as fast or
-faster at every shape measured (README, performance section); pick it with
+faster at every shape measured (docs/performance.md); pick it with
 ``STABLEMOE_EXPERT_BACKEND=threads`` where it measures faster.
 
 What each expert computes is what the sequential loop computes: its own

@@ -25,7 +25,7 @@ call by :meth:`Experts.forward` from :data:`EXPERT_BACKENDS` (as megablocks'
 
 ``auto`` (the default): on CUDA ``grouped_mm`` where torch supports it for the
 dtype (bfloat16 on compute capability 8.0 or more), else ``padded_bmm``; on
-CPU ``loop``, which measured fastest there (README, performance section). The
+CPU ``loop``, which measured fastest there (docs/performance.md). The
 environment variable ``STABLEMOE_EXPERT_BACKEND`` or :attr:`Experts.backend`
 picks another. Every backend computes what ``loop`` computes (up to the
 rounding of the matrix products; ``tests/test_expert_backends.py``), and an

@@ -74,7 +74,7 @@ def chosen_affinity(raw: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
 def top1(scores: torch.Tensor) -> torch.Tensor:
     """``(T, N)`` -> ``(T,)`` long, the first index of each row's maximum (as ``argmax``).
 
-    ``max(dim=1)`` is the faster of the two reductions on CPU (README, performance).
+    ``max(dim=1)`` is the faster of the two reductions on CPU (docs/performance.md).
     """
     with torch.no_grad():
         return scores.max(dim=1).indices
