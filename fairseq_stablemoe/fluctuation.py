@@ -232,8 +232,9 @@ def measure(
     return result
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="stablemoe-fluctuation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablemoe-fluctuation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", help="binarised data directory (with dict.txt)")
     parser.add_argument("checkpoints", nargs="+", help="checkpoints of one run, any order")
     parser.add_argument("--split", default="valid")
@@ -247,35 +248,42 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> None:
         help="load checkpoints with weights_only=False (arbitrary pickles: only for files you trust)",
     )
     parser.add_argument("--user-dir", help="accepted for symmetry with fairseq; the plugin is imported anyway")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    return parser
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    """Measure, print the table, write ``--json``/``--plot``; returns the result."""
     import fairseq_stablemoe  # noqa: F401  (registers the model)
 
     if args.plot:
-        try:  # before the (long) measurement
-            pyplot()
-        except ImportError as e:
-            print(f"stablemoe-fluctuation: error: {e}", file=sys.stderr)
-            sys.exit(2)
-    try:
-        result = measure(
-            args.data_dir, args.checkpoints, args.split, args.max_tokens, args.inference_routing, args.cpu,
-            args.trust_checkpoint,
-        )
-    except (ValueError, FileNotFoundError, CheckpointLoadError) as e:
-        print(f"stablemoe-fluctuation: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        pyplot()  # before the (long) measurement: a missing matplotlib is an ImportError now
+    result = measure(
+        args.data_dir, args.checkpoints, args.split, args.max_tokens, args.inference_routing, args.cpu,
+        args.trust_checkpoint,
+    )
     print(f"{'from':>8} {'to':>8} {'fluctuation':>12}")
     for p in result["pairs"]:
         print(f"{p['from_update']:>8} {p['to_update']:>8} {100 * p['ratio']:>11.2f}%")
     print(f"tokens: {result['num_tokens']} x {result['num_layers']} MoE layer(s), {result['routing']} routing")
-    print(f"share of tokens whose last fluctuation is past 20% of training: {100 * result['share_last_fluctuation_after_20pct']:.2f}%")
+    late = 100 * result["share_last_fluctuation_after_20pct"]
+    print(f"share of tokens whose last fluctuation is past 20% of training: {late:.2f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     if args.plot:
         plot(result, args.plot)
+    return result
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    try:
+        run(args)
+    except (ImportError, ValueError, FileNotFoundError, CheckpointLoadError) as e:
+        print(f"stablemoe-fluctuation: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def format_summary(summary: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablemoe-routing-summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir")
@@ -104,20 +104,31 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is there")
     parser.add_argument("--json", help="also write the summary here")
     parser.add_argument("--user-dir", help="accepted for symmetry with fairseq; the plugin is imported anyway")
-    parser.add_argument("--trust-checkpoint", action="store_true", help="load with weights_only=False (trusted files only)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load with weights_only=False (trusted files only)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    """Summarise, print, write ``--json``; returns the summary."""
     import fairseq_stablemoe  # noqa: F401
 
-    try:
-        summary = summarise(args.data_dir, args.path, args.split, args.max_tokens, args.cpu, args.trust_checkpoint)
-    except (ValueError, FileNotFoundError, CheckpointLoadError) as e:
-        print(f"stablemoe-routing-summary: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = summarise(args.data_dir, args.path, args.split, args.max_tokens, args.cpu, args.trust_checkpoint)
     print(format_summary(summary))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)
+    return summary
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, CheckpointLoadError) as e:
+        print(f"stablemoe-routing-summary: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
