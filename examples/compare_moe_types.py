@@ -275,9 +275,7 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
         result["last_fluctuation"] = fl.get("last_fluctuation")
         result["final_fluctuation"] = fl["final_pair_ratio"]
         result["late_share"] = fl["share_last_fluctuation_after_20pct"]
-        boundary = config["two_stage_updates"]
-        stage1 = [r for u, r in result["fluctuation"] if u <= boundary]
-        result["stage1_last_fluctuation"] = stage1[-1] if run.moe_type == "stablemoe" and stage1 else None
+        result["stage1_last_fluctuation"] = stage1_last_fluctuation(dict(result, config=config))
     result["config"] = config
     done.write_text(json.dumps(result))
     opts.records.mkdir(parents=True, exist_ok=True)
@@ -285,6 +283,20 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
     print(f"[study] {run.name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
           f"{result['train_seconds']:.0f}s", flush=True)
     return result
+
+
+def stage1_last_fluctuation(result: Dict[str, object]) -> Optional[float]:
+    """StableMoE's fluctuation between its last two checkpoints of stage 1, or None.
+
+    Both must be before the boundary: a checkpoint saved at update ``two_stage_updates`` is routed
+    as stage 2 (the frozen distilled router), like every later one. Computed from the record's
+    pairs, so a record written with an older rule reads the same.
+    """
+    if result["moe_type"] != "stablemoe" or not result.get("fluctuation"):
+        return None
+    boundary = result["config"]["two_stage_updates"]
+    stage1 = [ratio for update, ratio in result["fluctuation"] if update < boundary]
+    return stage1[-1] if stage1 else None
 
 
 def _mean_spread(values: Sequence[Optional[float]], scale: float = 1.0, unit: str = "") -> str:
@@ -389,7 +401,7 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                      f"in one sitting (`--step-cost`, {cost_file.name}), and Figure 4's time axis is updates x that "
                      "cost.", ""]
         # the fluctuation of StableMoE's stage-1 routing needs two checkpoints in stage 1
-        stage1_col = any(r.get("stage1_last_fluctuation") is not None for r in main)
+        stage1_col = any(stage1_last_fluctuation(r) is not None for r in main)
         text += [f"## Main comparison: {opts.max_update} updates, StableMoE stage 1 {100 * opts.stage1_fraction:.0f}%", "",
                  "| type | seeds | valid ppl | test ppl | params | active | train s | s/update side by side "
                  "| final fluctuation | late (>20%) |" + (" StableMoE stage-1 last pair |" if stage1_col else ""),
@@ -408,7 +420,7 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 f"| {f'{cost[t]:.4f}' if t in cost else 'n/a'} "
                 f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
                 f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} |"
-                + (f" {_mean_spread([r.get('stage1_last_fluctuation') for r in runs], 100, '%')} |" if stage1_col else ""))
+                + (f" {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |" if stage1_col else ""))
             for ax, col in ((ax_upd, 0), (ax_wall, 2)):
                 curve = _mean_curve(runs, col, cost.get(t) if (ax is ax_wall and cost) else None)
                 if curve:
@@ -456,7 +468,7 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                         f"| {_mean_spread([r['test_ppl'] for r in runs])} | {delta:+.2f} "
                         f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
                         f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
-                        f"| {_mean_spread([r.get('stage1_last_fluctuation') for r in runs], 100, '%')} |")
+                        f"| {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |")
             if runs[0].get("fluctuation") and not c["flags"]:  # routing policy and stage-1 share, not placement
                 fl = runs[0]["fluctuation"]
                 ax.plot([u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{label} (seed {runs[0]['seed']})")

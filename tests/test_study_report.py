@@ -35,7 +35,6 @@ def _record(opts, run, rng):
             fluctuation=[[u, rng.random()] for u in range(50, run.max_update + 1, 50)],
             final_fluctuation=rng.random(), late_share=rng.random(),
             last_fluctuation={"update_pct": [0, 50, 100], "cumulative_share": [0.1, 0.5, 1.0]},
-            stage1_last_fluctuation=rng.random() if run.label == "stage1-only" else None,
         )
     return record
 
@@ -96,7 +95,11 @@ def test_report_tables_match_the_records(tmp_path):
     for label, r in ablation.items():
         assert ablations[label][4] == f"{r['valid_ppl']:.2f}"
         assert ablations[label][6] == f"{r['valid_ppl'] - ablation['stablemoe']['valid_ppl']:+.2f}"
-    assert ablations["stage1-only"][9] == f"{100 * ablation['stage1-only']['stage1_last_fluctuation']:.2f}%"
+    # stage 1 only: the last pair of checkpoints both before the boundary (the one at it routes as stage 2)
+    s1 = ablation["stage1-only"]
+    boundary = s1["config"]["two_stage_updates"]
+    assert boundary == 150 and [u for u, _ in s1["fluctuation"]] == [50, 100, 150]
+    assert ablations["stage1-only"][9] == f"{100 * s1['fluctuation'][1][1]:.2f}%"
     assert ablations["stablemoe"][9] == "n/a"
 
     sweep = _rows(text, "Training-length sweep")
