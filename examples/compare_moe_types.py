@@ -545,7 +545,7 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--stage1-fraction", type=float, default=0.1, help="StableMoE's --two-stage-updates / --max-update")
     parser.add_argument("--ablation-update", type=int, default=1500)
     parser.add_argument("--ablation-seeds", default="1")
-    parser.add_argument("--lengths", default="500,1000,2000,3000", help="run lengths of the length sweep")
+    parser.add_argument("--lengths", default="1000,2000,3000", help="run lengths of the length sweep (in the order they run)")
     parser.add_argument("--length-seeds", default="1")
     parser.add_argument("--checkpoints", type=int, default=12, help="interval checkpoints per run (fluctuation points)")
     parser.add_argument("--layers", type=int, default=4)
