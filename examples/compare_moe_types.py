@@ -84,9 +84,12 @@ def plan(opts) -> List[Run]:
         elif study == "ablations":
             for s in opts.ablation_seeds:
                 runs += ablation_runs(opts, s)
-        elif study == "length":
-            runs += [Run(t, t, s, u, opts.stage1_fraction, (), "length")
-                     for u in opts.lengths for s in opts.length_seeds for t in opts.types]
+        elif study == "length" and "stablemoe" in opts.types:
+            # only StableMoE depends on the run's length (its boundary is a share of it): the other
+            # types' schedules do not, so their first u updates of a longer run are a u-update run
+            # (deterministic on CPU), and the sweep reads them from the main comparison's curves
+            runs += [Run("stablemoe", "stablemoe", s, u, opts.stage1_fraction, (), "length")
+                     for u in opts.lengths for s in opts.length_seeds]
     unique: Dict[str, Run] = {}
     for r in runs:
         unique.setdefault(r.name, r)  # the same run in two studies trains once
@@ -480,42 +483,48 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
         plt.close(fig)
         text += ["", f"![ablations' fluctuation]({Path(f'{stem}_ablations.png').name})", ""]
 
-    # the sweep's lengths that have runs (its longest is usually the main comparison's)
-    swept = {r["config"]["max_update"] for r in results if r["study"] == "length"}
-    lengths = sorted(u for u in opts.lengths if u in swept or u == opts.max_update) if swept and "length" in opts.study else []
+    lengths = sorted(set(opts.lengths)) if "length" in opts.study else []
     if lengths:
-        def mean_at(t, u):
-            # the sweep's seeds at every length (the main comparison's runs of those seeds at its length)
-            v = [r["valid_ppl"] for r in results if r["moe_type"] == t and r["label"] == t and not r["config"]["flags"]
-                 and r["config"]["max_update"] == u and r["seed"] in opts.length_seeds
-                 and (t != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
-            return statistics.mean(v) if v else None
+        def at(t, u):
+            """Validation ppl (fairseq-train's) after u updates of a u-update run, seed mean over --length-seeds:
+            StableMoE's own u-update run; another type's shortest run of at least u updates (the same training
+            up to u: its schedule does not depend on the run's length)."""
+            values = []
+            for seed in opts.length_seeds:
+                runs = [r for r in results if r["moe_type"] == t and r["label"] == t and not r["config"]["flags"]
+                        and r["seed"] == seed and (r["config"]["max_update"] == u if t == "stablemoe"
+                                                   else r["config"]["max_update"] >= u)
+                        and (t != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
+                points = [p[1] for r in sorted(runs, key=lambda r: r["config"]["max_update"])
+                          for p in r["valid_curve"] if p[0] == u][:1]
+                values += points
+            return statistics.mean(values) if len(values) == len(opts.length_seeds) else None
 
         def gap(t, u):
-            return None if None in (mean_at(t, u), mean_at("stablemoe", u)) else mean_at("stablemoe", u) - mean_at(t, u)
+            return None if None in (at(t, u), at("stablemoe", u)) else at("stablemoe", u) - at(t, u)
 
         others = [t for t in opts.types if t != "stablemoe"]
-        text += [f"## Training-length sweep (valid ppl, seed {','.join(map(str, opts.length_seeds))}; StableMoE stage 1 "
-                 f"at {100 * opts.stage1_fraction:.0f}% of each length)", "",
-                 "'stablemoe - X': StableMoE's valid ppl minus X's (negative: StableMoE ahead). One seed per "
-                 "length: read the gaps against the seed spread of the main comparison.", "",
+        text += [f"## Training-length sweep (valid ppl after u updates, seed {','.join(map(str, opts.length_seeds))}; "
+                 f"StableMoE stage 1 at {100 * opts.stage1_fraction:.0f}% of each length)", "",
+                 "fairseq-train's validation perplexity at the end of a u-update run (not fairseq-eval-lm's, which "
+                 "reads about 0.07 lower here). StableMoE: its own u-update run. The other types: their run's "
+                 "validation at update u, which is their u-update run (their schedule does not depend on the run's "
+                 "length; e.g. switch-u2000-seed1 and switch-u3000-seed1 both log 73.66 at update 2000). "
+                 "'stablemoe - X': negative when StableMoE is ahead. One seed: read the gaps against the seed "
+                 "spread of the main comparison.", "",
                  "| updates | " + " | ".join(opts.types) + " | " + " | ".join(f"stablemoe - {t}" for t in others) + " |",
                  "|---" * (len(opts.types) + len(others) + 1) + "|"]
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in opts.types:
-            pts = [(u, mean_at(t, u)) for u in lengths if mean_at(t, u) is not None]
+            pts = [(u, at(t, u)) for u in lengths if at(t, u) is not None]
             if pts:
                 ax.plot([u for u, _ in pts], [v for _, v in pts], marker="o", label=t)
         for u in lengths:
-            text.append(f"| {u} | " + " | ".join("n/a" if mean_at(t, u) is None else f"{mean_at(t, u):.2f}"
-                                                   for t in opts.types)
+            text.append(f"| {u} | " + " | ".join("n/a" if at(t, u) is None else f"{at(t, u):.2f}" for t in opts.types)
                         + " | " + " | ".join("n/a" if gap(t, u) is None else f"{gap(t, u):+.2f}" for t in others) + " |")
         text += ["", "StableMoE ahead of (lower valid ppl than) each baseline at:", ""]
-        for t in opts.types:
-            if t == "stablemoe":
-                continue
-            ahead = [u for u in lengths if None not in (mean_at(t, u), mean_at("stablemoe", u))
-                     and mean_at("stablemoe", u) < mean_at(t, u)]
+        for t in others:
+            ahead = [u for u in lengths if gap(t, u) is not None and gap(t, u) < 0]
             text.append(f"* {t}: {', '.join(map(str, ahead)) if ahead else 'none of the lengths run'}")
         ax.set(xlabel="updates (run length)", ylabel="validation perplexity", xscale="log", yscale="log")
         ax.legend()
@@ -545,7 +554,8 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--stage1-fraction", type=float, default=0.1, help="StableMoE's --two-stage-updates / --max-update")
     parser.add_argument("--ablation-update", type=int, default=1500)
     parser.add_argument("--ablation-seeds", default="1")
-    parser.add_argument("--lengths", default="1000,2000,3000", help="run lengths of the length sweep (in the order they run)")
+    parser.add_argument("--lengths", default="500,1000,1500,2000,3000",
+                        help="run lengths of StableMoE's length sweep (in the order they run)")
     parser.add_argument("--length-seeds", default="1")
     parser.add_argument("--checkpoints", type=int, default=12, help="interval checkpoints per run (fluctuation points)")
     parser.add_argument("--layers", type=int, default=4)

@@ -22,12 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import compare_moe_types as study  # noqa: E402
 
 
+def _valid_at(run, u):
+    """Validation ppl after ``u`` updates: the same in every run of a baseline type and seed (its schedule
+    does not depend on the run's length), particular to the run for StableMoE (its boundary does)."""
+    key = (run.moe_type, run.seed, u) if run.moe_type != "stablemoe" else (run.name, u)
+    return random.Random(str(key)).uniform(60, 200)
+
+
 def _record(opts, run, rng):
     record = {
         "moe_type": run.moe_type, "label": run.label, "study": run.study, "seed": run.seed,
         "valid_ppl": rng.uniform(60, 70), "test_ppl": rng.uniform(60, 70),
         "params": {"total": 3_000_000, "active": 2_000_000}, "train_seconds": rng.uniform(400, 500),
-        "valid_curve": [[u, rng.uniform(60, 200), u * 0.2] for u in range(50, run.max_update + 1, 50)],
+        "valid_curve": [[u, _valid_at(run, u), u * 0.2] for u in range(50, run.max_update + 1, 50)],
         "config": study.run_config(opts, run),
     }
     if run.moe_type != "dense":
@@ -104,14 +111,19 @@ def test_report_tables_match_the_records(tmp_path):
 
     sweep = _rows(text, "Training-length sweep")
     assert sorted(int(u) for u in sweep) == [100, 200, 300]
+    assert not [r for r in records.values() if r["study"] == "length" and r["moe_type"] != "stablemoe"]
     for u in (100, 200, 300):
-        seed1 = {r["moe_type"]: r["valid_ppl"] for r in records.values()
-                 if r["seed"] == 1 and r["label"] == r["moe_type"] and r["config"]["max_update"] == u}
-        assert sweep[str(u)][1:6] == [f"{seed1[t]:.2f}" for t in study.TYPES]
+        # StableMoE: its own u-update run (recorded), the others: their validation after u updates
+        own = [r for r in records.values() if r["label"] == "stablemoe" and r["seed"] == 1
+               and r["config"]["max_update"] == u and r["config"]["stage1_fraction"] == 0.1]
+        assert len(own) == 1
+        value = {t: _valid_at(study.Run(t, t, 1, 300, 0.1), u) for t in study.TYPES if t != "stablemoe"}
+        value["stablemoe"] = dict((v[0], v[1]) for v in own[0]["valid_curve"])[u]
+        assert sweep[str(u)][1:6] == [f"{value[t]:.2f}" for t in study.TYPES]
         others = [t for t in study.TYPES if t != "stablemoe"]
-        assert sweep[str(u)][6:] == [f"{seed1['stablemoe'] - seed1[t]:+.2f}" for t in others]
+        assert sweep[str(u)][6:] == [f"{value['stablemoe'] - value[t]:+.2f}" for t in others]
         for t in others:
             ahead = re.search(rf"^\* {t}: (.*)$", text, re.M).group(1)
-            assert (str(u) in ahead.split(", ")) == (seed1["stablemoe"] < seed1[t])
+            assert (str(u) in ahead.split(", ")) == (value["stablemoe"] < value[t])
     for plot in ("report_main.png", "report_ablations.png", "report_length.png"):
         assert (tmp_path / "out" / plot).stat().st_size > 0
