@@ -354,6 +354,17 @@ def measure_step_cost(opts, updates: int, rounds: int) -> Dict[str, object]:
             "seconds_per_update": {t: statistics.median(v) for t, v in samples.items()}}
 
 
+def at_time(runs: Sequence[Dict[str, object]], seconds: float, cost: float) -> Optional[float]:
+    """Seed-mean validation perplexity after ``seconds`` of training at ``cost`` seconds per update
+    (linear between the validation points; None outside the curve)."""
+    curve = _mean_curve(runs, 0)
+    updates = seconds / cost
+    for (u0, p0), (u1, p1) in zip(curve, curve[1:]):
+        if u0 <= updates <= u1:
+            return p0 + (p1 - p0) * (updates - u0) / (u1 - u0)
+    return None
+
+
 def _mean_curve(runs: Sequence[Dict[str, object]], column: int, cost: Optional[float] = None) -> List[tuple]:
     """Seed-mean of the validation curves: ``(x, ppl)`` with x = update (column 0) or wall time (2);
     with ``cost`` (seconds per update), x = update x cost."""
@@ -450,6 +461,16 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
         fig.savefig(f"{stem}_main.png", dpi=110)
         plt.close(fig)
         text += ["", f"![main comparison]({Path(f'{stem}_main.png').name})", ""]
+        fastest = min((t for t in opts.types if t in cost and any(r["moe_type"] == t for r in main)),
+                      key=lambda t: cost[t], default=None)
+        if fastest is not None:
+            budget = opts.max_update * cost[fastest]
+            text += [f"At equal training time ({fastest}'s {opts.max_update} updates, {budget:.0f} s at the side-by-side "
+                     "cost; fairseq-train's validation perplexity, seed mean, interpolated between validation "
+                     "points): " + ", ".join(
+                         f"{t} {v:.2f} ({budget / cost[t]:.0f} updates)" for t, v in
+                         ((t, at_time([r for r in main if r["moe_type"] == t], budget, cost[t]))
+                          for t in opts.types if t in cost) if v is not None), ""]
 
     ablations = [r for r in results if r["study"] == "ablations"]
     if ablations:

@@ -79,6 +79,11 @@ def test_report_tables_match_the_records(tmp_path):
     (tmp_path / "records" / "hash-u300-seed2.json").write_text(json.dumps(stale))
     del records["hash-u300-seed2"]
 
+    # side-by-side costs: dense the fastest; hash twice as slow, so it gets 150 updates in dense's 300-update time
+    cost = {"stablemoe": 0.3, "switch": 0.3, "base": 0.3, "hash": 0.2, "dense": 0.1}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report_step_cost.json").write_text(json.dumps({"seconds_per_update": cost}))
+
     study.main(argv + ["--report-only"])
     text = (tmp_path / "out" / "report.md").read_text()
     written = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -95,6 +100,11 @@ def test_report_tables_match_the_records(tmp_path):
             assert main[t][8] == _spread((100 * r["final_fluctuation"] for r in runs), "%")
             assert main[t][9] == _spread((100 * r["late_share"] for r in runs), "%")
     assert main["hash"][1] == "1,3"
+    equal_time = re.search(r"^At equal training time \(dense's 300 updates, 30 s.*$", text, re.M).group(0)
+    for t, u in (("dense", 300), ("hash", 150), ("switch", 100)):
+        seeds = [1, 3] if t == "hash" else [1, 2, 3]
+        want = statistics.mean(_valid_at(study.Run(t, t, s, 300, 0.1), u) for s in seeds)
+        assert f"{t} {want:.2f} ({u} updates)" in equal_time
 
     ablations = _rows(text, "Ablations")
     ablation = {r["label"]: r for r in records.values() if r["study"] == "ablations"}
