@@ -39,8 +39,7 @@ import torch.nn.functional as F
 
 from .dispatch import Dispatch, capacity_split
 from .experts import Expert, Experts
-from . import health
-from .health import CollapseMonitor
+from .health import DEFAULT_PATIENCE, DEFAULT_SHARE, CollapseMonitor
 from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
 from .router import BackboneRouter, DistilledRouter, chosen_affinity, finite_affinities, top1
 
@@ -110,8 +109,8 @@ class MoELayer(nn.Module):
         capacity_factor: Optional[float] = None,
         activation_fn: str = "relu",
         layer_name: str = "moe",
-        collapse_share: float = health.DEFAULT_SHARE,
-        collapse_updates: int = health.DEFAULT_PATIENCE,
+        collapse_share: float = DEFAULT_SHARE,
+        collapse_updates: int = DEFAULT_PATIENCE,
     ):
         super().__init__()
         self.num_experts = num_experts
