@@ -521,8 +521,10 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 values += points
             return statistics.mean(values) if len(values) == len(opts.length_seeds) else None
 
+        value = {(t, u): at(t, u) for t in opts.types for u in lengths}
+
         def gap(t, u):
-            return None if None in (at(t, u), at("stablemoe", u)) else at("stablemoe", u) - at(t, u)
+            return None if None in (value[t, u], value["stablemoe", u]) else value["stablemoe", u] - value[t, u]
 
         others = [t for t in opts.types if t != "stablemoe"]
         text += [f"## Training-length sweep (valid ppl after u updates, seed {','.join(map(str, opts.length_seeds))}; "
@@ -537,11 +539,11 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                  "|---" * (len(opts.types) + len(others) + 1) + "|"]
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in opts.types:
-            pts = [(u, at(t, u)) for u in lengths if at(t, u) is not None]
+            pts = [(u, value[t, u]) for u in lengths if value[t, u] is not None]
             if pts:
                 ax.plot([u for u, _ in pts], [v for _, v in pts], marker="o", label=t)
         for u in lengths:
-            text.append(f"| {u} | " + " | ".join("n/a" if at(t, u) is None else f"{at(t, u):.2f}" for t in opts.types)
+            text.append(f"| {u} | " + " | ".join("n/a" if value[t, u] is None else f"{value[t, u]:.2f}" for t in opts.types)
                         + " | " + " | ".join("n/a" if gap(t, u) is None else f"{gap(t, u):+.2f}" for t in others) + " |")
         text += ["", "StableMoE ahead of (lower valid ppl than) each baseline at:", ""]
         for t in others:
