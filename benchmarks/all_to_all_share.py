@@ -63,9 +63,9 @@ def _worker(rank: int, opts, port: int) -> None:
     from fairseq_stablemoe.layer import StableMoELayer
 
     torch.manual_seed(rank)
-    layer = StableMoELayer(
-        opts.dim, opts.ffn, opts.experts, 1, vocab_size=1000, padding_idx=1, two_stage_updates=1
-    ).to(device)
+    layer = StableMoELayer(opts.dim, opts.ffn, opts.experts, 1, vocab_size=1000, padding_idx=1, two_stage_updates=1).to(
+        device
+    )
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     layer = layer.to(dtype)
     h = torch.randn(opts.tokens, opts.dim, device=device, dtype=dtype)

@@ -32,4 +32,6 @@ def steady_malloc(enabled: bool) -> str:
     if any(os.environ.get(k) != v for k, v in SETTINGS.items()):
         sys.stdout.flush()
         os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **SETTINGS})
-    return "allocator: glibc with " + " ".join(f"{k}={v}" for k, v in SETTINGS.items()) + " (see benchmarks/allocator.py)"
+    return (
+        "allocator: glibc with " + " ".join(f"{k}={v}" for k, v in SETTINGS.items()) + " (see benchmarks/allocator.py)"
+    )

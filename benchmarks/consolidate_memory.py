@@ -44,12 +44,28 @@ def synthetic(shared_mib: float, expert_mib: float, experts: int):
     for e in range(experts):
         model[f"decoder.layers.1.moe.experts.{e}.0.fc1.weight"] = tensor(expert_mib)
     names = list(model)
-    opt = {"state": {i: {"exp_avg": torch.zeros_like(model[n])} for i, n in enumerate(names)},
-           "param_groups": [{"lr": 0.1, "params": list(range(len(names)))}]}
-    meta = {"format": 1, "world_size": 1, "rank": 0, "num_experts": experts, "run_id": "bench", "num_updates": 1,
-            "expert_layers": ["decoder.layers.1.moe.experts."], "optimizer_param_names": names}
-    return {"model": model, "last_optimizer_state": opt, "optimizer_history": [{"num_updates": 1}],
-            "extra_state": {META_KEY: meta}, "args": None, "cfg": None}
+    opt = {
+        "state": {i: {"exp_avg": torch.zeros_like(model[n])} for i, n in enumerate(names)},
+        "param_groups": [{"lr": 0.1, "params": list(range(len(names)))}],
+    }
+    meta = {
+        "format": 1,
+        "world_size": 1,
+        "rank": 0,
+        "num_experts": experts,
+        "run_id": "bench",
+        "num_updates": 1,
+        "expert_layers": ["decoder.layers.1.moe.experts."],
+        "optimizer_param_names": names,
+    }
+    return {
+        "model": model,
+        "last_optimizer_state": opt,
+        "optimizer_history": [{"num_updates": 1}],
+        "extra_state": {META_KEY: meta},
+        "args": None,
+        "cfg": None,
+    }
 
 
 def peak(argv):
@@ -69,21 +85,31 @@ def main():
         one = os.path.join(tmp, "one.pt")
         torch.save(synthetic(args.shared_mib, args.expert_mib, args.experts), one)
         run = os.path.join(tmp, "run", "ckpt.pt")
-        subprocess.run([sys.executable, "-m", "fairseq_stablemoe.consolidate", one, "--shards", str(args.world),
-                        "-o", run], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "fairseq_stablemoe.consolidate", one, "--shards", str(args.world), "-o", run],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         inputs = [os.path.join(tmp, "run", f"ckpt-rank{r}-of{args.world}.pt") for r in range(args.world)]
         largest_in = max(os.path.getsize(p) for p in inputs) / 2**20
         for name, argv, outs in [
             ("merge", [run, "-o", os.path.join(tmp, "merged.pt")], [os.path.join(tmp, "merged.pt")]),
-            ("reshard", [run, "--shards", str(args.to), "-o", os.path.join(tmp, "re", "ckpt.pt")],
-             [os.path.join(tmp, "re", f"ckpt-rank{r}-of{args.to}.pt") for r in range(args.to)]),
+            (
+                "reshard",
+                [run, "--shards", str(args.to), "-o", os.path.join(tmp, "re", "ckpt.pt")],
+                [os.path.join(tmp, "re", f"ckpt-rank{r}-of{args.to}.pt") for r in range(args.to)],
+            ),
         ]:
             extra = peak(argv)
             largest_out = max(os.path.getsize(p) for p in outs) / 2**20
             total = (os.path.getsize(one)) / 2**20
-            print(f"case={name} world={args.world} to={1 if name == 'merge' else args.to} extra_mib={extra:.0f} "
-                  f"largest_input_mib={largest_in:.0f} largest_output_mib={largest_out:.0f} "
-                  f"whole_model_mib={total:.0f}", flush=True)
+            print(
+                f"case={name} world={args.world} to={1 if name == 'merge' else args.to} extra_mib={extra:.0f} "
+                f"largest_input_mib={largest_in:.0f} largest_output_mib={largest_out:.0f} "
+                f"whole_model_mib={total:.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -65,14 +65,20 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steady-malloc", action="store_true",
-                        help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)",
+    )
     opts = parser.parse_args()
     allocator = steady_malloc(opts.steady_malloc)
     if not hasattr(F, "grouped_mm"):
         sys.exit(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} "
-          f"f={opts.ffn}, median of {opts.repeats} rounds, each case paired with a dense run; {allocator}", flush=True)
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, T={opts.tokens} d={opts.dim} "
+        f"f={opts.ffn}, median of {opts.repeats} rounds, each case paired with a dense run; {allocator}",
+        flush=True,
+    )
     torch.manual_seed(0)
     T, d, f = opts.tokens, opts.dim, opts.ffn
     x0 = torch.randn(T, d)
@@ -123,8 +129,11 @@ def main() -> None:
         paired_rounds(names, lambda name: "dense", lambda name: cases[name](), opts.repeats, times, ratios)
         assert torch.get_num_threads() == threads
         for name in names:
-            print(f"case={name} experts={n} ms={statistics.median(times[name]) * 1000:.1f} "
-                  f"ratio_vs_dense={statistics.median(ratios[name]):.3f}", flush=True)
+            print(
+                f"case={name} experts={n} ms={statistics.median(times[name]) * 1000:.1f} "
+                f"ratio_vs_dense={statistics.median(ratios[name]):.3f}",
+                flush=True,
+            )
         print(f"# experts={n}: dense ms={statistics.median(times['dense']) * 1000:.1f}", flush=True)
 
 

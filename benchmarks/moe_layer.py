@@ -168,9 +168,30 @@ def in_expert_threads(tracker: PeakLiveBytes):
 
 
 #: operators that only make a view or alias of their input (no kernel on a GPU)
-VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "slice", "select", "unsqueeze", "squeeze", "expand",
-            "detach", "alias", "as_strided", "_reshape_alias", "unbind", "split", "split_with_sizes", "lift_fresh",
-            "_to_copy_noop", "reshape", "narrow", "view_as"}
+VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "t",
+    "transpose",
+    "permute",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "detach",
+    "alias",
+    "as_strided",
+    "_reshape_alias",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "lift_fresh",
+    "_to_copy_noop",
+    "reshape",
+    "narrow",
+    "view_as",
+}
 
 
 class OpCount(TorchDispatchMode):
@@ -189,7 +210,12 @@ class OpCount(TorchDispatchMode):
 
 
 def count_ops(
-    layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor,
+    layer,
+    train: bool,
+    stage2: bool,
+    h: torch.Tensor,
+    tokens: torch.Tensor,
+    g: torch.Tensor,
     precision: Callable = contextlib.nullcontext,
 ) -> Dict[str, int]:
     """Operators of one forward (and of forward+backward when ``train``), on one intra-op thread.
@@ -201,7 +227,7 @@ def count_ops(
     torch.set_num_threads(1)
     try:
         counts = {}
-        for with_backward in ([False, True] if train else [False]):
+        for with_backward in [False, True] if train else [False]:
             counter = OpCount()
             if hasattr(layer, "set_num_updates"):
                 layer.set_num_updates(1 if stage2 else 0)
@@ -258,15 +284,18 @@ def fairscale_top2(d: int, f: int, n: int, sublayers: int = 1) -> nn.Module:
 
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29599", rank=0, world_size=1)
-    experts = nn.ModuleList([
-        nn.Sequential(*[m for _ in range(sublayers) for m in (nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d))])
-        for _ in range(n)
-    ])
+    experts = nn.ModuleList(
+        [
+            nn.Sequential(*[m for _ in range(sublayers) for m in (nn.Linear(d, f), nn.ReLU(), nn.Linear(f, d))])
+            for _ in range(n)
+        ]
+    )
     return MOELayer(Top2Gate(d, n), experts)
 
 
-def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "auto",
-               sublayers: int = 1, only=None) -> Dict[str, Callable]:
+def make_cases(
+    d: int, f: int, n: int, with_fairscale: bool, backend: str = "auto", sublayers: int = 1, only=None
+) -> Dict[str, Callable]:
     """``name -> (layer, train, stage2)``; each layer is called as ``layer(h, tokens)``.
 
     The StableMoE cases always (the routing check uses them); the others only if in ``only`` (or all
@@ -294,8 +323,16 @@ def make_cases(d: int, f: int, n: int, with_fairscale: bool, backend: str = "aut
     return cases
 
 
-def run_once(layer, train: bool, stage2: bool, h: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, track=None,
-             precision: Callable = contextlib.nullcontext):
+def run_once(
+    layer,
+    train: bool,
+    stage2: bool,
+    h: torch.Tensor,
+    tokens: torch.Tensor,
+    g: torch.Tensor,
+    track=None,
+    precision: Callable = contextlib.nullcontext,
+):
     """One forward(+backward) (the forward in ``precision()``, the backward outside it); returns seconds."""
     is_fairscale = type(layer).__name__ == "MOELayer"
     if hasattr(layer, "set_num_updates"):
@@ -428,19 +465,40 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-fairscale", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU, when there is one)")
-    parser.add_argument("--sublayers", type=int, default=1,
-                        help="FFN sublayers per expert (the paper's base: 3); the dense FFN gets as many")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                        help="parameters and inputs in this dtype, as fairseq-train --bf16/--fp16 (default fp32)")
-    parser.add_argument("--autocast", action="store_true",
-                        help="with --dtype bf16/fp16: fp32 parameters, forwards under torch.autocast (as --amp)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "loop", "threads", "grouped_mm", "padded_bmm"],
-                        help="the experts' backend (fairseq_stablemoe.experts.EXPERT_BACKENDS)")
-    parser.add_argument("--cases", nargs="+", choices=["stage1", "stage2", "inference", "fairscale_top2", "switch",
-                                                       "base", "hash"],
-                        help="measure only these cases (default: all)")
-    parser.add_argument("--steady-malloc", action="store_true",
-                        help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)")
+    parser.add_argument(
+        "--sublayers",
+        type=int,
+        default=1,
+        help="FFN sublayers per expert (the paper's base: 3); the dense FFN gets as many",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=sorted(DTYPES),
+        help="parameters and inputs in this dtype, as fairseq-train --bf16/--fp16 (default fp32)",
+    )
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="with --dtype bf16/fp16: fp32 parameters, forwards under torch.autocast (as --amp)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "loop", "threads", "grouped_mm", "padded_bmm"],
+        help="the experts' backend (fairseq_stablemoe.experts.EXPERT_BACKENDS)",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=["stage1", "stage2", "inference", "fairscale_top2", "switch", "base", "hash"],
+        help="measure only these cases (default: all)",
+    )
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)",
+    )
     opts = parser.parse_args()
     if opts.autocast and opts.dtype == "fp32":
         parser.error("--autocast needs --dtype bf16 or fp16")
@@ -457,13 +515,18 @@ def main() -> None:
         torch.set_num_threads(opts.threads)
     device = opts.device
     if device.startswith("cuda"):
-        device = (f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda}, "
-                  f"capability {'.'.join(map(str, torch.cuda.get_device_capability(torch.device(device))))})")
+        device = (
+            f"{device} ({torch.cuda.get_device_name(torch.device(device))}, CUDA {torch.version.cuda}, "
+            f"capability {'.'.join(map(str, torch.cuda.get_device_capability(torch.device(device))))})"
+        )
     precision = f"{opts.dtype} {'autocast, fp32 parameters' if opts.autocast else 'parameters and inputs'}"
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads (cpu count {os.cpu_count()}), "
-          f"T={opts.tokens} d={opts.dim} f={opts.ffn} sublayers={opts.sublayers}, {precision}, device {device}, "
-          f"expert backend {opts.backend}, median of {opts.repeats} rounds, each case paired with a dense run; "
-          f"{allocator}", flush=True)
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads (cpu count {os.cpu_count()}), "
+        f"T={opts.tokens} d={opts.dim} f={opts.ffn} sublayers={opts.sublayers}, {precision}, device {device}, "
+        f"expert backend {opts.backend}, median of {opts.repeats} rounds, each case paired with a dense run; "
+        f"{allocator}",
+        flush=True,
+    )
     for n in [16] if opts.quick else opts.experts:
         measure(opts, n)
 

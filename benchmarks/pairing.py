@@ -22,7 +22,7 @@ def paired_rounds(
     ``times[reference(name)]`` and the paired ratios to ``ratios[name]``."""
     names = list(names)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             ref = reference(name)
             pair = [ref, name] if r % 2 == 0 else [name, ref]
             took = {k: run(k) for k in pair}

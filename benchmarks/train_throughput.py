@@ -36,28 +36,77 @@ def synthetic_data(tmp: Path) -> Path:
         lines.append(" ".join(sent))
     (tmp / "train.txt").write_text("\n".join(lines) + "\n")
     subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(tmp / "train.txt"),
-         "--validpref", str(tmp / "train.txt"), "--destdir", str(tmp / "bin"), "--workers", "2"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.preprocess",
+            "--only-source",
+            "--trainpref",
+            str(tmp / "train.txt"),
+            "--validpref",
+            str(tmp / "train.txt"),
+            "--destdir",
+            str(tmp / "bin"),
+            "--workers",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
     )
     return tmp / "bin"
 
 
 def run(data: Path, moe_type: str, opts) -> float:
     cmd = [
-        sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_stablemoe"),
-        "--task", "language_modeling", "--arch", "stablemoe_lm", "--moe-type", moe_type, "--criterion", "stablemoe",
-        "--num-experts", str(opts.experts), "--two-stage-updates", str(opts.updates // 2),
-        "--tokens-per-sample", "128", "--sample-break-mode", "none", "--max-tokens", str(opts.max_tokens),
-        "--optimizer", "adam", "--lr", "0.001", "--max-update", str(opts.updates), "--cpu", "--num-workers", "0",
-        "--no-save", "--disable-validation", "--log-format", "json", "--log-interval", str(opts.log_interval),
-        "--seed", "1",
+        sys.executable,
+        "-m",
+        "fairseq_cli.train",
+        str(data),
+        "--user-dir",
+        str(REPO / "fairseq_stablemoe"),
+        "--task",
+        "language_modeling",
+        "--arch",
+        "stablemoe_lm",
+        "--moe-type",
+        moe_type,
+        "--criterion",
+        "stablemoe",
+        "--num-experts",
+        str(opts.experts),
+        "--two-stage-updates",
+        str(opts.updates // 2),
+        "--tokens-per-sample",
+        "128",
+        "--sample-break-mode",
+        "none",
+        "--max-tokens",
+        str(opts.max_tokens),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.001",
+        "--max-update",
+        str(opts.updates),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--no-save",
+        "--disable-validation",
+        "--log-format",
+        "json",
+        "--log-interval",
+        str(opts.log_interval),
+        "--seed",
+        "1",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
-    wps = [float(json.loads(m.group(1))["wps"])
-           for m in re.finditer(r"\| train_inner \| (\{.*\})", out.stdout + out.stderr)]
+    wps = [
+        float(json.loads(m.group(1))["wps"])
+        for m in re.finditer(r"\| train_inner \| (\{.*\})", out.stdout + out.stderr)
+    ]
     if len(wps) < 2:
         raise RuntimeError("too few log intervals: raise --updates")
     return statistics.median(wps[1:])

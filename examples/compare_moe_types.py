@@ -54,7 +54,8 @@ def ablation_runs(opts, seed: int) -> List[Run]:
     U, f, L = opts.ablation_update, opts.stage1_fraction, opts.layers
     scattered = ",".join(str((k * L) // 4) for k in (1, 2, 3))
     mk = lambda label, frac=f, flags=(), moe_type="stablemoe": Run(  # noqa: E731
-        label, moe_type, seed, U, frac, tuple(flags), "ablations")
+        label, moe_type, seed, U, frac, tuple(flags), "ablations"
+    )
     return [
         mk("stablemoe"),  # the reference: middle placement, wordemb, greedy, stage 1 at --stage1-fraction
         mk("base", moe_type="base"),
@@ -88,8 +89,11 @@ def plan(opts) -> List[Run]:
             # only StableMoE depends on the run's length (its boundary is a share of it): the other
             # types' schedules do not, so their first u updates of a longer run are a u-update run
             # (deterministic on CPU), and the sweep reads them from the main comparison's curves
-            runs += [Run("stablemoe", "stablemoe", s, u, opts.stage1_fraction, (), "length")
-                     for u in opts.lengths for s in opts.length_seeds]
+            runs += [
+                Run("stablemoe", "stablemoe", s, u, opts.stage1_fraction, (), "length")
+                for u in opts.lengths
+                for s in opts.length_seeds
+            ]
     unique: Dict[str, Run] = {}
     for r in runs:
         unique.setdefault(r.name, r)  # the same run in two studies trains once
@@ -98,28 +102,88 @@ def plan(opts) -> List[Run]:
 
 def model_flags(opts) -> List[str]:
     return [
-        "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
-        "--decoder-layers", str(opts.layers), "--decoder-embed-dim", str(opts.dim),
-        "--decoder-ffn-embed-dim", str(opts.ffn), "--decoder-attention-heads", str(opts.heads),
-        "--num-experts", str(opts.experts), "--moe-sublayers", str(opts.sublayers),
-        "--tokens-per-sample", str(opts.tokens_per_sample), "--sample-break-mode", "none",
-        "--decoder-learned-pos", "--share-decoder-input-output-embed",
+        "--task",
+        "language_modeling",
+        "--arch",
+        "stablemoe_lm",
+        "--criterion",
+        "stablemoe",
+        "--decoder-layers",
+        str(opts.layers),
+        "--decoder-embed-dim",
+        str(opts.dim),
+        "--decoder-ffn-embed-dim",
+        str(opts.ffn),
+        "--decoder-attention-heads",
+        str(opts.heads),
+        "--num-experts",
+        str(opts.experts),
+        "--moe-sublayers",
+        str(opts.sublayers),
+        "--tokens-per-sample",
+        str(opts.tokens_per_sample),
+        "--sample-break-mode",
+        "none",
+        "--decoder-learned-pos",
+        "--share-decoder-input-output-embed",
     ]
 
 
 def train_command(opts, run: Run, save_dir: Path) -> List[str]:
     interval = max(1, run.max_update // opts.checkpoints)
     return [
-        sys.executable, "-m", "fairseq_cli.train", str(opts.data), "--user-dir", str(REPO / "fairseq_stablemoe"),
-        *model_flags(opts), "--moe-type", run.moe_type,
-        "--two-stage-updates", str(int(round(run.max_update * run.stage1_fraction))),
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(opts.lr), "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", str(opts.warmup), "--warmup-init-lr", "1e-07", "--weight-decay", "0.01",
-        "--clip-norm", str(opts.clip_norm), "--dropout", str(opts.dropout), "--max-tokens", str(opts.max_tokens),
-        "--max-update", str(run.max_update), "--seed", str(run.seed), "--cpu", "--num-workers", "0",
-        "--save-dir", str(save_dir), "--save-interval-updates", str(interval), "--keep-interval-updates", "-1",
-        "--validate-interval-updates", str(interval), "--no-epoch-checkpoints",
-        "--log-format", "json", "--log-interval", str(max(1, interval // 2)), *run.flags,
+        sys.executable,
+        "-m",
+        "fairseq_cli.train",
+        str(opts.data),
+        "--user-dir",
+        str(REPO / "fairseq_stablemoe"),
+        *model_flags(opts),
+        "--moe-type",
+        run.moe_type,
+        "--two-stage-updates",
+        str(int(round(run.max_update * run.stage1_fraction))),
+        "--optimizer",
+        "adam",
+        "--adam-betas",
+        "(0.9, 0.98)",
+        "--lr",
+        str(opts.lr),
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        str(opts.warmup),
+        "--warmup-init-lr",
+        "1e-07",
+        "--weight-decay",
+        "0.01",
+        "--clip-norm",
+        str(opts.clip_norm),
+        "--dropout",
+        str(opts.dropout),
+        "--max-tokens",
+        str(opts.max_tokens),
+        "--max-update",
+        str(run.max_update),
+        "--seed",
+        str(run.seed),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--save-dir",
+        str(save_dir),
+        "--save-interval-updates",
+        str(interval),
+        "--keep-interval-updates",
+        "-1",
+        "--validate-interval-updates",
+        str(interval),
+        "--no-epoch-checkpoints",
+        "--log-format",
+        "json",
+        "--log-interval",
+        str(max(1, interval // 2)),
+        *run.flags,
     ]
 
 
@@ -152,9 +216,23 @@ def log_records(save_dir: Path) -> List[tuple]:
 
 def eval_lm(opts, checkpoint: Path, split: str) -> float:
     cmd = [
-        sys.executable, "-m", "fairseq_cli.eval_lm", str(opts.data), "--user-dir", str(REPO / "fairseq_stablemoe"),
-        "--path", str(checkpoint), "--gen-subset", split, "--cpu", "--max-tokens", "4096",
-        "--tokens-per-sample", str(opts.tokens_per_sample), "--sample-break-mode", "none",
+        sys.executable,
+        "-m",
+        "fairseq_cli.eval_lm",
+        str(opts.data),
+        "--user-dir",
+        str(REPO / "fairseq_stablemoe"),
+        "--path",
+        str(checkpoint),
+        "--gen-subset",
+        split,
+        "--cpu",
+        "--max-tokens",
+        "4096",
+        "--tokens-per-sample",
+        str(opts.tokens_per_sample),
+        "--sample-break-mode",
+        "none",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     m = re.search(r"Perplexity: ([0-9.]+)", out.stdout + out.stderr)
@@ -183,8 +261,18 @@ def param_counts(checkpoint: Path) -> Dict[str, int]:
 
 
 def fluctuation(opts, checkpoints: Sequence[Path], out_json: Path) -> Dict[str, object]:
-    cmd = [sys.executable, "-m", "fairseq_stablemoe.fluctuation", str(opts.data), *map(str, checkpoints),
-           "--split", "valid", "--json", str(out_json), "--cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fairseq_stablemoe.fluctuation",
+        str(opts.data),
+        *map(str, checkpoints),
+        "--split",
+        "valid",
+        "--json",
+        str(out_json),
+        "--cpu",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"fluctuation failed:\n{out.stderr[-3000:]}")
@@ -192,8 +280,22 @@ def fluctuation(opts, checkpoints: Sequence[Path], out_json: Path) -> Dict[str, 
 
 
 #: the options every run of a study shares (a run is reused only if they all match)
-SHARED = ("data", "layers", "dim", "ffn", "heads", "experts", "sublayers", "tokens_per_sample", "max_tokens",
-          "lr", "warmup", "clip_norm", "dropout", "checkpoints")
+SHARED = (
+    "data",
+    "layers",
+    "dim",
+    "ffn",
+    "heads",
+    "experts",
+    "sublayers",
+    "tokens_per_sample",
+    "max_tokens",
+    "lr",
+    "warmup",
+    "clip_norm",
+    "dropout",
+    "checkpoints",
+)
 
 
 def data_fingerprint(data: Path) -> str:
@@ -209,16 +311,24 @@ def data_fingerprint(data: Path) -> str:
 
 def run_config(opts, run: Run) -> Dict[str, object]:
     config = {k: (data_fingerprint(opts.data) if k == "data" else getattr(opts, k)) for k in SHARED}
-    config.update(label=run.label, moe_type=run.moe_type, seed=run.seed, max_update=run.max_update,
-                  stage1_fraction=run.stage1_fraction, flags=list(run.flags),
-                  two_stage_updates=int(round(run.max_update * run.stage1_fraction)))
+    config.update(
+        label=run.label,
+        moe_type=run.moe_type,
+        seed=run.seed,
+        max_update=run.max_update,
+        stage1_fraction=run.stage1_fraction,
+        flags=list(run.flags),
+        two_stage_updates=int(round(run.max_update * run.stage1_fraction)),
+    )
     return config
 
 
 def wall_at(records: Sequence[tuple], update: int) -> Optional[float]:
     """Training seconds up to ``update``: the sum of fairseq's per-interval ``train_wall``
     (time in training steps, not validation or checkpointing; robust to resumes, unlike ``wall``)."""
-    steps = [(int(r["num_updates"]), float(r["train_wall"])) for k, r in records if k == "train_inner" and "train_wall" in r]
+    steps = [
+        (int(r["num_updates"]), float(r["train_wall"])) for k, r in records if k == "train_inner" and "train_wall" in r
+    ]
     if not steps:
         return None
     return sum(w for u, w in steps if u <= update)
@@ -256,8 +366,11 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
     interval_ckpts = sorted(save_dir.glob("checkpoint_*_*.pt"), key=lambda p: int(p.stem.split("_")[-1]))
     wps = [r["wps"] for kind, r in records if kind == "train_inner" and "wps" in r]
     # (update, valid ppl, training seconds so far)
-    valid_curve = sorted((int(r["valid_num_updates"]), float(r["valid_ppl"]), wall_at(records, int(r["valid_num_updates"])))
-                         for kind, r in records if kind == "valid")
+    valid_curve = sorted(
+        (int(r["valid_num_updates"]), float(r["valid_ppl"]), wall_at(records, int(r["valid_num_updates"])))
+        for kind, r in records
+        if kind == "valid"
+    )
     result: Dict[str, object] = {
         "moe_type": run.moe_type,
         "label": run.label,
@@ -283,8 +396,11 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
     done.write_text(json.dumps(result))
     opts.records.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"[study] {run.name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
-          f"{result['train_seconds']:.0f}s", flush=True)
+    print(
+        f"[study] {run.name}: valid ppl {result['valid_ppl']:.2f}, test ppl {result['test_ppl']:.2f}, "
+        f"{result['train_seconds']:.0f}s",
+        flush=True,
+    )
     return result
 
 
@@ -338,20 +454,29 @@ def measure_step_cost(opts, updates: int, rounds: int) -> Dict[str, object]:
     samples: Dict[str, List[float]] = {t: [] for t in opts.types}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            for t in (opts.types if r % 2 == 0 else opts.types[::-1]):
+            for t in opts.types if r % 2 == 0 else opts.types[::-1]:
                 save_dir = Path(tmp) / f"{t}-{r}"
                 save_dir.mkdir()
                 run = Run(t, t, 1, updates, opts.stage1_fraction)
                 cmd = train_command(opts, run, save_dir) + ["--no-save", "--disable-validation", "--log-interval", "25"]
                 with open(save_dir / "train.log", "w") as log:
                     if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-                        raise RuntimeError(f"step-cost run of {t} failed:\n{(save_dir / 'train.log').read_text()[-3000:]}")
-                steps = sorted((int(rec["num_updates"]), float(rec["wpb"]) / float(rec["wps"]))
-                               for k, rec in log_records(save_dir) if k == "train_inner" and "wps" in rec)
+                        raise RuntimeError(
+                            f"step-cost run of {t} failed:\n{(save_dir / 'train.log').read_text()[-3000:]}"
+                        )
+                steps = sorted(
+                    (int(rec["num_updates"]), float(rec["wpb"]) / float(rec["wps"]))
+                    for k, rec in log_records(save_dir)
+                    if k == "train_inner" and "wps" in rec
+                )
                 samples[t].append(statistics.median(cost for _, cost in steps[1:]))
                 print(f"[step-cost] round {r + 1}: {t} {samples[t][-1]:.4f} s/update", flush=True)
-    return {"updates": updates, "rounds": rounds, "samples": samples,
-            "seconds_per_update": {t: statistics.median(v) for t, v in samples.items()}}
+    return {
+        "updates": updates,
+        "rounds": rounds,
+        "samples": samples,
+        "seconds_per_update": {t: statistics.median(v) for t, v in samples.items()},
+    }
 
 
 def at_time(runs: Sequence[Dict[str, object]], seconds: float, cost: float) -> Optional[float]:
@@ -406,20 +531,32 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
     ]
     cost_file = Path(f"{stem}_step_cost.json")
     cost = json.loads(cost_file.read_text())["seconds_per_update"] if cost_file.exists() else {}
-    main = [r for r in results if r["config"]["max_update"] == opts.max_update and not r["config"]["flags"]
-            and r["label"] in TYPES and (r["moe_type"] != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
+    main = [
+        r
+        for r in results
+        if r["config"]["max_update"] == opts.max_update
+        and not r["config"]["flags"]
+        and r["label"] in TYPES
+        and (r["moe_type"] != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)
+    ]
     if main:
         if cost:
-            text += ["Training time: 'train s' is each run's own (fairseq's `train_wall`), which depends on what else "
-                     "ran on the machine then; 's/update side by side' is the cost per update of each type measured "
-                     f"in one sitting (`--step-cost`, {cost_file.name}), and Figure 4's time axis is updates x that "
-                     "cost.", ""]
+            text += [
+                "Training time: 'train s' is each run's own (fairseq's `train_wall`), which depends on what else "
+                "ran on the machine then; 's/update side by side' is the cost per update of each type measured "
+                f"in one sitting (`--step-cost`, {cost_file.name}), and Figure 4's time axis is updates x that "
+                "cost.",
+                "",
+            ]
         # the fluctuation of StableMoE's stage-1 routing needs two checkpoints in stage 1
         stage1_col = any(stage1_last_fluctuation(r) is not None for r in main)
-        text += [f"## Main comparison: {opts.max_update} updates, StableMoE stage 1 {100 * opts.stage1_fraction:.0f}%", "",
-                 "| type | seeds | valid ppl | test ppl | params | active | train s | s/update side by side "
-                 "| final fluctuation | late (>20%) |" + (" StableMoE stage-1 last pair |" if stage1_col else ""),
-                 "|---" * (11 if stage1_col else 10) + "|"]
+        text += [
+            f"## Main comparison: {opts.max_update} updates, StableMoE stage 1 {100 * opts.stage1_fraction:.0f}%",
+            "",
+            "| type | seeds | valid ppl | test ppl | params | active | train s | s/update side by side "
+            "| final fluctuation | late (>20%) |" + (" StableMoE stage-1 last pair |" if stage1_col else ""),
+            "|---" * (11 if stage1_col else 10) + "|",
+        ]
         fig, axes = plt.subplots(2, 2, figsize=(12, 8))
         (ax_upd, ax_wall), (ax_pair, ax_last) = axes
         for t in opts.types:
@@ -434,70 +571,114 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 f"| {f'{cost[t]:.4f}' if t in cost else 'n/a'} "
                 f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
                 f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} |"
-                + (f" {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |" if stage1_col else ""))
+                + (f" {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |" if stage1_col else "")
+            )
             for ax, col in ((ax_upd, 0), (ax_wall, 2)):
                 curve = _mean_curve(runs, col, cost.get(t) if (ax is ax_wall and cost) else None)
                 if curve:
                     ax.plot([x for x, _ in curve], [y for _, y in curve], marker=".", label=t)
             if runs[0].get("fluctuation"):
                 fl = runs[0]["fluctuation"]
-                ax_pair.plot([u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{t} (seed {runs[0]['seed']})")
+                ax_pair.plot(
+                    [u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{t} (seed {runs[0]['seed']})"
+                )
             last = runs[0].get("last_fluctuation")
             if last:
-                ax_last.plot(last["update_pct"], [100 * c for c in last["cumulative_share"]], marker=".",
-                             label=f"{t} (seed {runs[0]['seed']})")
+                ax_last.plot(
+                    last["update_pct"],
+                    [100 * c for c in last["cumulative_share"]],
+                    marker=".",
+                    label=f"{t} (seed {runs[0]['seed']})",
+                )
         ax_upd.set(xlabel="update", ylabel="validation perplexity (seed mean)", yscale="log")
-        ax_wall.set(xlabel=("training time: updates x seconds per update side by side (s)" if cost
-                            else "training wall time (s, seed mean)"),
-                    ylabel="validation perplexity", yscale="log", title="Figure 4: perplexity against wall time")
-        ax_pair.set(xlabel="update", ylabel="tokens whose expert changed since the previous checkpoint (%)",
-                    title="fluctuation between checkpoints")
+        ax_wall.set(
+            xlabel=(
+                "training time: updates x seconds per update side by side (s)"
+                if cost
+                else "training wall time (s, seed mean)"
+            ),
+            ylabel="validation perplexity",
+            yscale="log",
+            title="Figure 4: perplexity against wall time",
+        )
+        ax_pair.set(
+            xlabel="update",
+            ylabel="tokens whose expert changed since the previous checkpoint (%)",
+            title="fluctuation between checkpoints",
+        )
         ax_pair.axvline(opts.max_update * opts.stage1_fraction, color="grey", linestyle=":")
-        ax_last.set(xlabel="training progress (%)", ylabel="tokens whose last change is before it (%)",
-                    title="Figures 2 and 7: last fluctuation step")
+        ax_last.set(
+            xlabel="training progress (%)",
+            ylabel="tokens whose last change is before it (%)",
+            title="Figures 2 and 7: last fluctuation step",
+        )
         for ax in axes.flat:
             ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{stem}_main.png", dpi=110)
         plt.close(fig)
         text += ["", f"![main comparison]({Path(f'{stem}_main.png').name})", ""]
-        fastest = min((t for t in opts.types if t in cost and any(r["moe_type"] == t for r in main)),
-                      key=lambda t: cost[t], default=None)
+        fastest = min(
+            (t for t in opts.types if t in cost and any(r["moe_type"] == t for r in main)),
+            key=lambda t: cost[t],
+            default=None,
+        )
         if fastest is not None:
             budget = opts.max_update * cost[fastest]
-            text += [f"At equal training time ({fastest}'s {opts.max_update} updates, {budget:.0f} s at the side-by-side "
-                     "cost; fairseq-train's validation perplexity, seed mean, interpolated between validation "
-                     "points): " + ", ".join(
-                         f"{t} {v:.2f} ({budget / cost[t]:.0f} updates)" for t, v in
-                         ((t, at_time([r for r in main if r["moe_type"] == t], budget, cost[t]))
-                          for t in opts.types if t in cost) if v is not None), ""]
+            text += [
+                f"At equal training time ({fastest}'s {opts.max_update} updates, {budget:.0f} s at the side-by-side "
+                "cost; fairseq-train's validation perplexity, seed mean, interpolated between validation "
+                "points): "
+                + ", ".join(
+                    f"{t} {v:.2f} ({budget / cost[t]:.0f} updates)"
+                    for t, v in (
+                        (t, at_time([r for r in main if r["moe_type"] == t], budget, cost[t]))
+                        for t in opts.types
+                        if t in cost
+                    )
+                    if v is not None
+                ),
+                "",
+            ]
 
     ablations = [r for r in results if r["study"] == "ablations"]
     if ablations:
         ref = [r["valid_ppl"] for r in ablations if r["label"] == "stablemoe"]
-        text += [f"## Ablations: {opts.ablation_update} updates (paper: Tables 4, 5, 6)", "",
-                 "Fluctuation columns as in the main table; 'stage-1 last pair': StableMoE's routing in training "
-                 "between the last two checkpoints before the boundary (needs two checkpoints in stage 1; "
-                 "`stage1-only` is never frozen, so its columns are StableMoE's stage-1 routing over the whole run, "
-                 "the paper's Figure 7).", "",
-                 "| run | flags | stage 1 | seeds | valid ppl | test ppl | valid ppl - stablemoe "
-                 "| final fluctuation | late (>20%) | stage-1 last pair |", "|---" * 10 + "|"]
+        text += [
+            f"## Ablations: {opts.ablation_update} updates (paper: Tables 4, 5, 6)",
+            "",
+            "Fluctuation columns as in the main table; 'stage-1 last pair': StableMoE's routing in training "
+            "between the last two checkpoints before the boundary (needs two checkpoints in stage 1; "
+            "`stage1-only` is never frozen, so its columns are StableMoE's stage-1 routing over the whole run, "
+            "the paper's Figure 7).",
+            "",
+            "| run | flags | stage 1 | seeds | valid ppl | test ppl | valid ppl - stablemoe "
+            "| final fluctuation | late (>20%) | stage-1 last pair |",
+            "|---" * 10 + "|",
+        ]
         fig, ax = plt.subplots(figsize=(7, 4))
         for label in dict.fromkeys(r["label"] for r in ablations):
             runs = [r for r in ablations if r["label"] == label]
             c = runs[0]["config"]
             delta = (statistics.mean(r["valid_ppl"] for r in runs) - statistics.mean(ref)) if ref else float("nan")
-            text.append(f"| {label} | `{' '.join(c['flags']) or '-'}` | {100 * c['stage1_fraction']:.0f}% "
-                        f"| {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in runs])} "
-                        f"| {_mean_spread([r['test_ppl'] for r in runs])} | {delta:+.2f} "
-                        f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
-                        f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
-                        f"| {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |")
+            text.append(
+                f"| {label} | `{' '.join(c['flags']) or '-'}` | {100 * c['stage1_fraction']:.0f}% "
+                f"| {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in runs])} "
+                f"| {_mean_spread([r['test_ppl'] for r in runs])} | {delta:+.2f} "
+                f"| {_mean_spread([r.get('final_fluctuation') for r in runs], 100, '%')} "
+                f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
+                f"| {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |"
+            )
             if runs[0].get("fluctuation") and not c["flags"]:  # routing policy and stage-1 share, not placement
                 fl = runs[0]["fluctuation"]
-                ax.plot([u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{label} (seed {runs[0]['seed']})")
-        ax.set(xlabel="update", ylabel="tokens whose expert changed since the previous checkpoint (%)",
-               title="fluctuation between checkpoints (ablation runs)")
+                ax.plot(
+                    [u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{label} (seed {runs[0]['seed']})"
+                )
+        ax.set(
+            xlabel="update",
+            ylabel="tokens whose expert changed since the previous checkpoint (%)",
+            title="fluctuation between checkpoints (ablation runs)",
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{stem}_ablations.png", dpi=110)
@@ -506,18 +687,29 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
 
     lengths = sorted(set(opts.lengths)) if "length" in opts.study else []
     if lengths:
+
         def at(t, u):
             """Validation ppl (fairseq-train's) after u updates of a u-update run, seed mean over --length-seeds:
             StableMoE's own u-update run; another type's shortest run of at least u updates (the same training
             up to u: its schedule does not depend on the run's length)."""
             values = []
             for seed in opts.length_seeds:
-                runs = [r for r in results if r["moe_type"] == t and r["label"] == t and not r["config"]["flags"]
-                        and r["seed"] == seed and (r["config"]["max_update"] == u if t == "stablemoe"
-                                                   else r["config"]["max_update"] >= u)
-                        and (t != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)]
-                points = [p[1] for r in sorted(runs, key=lambda r: r["config"]["max_update"])
-                          for p in r["valid_curve"] if p[0] == u][:1]
+                runs = [
+                    r
+                    for r in results
+                    if r["moe_type"] == t
+                    and r["label"] == t
+                    and not r["config"]["flags"]
+                    and r["seed"] == seed
+                    and (r["config"]["max_update"] == u if t == "stablemoe" else r["config"]["max_update"] >= u)
+                    and (t != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)
+                ]
+                points = [
+                    p[1]
+                    for r in sorted(runs, key=lambda r: r["config"]["max_update"])
+                    for p in r["valid_curve"]
+                    if p[0] == u
+                ][:1]
                 values += points
             return statistics.mean(values) if len(values) == len(opts.length_seeds) else None
 
@@ -527,24 +719,33 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
             return None if None in (value[t, u], value["stablemoe", u]) else value["stablemoe", u] - value[t, u]
 
         others = [t for t in opts.types if t != "stablemoe"]
-        text += [f"## Training-length sweep (valid ppl after u updates, seed {','.join(map(str, opts.length_seeds))}; "
-                 f"StableMoE stage 1 at {100 * opts.stage1_fraction:.0f}% of each length)", "",
-                 "fairseq-train's validation perplexity at the end of a u-update run (not fairseq-eval-lm's, which "
-                 "reads about 0.07 lower here). StableMoE: its own u-update run. The other types: their run's "
-                 "validation at update u, which is their u-update run (their schedule does not depend on the run's "
-                 "length; e.g. switch-u2000-seed1 and switch-u3000-seed1 both log 73.66 at update 2000). "
-                 "'stablemoe - X': negative when StableMoE is ahead. One seed: read the gaps against the seed "
-                 "spread of the main comparison.", "",
-                 "| updates | " + " | ".join(opts.types) + " | " + " | ".join(f"stablemoe - {t}" for t in others) + " |",
-                 "|---" * (len(opts.types) + len(others) + 1) + "|"]
+        text += [
+            f"## Training-length sweep (valid ppl after u updates, seed {','.join(map(str, opts.length_seeds))}; "
+            f"StableMoE stage 1 at {100 * opts.stage1_fraction:.0f}% of each length)",
+            "",
+            "fairseq-train's validation perplexity at the end of a u-update run (not fairseq-eval-lm's, which "
+            "reads about 0.07 lower here). StableMoE: its own u-update run. The other types: their run's "
+            "validation at update u, which is their u-update run (their schedule does not depend on the run's "
+            "length; e.g. switch-u2000-seed1 and switch-u3000-seed1 both log 73.66 at update 2000). "
+            "'stablemoe - X': negative when StableMoE is ahead. One seed: read the gaps against the seed "
+            "spread of the main comparison.",
+            "",
+            "| updates | " + " | ".join(opts.types) + " | " + " | ".join(f"stablemoe - {t}" for t in others) + " |",
+            "|---" * (len(opts.types) + len(others) + 1) + "|",
+        ]
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in opts.types:
             pts = [(u, value[t, u]) for u in lengths if value[t, u] is not None]
             if pts:
                 ax.plot([u for u, _ in pts], [v for _, v in pts], marker="o", label=t)
         for u in lengths:
-            text.append(f"| {u} | " + " | ".join("n/a" if value[t, u] is None else f"{value[t, u]:.2f}" for t in opts.types)
-                        + " | " + " | ".join("n/a" if gap(t, u) is None else f"{gap(t, u):+.2f}" for t in others) + " |")
+            text.append(
+                f"| {u} | "
+                + " | ".join("n/a" if value[t, u] is None else f"{value[t, u]:.2f}" for t in opts.types)
+                + " | "
+                + " | ".join("n/a" if gap(t, u) is None else f"{gap(t, u):+.2f}" for t in others)
+                + " |"
+            )
         text += ["", "StableMoE ahead of (lower valid ppl than) each baseline at:", ""]
         for t in others:
             ahead = [u for u in lengths if gap(t, u) is not None and gap(t, u) < 0]
@@ -565,20 +766,33 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "runs/shakespeare/data-bin")
     parser.add_argument("--work", type=Path, default=REPO / "runs/study")
-    parser.add_argument("--out", type=Path, default=REPO / "docs/study_results.md",
-                        help="the report; its .json (one record per run) and _*.png plots go beside it")
-    parser.add_argument("--records", type=Path, default=REPO / "docs/study_runs",
-                        help="one JSON record per finished run, kept in the repository: a later session reuses "
-                        "them (the work directory with the checkpoints need not survive)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "docs/study_results.md",
+        help="the report; its .json (one record per run) and _*.png plots go beside it",
+    )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        default=REPO / "docs/study_runs",
+        help="one JSON record per finished run, kept in the repository: a later session reuses "
+        "them (the work directory with the checkpoints need not survive)",
+    )
     parser.add_argument("--study", default="main", help=f"comma-separated, of {STUDIES}")
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--seeds", default="1,2,3", help="seeds of the main comparison")
     parser.add_argument("--max-update", type=int, default=3000, help="updates of the main comparison")
-    parser.add_argument("--stage1-fraction", type=float, default=0.1, help="StableMoE's --two-stage-updates / --max-update")
+    parser.add_argument(
+        "--stage1-fraction", type=float, default=0.1, help="StableMoE's --two-stage-updates / --max-update"
+    )
     parser.add_argument("--ablation-update", type=int, default=1500)
     parser.add_argument("--ablation-seeds", default="1")
-    parser.add_argument("--lengths", default="500,1000,1500,2000,3000",
-                        help="run lengths of StableMoE's length sweep (in the order they run)")
+    parser.add_argument(
+        "--lengths",
+        default="500,1000,1500,2000,3000",
+        help="run lengths of StableMoE's length sweep (in the order they run)",
+    )
     parser.add_argument("--length-seeds", default="1")
     parser.add_argument("--checkpoints", type=int, default=12, help="interval checkpoints per run (fluctuation points)")
     parser.add_argument("--layers", type=int, default=4)
@@ -593,19 +807,30 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--clip-norm", type=float, default=0.1, help="the paper's 0.1")
     parser.add_argument("--dropout", type=float, default=0.0, help="the paper's 0")
-    parser.add_argument("--stop-after", type=float, default=None,
-                        help="hours: start no new run after this long (the report covers the finished runs; "
-                        "run the same command again to go on)")
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        help="hours: start no new run after this long (the report covers the finished runs; "
+        "run the same command again to go on)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs (and which are finished) and stop")
-    parser.add_argument("--step-cost", type=int, metavar="UPDATES", default=None,
-                        help="instead of the study: measure every type's seconds per update side by side (UPDATES "
-                        "updates per run, --step-cost-rounds rounds) into OUT's _step_cost.json, which the report then "
-                        "uses for Figure 4's time axis")
+    parser.add_argument(
+        "--step-cost",
+        type=int,
+        metavar="UPDATES",
+        default=None,
+        help="instead of the study: measure every type's seconds per update side by side (UPDATES "
+        "updates per run, --step-cost-rounds rounds) into OUT's _step_cost.json, which the report then "
+        "uses for Figure 4's time axis",
+    )
     parser.add_argument("--step-cost-rounds", type=int, default=2)
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the report from the finished runs' records; train nothing")
-    parser.add_argument("--fresh", action="store_true",
-                        help="retrain every run (default: reuse finished runs, resume interrupted ones)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the finished runs' records; train nothing"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="retrain every run (default: reuse finished runs, resume interrupted ones)"
+    )
     opts = parser.parse_args(argv)
     ints = lambda spec: [int(x) for x in str(spec).split(",") if x.strip()]  # noqa: E731
     opts.types = [t.strip() for t in opts.types.split(",") if t.strip()]
@@ -616,7 +841,9 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown --types/--study {unknown}: choose from {TYPES} / {STUDIES}")
     if not (opts.data / "dict.txt").exists():
-        parser.error(f"{opts.data} has no dict.txt: build the data with examples/shakespeare/prepare.py (or pass --data)")
+        parser.error(
+            f"{opts.data} has no dict.txt: build the data with examples/shakespeare/prepare.py (or pass --data)"
+        )
     opts.work.mkdir(parents=True, exist_ok=True)
     return opts
 
@@ -627,9 +854,11 @@ def main(argv: Sequence[str] = None) -> None:
     runs = plan(opts)
     if opts.dry_run:
         for r in runs:
-            state = "finished" if (opts.records / f"{r.name}.json").exists() or (
-                opts.work / r.name / "result.json").exists() else (
-                "started" if (opts.work / r.name / "checkpoint_last.pt").exists() else "to run")
+            state = (
+                "finished"
+                if (opts.records / f"{r.name}.json").exists() or (opts.work / r.name / "result.json").exists()
+                else ("started" if (opts.work / r.name / "checkpoint_last.pt").exists() else "to run")
+            )
             print(f"{r.name:45s} {r.study:10s} {' '.join(r.flags):60s} {state}")
         print(f"{len(runs)} runs, {sum(r.max_update for r in runs)} updates in all")
         return
@@ -643,8 +872,11 @@ def main(argv: Sequence[str] = None) -> None:
         return
     if opts.report_only:
         kept = {r.name: opts.records / f"{r.name}.json" for r in runs}
-        done = [rec for rec, r in ((json.loads(kept[r.name].read_text()), r) for r in runs if kept[r.name].exists())
-                if rec.get("config") == run_config(opts, r)]
+        done = [
+            rec
+            for rec, r in ((json.loads(kept[r.name].read_text()), r) for r in runs if kept[r.name].exists())
+            if rec.get("config") == run_config(opts, r)
+        ]
         write_report(opts, done, argv)
         print(f"[study] report of {len(done)} of {len(runs)} runs: {opts.out}")
         return

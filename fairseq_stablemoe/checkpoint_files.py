@@ -344,14 +344,19 @@ def fall_back_if_unreadable(filename: str, shard: ExpertShard) -> str:
     if same:
         logger.warning(
             "%s is truncated (a run killed while fairseq copied %s to it): resuming from %s, the same save",
-            filename, fallback, fallback,
+            filename,
+            fallback,
+            fallback,
         )
         return fallback
     updates = readable_updates(fallback)
     if os.environ.get(ALLOW_OLDER_ENV) == "1":
         logger.warning(
             "%s is truncated or corrupt: resuming from %s (update %s), an older save, as %s=1 allows",
-            filename, fallback, updates, ALLOW_OLDER_ENV,
+            filename,
+            fallback,
+            updates,
+            ALLOW_OLDER_ENV,
         )
         return fallback
     raise CheckpointMismatchError(

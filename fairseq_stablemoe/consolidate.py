@@ -242,9 +242,7 @@ def check_shards(summaries: List[Dict[str, Any]], paths: List[str]) -> Dict[str,
         metas.append(meta)
     saves = {(m["run_id"], m["num_updates"], m["num_experts"]) for m in metas}
     if len(saves) > 1:
-        listing = "; ".join(
-            f"{p}: run {m['run_id']} at update {m['num_updates']}" for p, m in zip(paths, metas)
-        )
+        listing = "; ".join(f"{p}: run {m['run_id']} at update {m['num_updates']}" for p, m in zip(paths, metas))
         raise ConsolidateError(f"the per-rank files are from different runs or updates ({listing})")
     num_experts = metas[0]["num_experts"]
     if layout_problem(num_experts, world):
@@ -268,12 +266,14 @@ def check_shards(summaries: List[Dict[str, Any]], paths: List[str]) -> Dict[str,
 def _warn_if_copies_differ(merged: Dict[str, Any], state: State, path: str) -> None:
     """Shared tensors against rank 0's (already in ``merged``)."""
     differ = [
-        k for k, v in state["model"].items()
+        k
+        for k, v in state["model"].items()
         if EXPERT_KEY.match(k) is None and torch.is_tensor(v) and k in merged and not torch.equal(merged[k], v)
     ]
     if differ:
-        logger.warning("%s: %d tensors differ from rank 0's copies (e.g. %s); rank 0's are kept",
-                       path, len(differ), differ[0])
+        logger.warning(
+            "%s: %d tensors differ from rank 0's copies (e.g. %s); rank 0's are kept", path, len(differ), differ[0]
+        )
 
 
 def _warn_if_replicas_differ(merged: Dict[str, Any], state: State, shard: ExpertShard, path: str) -> None:
@@ -287,8 +287,12 @@ def _warn_if_replicas_differ(merged: Dict[str, Any], state: State, shard: Expert
             if glob in merged and not torch.equal(merged[glob], v):
                 differ.append(local)
     if differ:
-        logger.warning("%s: %d expert tensors differ from their first replica's (e.g. %s); the first copy is kept",
-                       path, len(differ), differ[0])
+        logger.warning(
+            "%s: %d expert tensors differ from their first replica's (e.g. %s); the first copy is kept",
+            path,
+            len(differ),
+            differ[0],
+        )
 
 
 def _plan(paths: List[str], keep_optimizer: bool):
@@ -528,7 +532,9 @@ def run(args: argparse.Namespace) -> List[str]:
     base, world = find_input(args.input, want_split=args.shards is not None)
     out_base = _output_base(args.output, base)
     if world is None and args.shards is None:
-        raise ConsolidateError(f"{base} is already a one-process checkpoint; to split it for W processes pass --shards W")
+        raise ConsolidateError(
+            f"{base} is already a one-process checkpoint; to split it for W processes pass --shards W"
+        )
     if world is not None and world == args.shards and os.path.abspath(out_base) == os.path.abspath(base):
         raise ConsolidateError(f"{base} is already split for {world} processes")
     outs = [out_base] if args.shards is None else [rank_path(out_base, r, args.shards) for r in range(args.shards)]
@@ -574,13 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
         "files), one of its per-rank files, or (with --shards) a one-process checkpoint",
     )
     p.add_argument(
-        "-o", "--output",
+        "-o",
+        "--output",
         help="output checkpoint name (default: INPUT without -rankR-ofW); with --shards the per-rank files "
         "are OUTPUT-rankR-ofW.pt; a directory keeps the input's file name",
     )
     p.add_argument("--shards", type=int, metavar="W", help="write per-rank files for W processes (W divides N)")
     p.add_argument(
-        "--no-optimizer", action="store_true",
+        "--no-optimizer",
+        action="store_true",
         help="drop the optimizer state (needed for --fp16's flat state; resume with --reset-optimizer)",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing output files")

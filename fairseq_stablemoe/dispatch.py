@@ -76,7 +76,9 @@ class Dispatch:
         """``(T, d)`` -> ``(T_kept, d)`` sorted by expert."""
         return features.index_select(0, self.order)
 
-    def combine(self, features: torch.Tensor, sorted_updates: torch.Tensor, gate: Optional[torch.Tensor]) -> torch.Tensor:
+    def combine(
+        self, features: torch.Tensor, sorted_updates: torch.Tensor, gate: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """``features + gate * update`` in token order, in one ``index_add``.
 
         Args:

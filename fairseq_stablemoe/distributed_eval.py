@@ -180,7 +180,9 @@ def install_lockstep(models: Sequence[torch.nn.Module]) -> Optional[Lockstep]:
     for lock in _active:
         lock.remove()
     _active[:] = [Lockstep(layers)]
-    logger.info("expert parallelism: %d MoE layers kept in step across %d processes", len(layers), _active[0].world_size)
+    logger.info(
+        "expert parallelism: %d MoE layers kept in step across %d processes", len(layers), _active[0].world_size
+    )
     return _active[0]
 
 
@@ -296,12 +298,18 @@ def resolve_all(filenames: Sequence[str], suffix: str) -> List[str]:
 _fairseq: Dict[str, Any] = {}
 
 
-def _load_model_ensemble_and_task(filenames, arg_overrides=None, task=None, strict=True, suffix="", num_shards=1,
-                                  state=None):
+def _load_model_ensemble_and_task(
+    filenames, arg_overrides=None, task=None, strict=True, suffix="", num_shards=1, state=None
+):
     if state is None and num_shards == 1:
         filenames, suffix = resolve_all(filenames, suffix), ""
     out = _fairseq["load_model_ensemble_and_task"](
-        filenames, arg_overrides=arg_overrides, task=task, strict=strict, suffix=suffix, num_shards=num_shards,
+        filenames,
+        arg_overrides=arg_overrides,
+        task=task,
+        strict=strict,
+        suffix=suffix,
+        num_shards=num_shards,
         state=state,
     )
     if install_lockstep(out[0]) is not None:
@@ -379,14 +387,28 @@ class _Tally:
             self.count += finite.numel() - skipped
 
 
-def _eval_lm(models, source_dictionary, batch_iterator, post_process=None, output_word_probs=False,
-             output_word_stats=False, target_dictionary=None, softmax_batch=0, remove_bos_token=False, device=None):
+def _eval_lm(
+    models,
+    source_dictionary,
+    batch_iterator,
+    post_process=None,
+    output_word_probs=False,
+    output_word_stats=False,
+    target_dictionary=None,
+    softmax_batch=0,
+    remove_bos_token=False,
+    device=None,
+):
     lock = active()
     original = _fairseq["eval_lm"]
     names = original.__globals__  # the SequenceScorer eval_lm builds
     kwargs = dict(
-        post_process=post_process, output_word_probs=output_word_probs, output_word_stats=output_word_stats,
-        target_dictionary=target_dictionary, softmax_batch=softmax_batch, remove_bos_token=remove_bos_token,
+        post_process=post_process,
+        output_word_probs=output_word_probs,
+        output_word_stats=output_word_stats,
+        target_dictionary=target_dictionary,
+        softmax_batch=softmax_batch,
+        remove_bos_token=remove_bos_token,
         device=device,
     )
     if lock is None:
@@ -412,7 +434,10 @@ def _eval_lm(models, source_dictionary, batch_iterator, post_process=None, outpu
     loss = -score_sum / count / math.log(2) if count > 0 else 0.0
     logger.info(
         "expert parallelism: %d processes scored %d tokens in all: loss (base 2) %.8f, perplexity %.6f",
-        lock.world_size, int(count), loss, 2**loss,
+        lock.world_size,
+        int(count),
+        loss,
+        2**loss,
     )
     return {"loss": loss, "perplexity": 2**loss}
 

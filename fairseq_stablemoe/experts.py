@@ -366,5 +366,8 @@ def _cumsum(values: Sequence[int]) -> List[int]:
 
 #: name -> ``run(experts, sorted_features, counts)`` (counts python ints, not all zero)
 EXPERT_BACKENDS: dict = {
-    "loop": run_loop, "threads": run_threads, "grouped_mm": run_grouped_mm, "padded_bmm": run_padded_bmm,
+    "loop": run_loop,
+    "threads": run_threads,
+    "grouped_mm": run_grouped_mm,
+    "padded_bmm": run_padded_bmm,
 }

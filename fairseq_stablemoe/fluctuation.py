@@ -59,7 +59,9 @@ def _load(path: str, data_dir: str, trusted: bool = False):
     arch = str(getattr(state["cfg"]["model"], "_name", None) or getattr(state["cfg"]["model"], "arch", ""))
     if not arch.startswith("stablemoe"):
         raise ValueError(f"{path} is a {arch!r} checkpoint, not a stablemoe_lm one")
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data_dir}, state=state)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [path], arg_overrides={"data": data_dir}, state=state
+    )
     num_updates = num_updates_of(state)
     return models[0], cfg, task, num_updates
 
@@ -72,7 +74,9 @@ def _model_signature(cfg) -> Dict[str, object]:
     return sig
 
 
-def routing_of(model, task, split: str, max_tokens: int, training_routing: bool, device: torch.device) -> List[torch.Tensor]:
+def routing_of(
+    model, task, split: str, max_tokens: int, training_routing: bool, device: torch.device
+) -> List[torch.Tensor]:
     """Per MoE layer, the expert of every non-pad token of ``split``, in a fixed order."""
     layers = [layer for layer in model.decoder.moe_layers if hasattr(layer.moe, "assignment")]
     if not layers:
@@ -233,8 +237,9 @@ def measure(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablemoe-fluctuation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="stablemoe-fluctuation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data_dir", help="binarised data directory (with dict.txt)")
     parser.add_argument("checkpoints", nargs="+", help="checkpoints of one run, any order")
     parser.add_argument("--split", default="valid")
@@ -244,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inference-routing", action="store_true", help="route as at inference (distilled router)")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument(
-        "--trust-checkpoint", action="store_true",
+        "--trust-checkpoint",
+        action="store_true",
         help="load checkpoints with weights_only=False (arbitrary pickles: only for files you trust)",
     )
     parser.add_argument("--user-dir", help="accepted for symmetry with fairseq; the plugin is imported anyway")
@@ -258,7 +264,12 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     if args.plot:
         pyplot()  # before the (long) measurement: a missing matplotlib is an ImportError now
     result = measure(
-        args.data_dir, args.checkpoints, args.split, args.max_tokens, args.inference_routing, args.cpu,
+        args.data_dir,
+        args.checkpoints,
+        args.split,
+        args.max_tokens,
+        args.inference_routing,
+        args.cpu,
         args.trust_checkpoint,
     )
     print(f"{'from':>8} {'to':>8} {'fluctuation':>12}")

@@ -122,8 +122,14 @@ class MoELayer(nn.Module):
         # and its global id, so the model does not depend on the number of processes
         seed = int(torch.randint(0, 2**62, (1,)).item())
         self.experts = Experts(
-            self.shard.num_local, embed_dim, ffn_dim, num_sublayers, activation_fn,
-            first_expert=self.shard.first_expert, seed=seed, replicas=self.shard.replicas,
+            self.shard.num_local,
+            embed_dim,
+            ffn_dim,
+            num_sublayers,
+            activation_fn,
+            first_expert=self.shard.first_expert,
+            seed=seed,
+            replicas=self.shard.replicas,
         )
         scale_expert_gradients(list(self.experts.parameters()), self.shard.world_size)
         replica_group(self.shard)  # collective: made now, on every process in the same order
@@ -274,7 +280,14 @@ class StableMoELayer(MoELayer):
         **kwargs,
     ):
         super().__init__(
-            embed_dim, ffn_dim, num_experts, num_sublayers, padding_idx, capacity_factor, activation_fn, layer_name,
+            embed_dim,
+            ffn_dim,
+            num_experts,
+            num_sublayers,
+            padding_idx,
+            capacity_factor,
+            activation_fn,
+            layer_name,
             **kwargs,
         )
         self.two_stage_updates = two_stage_updates
@@ -284,8 +297,13 @@ class StableMoELayer(MoELayer):
         self._libbase = load_libbase("--stage1-assignment balanced") if stage1_assignment == "balanced" else None
         self.backbone = BackboneRouter(embed_dim, num_experts)
         self.distill_router = DistilledRouter(
-            vocab_size, distill_dim, num_experts, padding_idx,
-            kind=distill_router, layers=distill_router_layers, heads=distill_router_heads,
+            vocab_size,
+            distill_dim,
+            num_experts,
+            padding_idx,
+            kind=distill_router,
+            layers=distill_router_layers,
+            heads=distill_router_heads,
         )
         # (token ids the distilled router reads, time steps to route) during forward/assignment
         self._router_input: Optional[Tuple[torch.Tensor, int]] = None
@@ -332,7 +350,9 @@ class StableMoELayer(MoELayer):
                 router.restore_frozen()
         elif router.is_frozen:
             router.unfreeze()
-            logger.info("%s: update count %d is before the stage boundary: router unfrozen", self.layer_name, num_updates)
+            logger.info(
+                "%s: update count %d is before the stage boundary: router unfrozen", self.layer_name, num_updates
+            )
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         """Stage 1 (training): backbone; stage 2 and inference: distilled router.
@@ -393,9 +413,7 @@ class StableMoELayer(MoELayer):
             stats["backbone_load"] = self._count(backbone_choice, valid)
         scores_for_loss = None
         if not stage2:
-            stats["distill_loss"] = (
-                F.cross_entropy(distill_scores, backbone_choice, reduction="none") * valid
-            ).sum()
+            stats["distill_loss"] = (F.cross_entropy(distill_scores, backbone_choice, reduction="none") * valid).sum()
             if self.training:  # the balance loss counts the backbone's choice, which routes in training
                 scores_for_loss = scores
         return Routing(choice, gate, stats, scores_for_loss)
@@ -526,7 +544,9 @@ class HashLayer(MoELayer):
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         return Routing(self.token_to_expert[tokens], None, {})
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + "token_to_expert"
         if key in state_dict and state_dict[key].shape != self.token_to_expert.shape:
             raise ValueError(

@@ -40,7 +40,11 @@ from .parallel import layout_problem, world_size_and_rank
 
 #: ``--moe-type`` -> its layer (the option's choices, in this order)
 MOE_LAYERS = {
-    "stablemoe": StableMoELayer, "switch": SwitchLayer, "base": BaseLayer, "hash": HashLayer, "dense": DenseFFNLayer,
+    "stablemoe": StableMoELayer,
+    "switch": SwitchLayer,
+    "base": BaseLayer,
+    "hash": HashLayer,
+    "dense": DenseFFNLayer,
 }
 MOE_TYPES = list(MOE_LAYERS)
 
@@ -60,12 +64,8 @@ class MoEOptions(FairseqDataclass):
         },
     )
     num_experts: int = field(default=4, metadata={"help": "number of experts N in every MoE layer"})
-    moe_sublayers: int = field(
-        default=1, metadata={"help": "residual FFN sublayers stacked in every expert"}
-    )
-    distill_dim: int = field(
-        default=50, metadata={"help": "embedding size of the distilled (token-id) router"}
-    )
+    moe_sublayers: int = field(default=1, metadata={"help": "residual FFN sublayers stacked in every expert"})
+    distill_dim: int = field(default=50, metadata={"help": "embedding size of the distilled (token-id) router"})
     two_stage_updates: int = field(
         default=1000,
         metadata={
@@ -78,9 +78,7 @@ class MoEOptions(FairseqDataclass):
         default=DEFAULT_SHARE,
         metadata={"help": "warn (once per layer) when the busiest expert takes more than this share of tokens..."},
     )
-    collapse_updates: int = field(
-        default=DEFAULT_PATIENCE, metadata={"help": "...for this many consecutive updates"}
-    )
+    collapse_updates: int = field(default=DEFAULT_PATIENCE, metadata={"help": "...for this many consecutive updates"})
     capacity_factor: Optional[float] = field(
         default=None,
         metadata={
@@ -105,9 +103,7 @@ class MoEOptions(FairseqDataclass):
             "of --distill-router-layers blocks, --distill-dim wide, over the current and earlier tokens)"
         },
     )
-    distill_router_layers: int = field(
-        default=1, metadata={"help": "blocks of the transformer distilled router"}
-    )
+    distill_router_layers: int = field(default=1, metadata={"help": "blocks of the transformer distilled router"})
     distill_router_heads: int = field(
         default=2, metadata={"help": "attention heads of the transformer distilled router (divides --distill-dim)"}
     )
@@ -117,9 +113,7 @@ class MoEOptions(FairseqDataclass):
 class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEOptions):
     # The small CPU default of ``--arch stablemoe_lm`` (the other architectures set theirs).
     decoder_embed_dim: int = field(default=256, metadata={"help": "decoder embedding dimension"})
-    decoder_ffn_embed_dim: int = field(
-        default=1024, metadata={"help": "FFN dimension of dense layers and experts"}
-    )
+    decoder_ffn_embed_dim: int = field(default=1024, metadata={"help": "FFN dimension of dense layers and experts"})
     decoder_layers: int = field(default=4, metadata={"help": "number of dense decoder layers"})
     decoder_attention_heads: int = field(default=4, metadata={"help": "number of attention heads"})
     share_decoder_input_output_embed: bool = field(
@@ -295,7 +289,9 @@ class StableMoEDecoder(TransformerDecoder):
     :meth:`StableMoELayer.forward`).
     """
 
-    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True, moe_positions: Optional[Sequence[int]] = None):
+    def __init__(
+        self, args, dictionary, embed_tokens, no_encoder_attn=True, moe_positions: Optional[Sequence[int]] = None
+    ):
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         if moe_positions is None:
             moe_positions = resolved_moe_positions(args, "--moe-layers", "--moe-layer-positions", "--decoder-layers")
@@ -337,8 +333,10 @@ class StableMoEDecoder(TransformerDecoder):
             encoder_stats = encoder_out.get("moe", []) if isinstance(encoder_out, dict) else []
             extra["moe"] = list(encoder_stats) + [layer.last_stats for layer in self.moe_layers]
             # a training forward outside the criterion's reading_moe_stats() would leave the losses unused
-            if self.training and not moe_stats_read() and any(
-                s is not None and ("balance_loss" in s or "distill_loss" in s) for s in extra["moe"]
+            if (
+                self.training
+                and not moe_stats_read()
+                and any(s is not None and ("balance_loss" in s or "distill_loss" in s) for s in extra["moe"])
             ):
                 raise RuntimeError(
                     "the MoE layers' balance/distillation losses are not used by this criterion, so the "
@@ -498,7 +496,9 @@ def _moe_defaults(args) -> None:
             setattr(args, name, safe_getattr(args, name, fld.default))
 
 
-def _lm_setting(args, layers: int, dim: int, ffn: int, heads: int, sublayers: int, experts: Optional[int] = None) -> None:
+def _lm_setting(
+    args, layers: int, dim: int, ffn: int, heads: int, sublayers: int, experts: Optional[int] = None
+) -> None:
     """One size of the paper (or its code), with its training settings.
 
     Dropout and attention dropout 0, learned positions, ReLU, input and output

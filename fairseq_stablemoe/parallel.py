@@ -116,7 +116,7 @@ class Splits:
         mine = slice(shard.first_expert, shard.first_expert + L)
         #: tokens this process sends to each process
         self.send = [
-            sum(kept[me][shard.first_expert_of(d): shard.first_expert_of(d) + L]) if shard.serves(me, d) else 0
+            sum(kept[me][shard.first_expert_of(d) : shard.first_expert_of(d) + L]) if shard.serves(me, d) else 0
             for d in range(W)
         ]
         #: ``(W, L)`` tokens received from each process for each local expert
@@ -233,7 +233,7 @@ def reduce_replica_gradients(layers: Sequence[torch.nn.Module]) -> None:
         for p, g in zip(params, grads):
             n = g.numel()
             if p.grad is None:
-                p.grad = flat[offset: offset + n].view_as(p).clone()
+                p.grad = flat[offset : offset + n].view_as(p).clone()
             else:
-                p.grad.copy_(flat[offset: offset + n].view_as(p))
+                p.grad.copy_(flat[offset : offset + n].view_as(p))
             offset += n

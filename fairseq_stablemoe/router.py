@@ -106,7 +106,9 @@ DISTILLED_ROUTERS = ("wordemb", "cnn", "transformer")
 def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """``(...)`` positions -> ``(..., dim)`` fp32 sinusoidal embeddings (sin half, cos half)."""
     half = dim // 2
-    freq = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / max(1, half - 1)))
+    freq = torch.exp(
+        torch.arange(half, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / max(1, half - 1))
+    )
     angles = positions.float().unsqueeze(-1) * freq
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
     return F.pad(emb, (0, dim - 2 * half))
@@ -246,7 +248,7 @@ class DistilledRouter(nn.Module):
                 self._with_snapshot = False
         steps = tokens.shape[0] if num_steps is None else num_steps
         if self.kind == "wordemb":
-            feats = self.embed_tokens(tokens if steps == tokens.shape[0] else tokens[tokens.shape[0] - steps:])
+            feats = self.embed_tokens(tokens if steps == tokens.shape[0] else tokens[tokens.shape[0] - steps :])
         else:
             seq = tokens if tokens.dim() == 2 else tokens.unsqueeze(1)
             feats = self._cnn(seq, steps) if self.kind == "cnn" else self._transformer(seq, steps)
@@ -276,8 +278,10 @@ class DistilledRouter(nn.Module):
         snapshot = [getattr(self, buffer) for _, buffer in self._snapshot_names()]
         key = tuple((t, t._version) for t in snapshot)
         table = self._table
-        if table is None or len(table[0]) != len(key) or any(
-            t is not old or version != old_version for (t, version), (old, old_version) in zip(key, table[0])
+        if (
+            table is None
+            or len(table[0]) != len(key)
+            or any(t is not old or version != old_version for (t, version), (old, old_version) in zip(key, table[0]))
         ):
             raw = self(torch.arange(self.vocab_size, device=snapshot[0].device))  # the snapshot's affinities
             scores, _ = finite_affinities(raw, count=False)
@@ -301,12 +305,12 @@ class DistilledRouter(nn.Module):
 
     def _cnn(self, seq: torch.Tensor, steps: int) -> torch.Tensor:
         """``(T_ctx, B)`` -> ``(steps, B, D)``: the kernel over each step's window."""
-        emb = self.embed_tokens(seq[max(0, seq.shape[0] - steps - CNN_WINDOW + 1):])
+        emb = self.embed_tokens(seq[max(0, seq.shape[0] - steps - CNN_WINDOW + 1) :])
         width = emb.shape[0]
         padded = F.pad(emb, (0, 0, 0, 0, CNN_WINDOW - 1, 0))  # zeros before the (kept) context
         start = CNN_WINDOW - 1
-        feats = sum(self.kernel[j] * padded[start - j: start - j + width] for j in range(CNN_WINDOW))
-        return feats[width - steps:]
+        feats = sum(self.kernel[j] * padded[start - j : start - j + width] for j in range(CNN_WINDOW))
+        return feats[width - steps :]
 
     def _transformer(self, seq: torch.Tensor, steps: int) -> torch.Tensor:
         """``(T_ctx, B)`` -> ``(steps, B, D)``: causal blocks over the whole context."""
@@ -321,7 +325,7 @@ class DistilledRouter(nn.Module):
         allowed = ((causal & ~pad.unsqueeze(1)) | eye).unsqueeze(1)
         for block in self.blocks:
             x = block(x, allowed)
-        return self.final_norm(x)[:, T - steps:].transpose(0, 1)
+        return self.final_norm(x)[:, T - steps :].transpose(0, 1)
 
     @property
     def is_frozen(self) -> bool:

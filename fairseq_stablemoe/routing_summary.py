@@ -22,14 +22,17 @@ from .layer import reading_moe_stats
 from .safe_globals import CheckpointLoadError, load_fairseq_state
 
 
-def summarise(data_dir: str, path: str, split: str = "test", max_tokens: int = 8192, cpu: bool = True,
-              trusted: bool = False) -> Dict[str, object]:
+def summarise(
+    data_dir: str, path: str, split: str = "test", max_tokens: int = 8192, cpu: bool = True, trusted: bool = False
+) -> Dict[str, object]:
     """Per-layer routing statistics of ``path`` on ``split`` (see module doc)."""
     from fairseq import checkpoint_utils
 
     state = load_fairseq_state(path, trusted=trusted)
     num_updates = num_updates_of(state)
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data_dir}, state=state)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [path], arg_overrides={"data": data_dir}, state=state
+    )
     model = models[0]
     if not hasattr(model.decoder, "moe_layers"):
         raise ValueError(f"{path} is not a stablemoe_lm checkpoint")
@@ -41,8 +44,11 @@ def summarise(data_dir: str, path: str, split: str = "test", max_tokens: int = 8
     model.to(device).eval()
     totals: List[Dict[str, torch.Tensor]] = []
     itr = task.get_batch_iterator(
-        dataset=task.dataset(split), max_tokens=max_tokens, max_positions=model.max_positions(),
-        ignore_invalid_inputs=True, num_workers=0,
+        dataset=task.dataset(split),
+        max_tokens=max_tokens,
+        max_positions=model.max_positions(),
+        ignore_invalid_inputs=True,
+        num_workers=0,
     ).next_epoch_itr(shuffle=False)
     # reading_moe_stats: the backbone's load and the agreement, which inference leaves out
     with torch.no_grad(), reading_moe_stats():
@@ -86,17 +92,24 @@ def format_summary(summary: Dict[str, object]) -> str:
         + "; shares of non-pad tokens, inference routing)"
     ]
     for layer in summary["layers"]:
-        lines.append(f"  MoE layer {layer['layer']}: {layer['tokens']} tokens, max/mean load {layer['max_over_mean']:.2f}")
+        lines.append(
+            f"  MoE layer {layer['layer']}: {layer['tokens']} tokens, max/mean load {layer['max_over_mean']:.2f}"
+        )
         lines.append("    routed (distilled router) : " + " ".join(f"{100 * x:5.1f}%" for x in layer["load"]))
         if "backbone_load" in layer:
-            lines.append("    backbone router would send: " + " ".join(f"{100 * x:5.1f}%" for x in layer["backbone_load"]))
-            lines.append(f"    distilled router agrees with the backbone router on {100 * layer['agreement']:.1f}% of tokens")
+            lines.append(
+                "    backbone router would send: " + " ".join(f"{100 * x:5.1f}%" for x in layer["backbone_load"])
+            )
+            lines.append(
+                f"    distilled router agrees with the backbone router on {100 * layer['agreement']:.1f}% of tokens"
+            )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablemoe-routing-summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="stablemoe-routing-summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data_dir")
     parser.add_argument("--path", required=True, help="checkpoint")
     parser.add_argument("--split", default="test")
@@ -104,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is there")
     parser.add_argument("--json", help="also write the summary here")
     parser.add_argument("--user-dir", help="accepted for symmetry with fairseq; the plugin is imported anyway")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="load with weights_only=False (trusted files only)")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true", help="load with weights_only=False (trusted files only)"
+    )
     return parser
 
 

@@ -20,7 +20,18 @@ def fairseq_checkpoint_globals() -> List[object]:
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode
 
-    found: List[object] = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict, list, int, collections.defaultdict]
+    found: List[object] = [
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        typing.Any,
+        dict,
+        list,
+        int,
+        collections.defaultdict,
+    ]
     found.append(argparse.Namespace)
     try:
         from fairseq.distributed.utils import _TensorPlaceholder

@@ -119,7 +119,9 @@ class StableMoETransformerModel(TransformerModel):
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
-        positions = resolved_moe_positions(cfg, "--encoder-moe-layers", "--encoder-moe-layer-positions", "--encoder-layers")
+        positions = resolved_moe_positions(
+            cfg, "--encoder-moe-layers", "--encoder-moe-layer-positions", "--encoder-layers"
+        )
         return StableMoEEncoder(cfg, src_dict, embed_tokens, moe_positions=positions)
 
     @classmethod

@@ -29,9 +29,22 @@ CORPUS_SEED = 1234
 
 #: tiny model: every fairseq-train run takes seconds on a CPU
 TINY_MODEL = [
-    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-    "--decoder-attention-heads", "2", "--num-experts", "4", "--distill-dim", "16",
-    "--tokens-per-sample", "32", "--max-tokens", "512",
+    "--decoder-layers",
+    "2",
+    "--decoder-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--decoder-attention-heads",
+    "2",
+    "--num-experts",
+    "4",
+    "--distill-dim",
+    "16",
+    "--tokens-per-sample",
+    "32",
+    "--max-tokens",
+    "512",
 ]
 
 #: the stage boundary and length of the shared training run
@@ -46,8 +59,9 @@ def successors(vocab: int = VOCAB, seed: int = CORPUS_SEED) -> Dict[int, List[in
     return {w: rng.sample(range(vocab), len(SUCCESSOR_PROBS)) for w in range(vocab)}
 
 
-def markov_sentences(n: int, seed: int, vocab: int = VOCAB, prefix: str = "w", min_len: int = 4,
-                     max_len: int = 12) -> List[str]:
+def markov_sentences(
+    n: int, seed: int, vocab: int = VOCAB, prefix: str = "w", min_len: int = 4, max_len: int = 12
+) -> List[str]:
     """``n`` sentences of the chain: uniform first word, then successors by ``SUCCESSOR_PROBS``."""
     succ = successors(vocab)
     rng = random.Random(seed)
@@ -71,8 +85,9 @@ def chain_entropy_nats() -> float:
 # ----------------------------------------------------------------------------- subprocesses
 
 
-def run_cli(module: str, *args: str, check: bool = True, stdin: Optional[str] = None,
-            timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, check: bool = True, stdin: Optional[str] = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``python -m fairseq_cli.<module> ARGS`` with this interpreter.
 
     ``check``: fail the test, showing the captured output, on a non-zero exit.
@@ -80,8 +95,7 @@ def run_cli(module: str, *args: str, check: bool = True, stdin: Optional[str] = 
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", f"fairseq_cli.{module}", *[str(a) for a in args]]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=env, input=stdin,
-                         timeout=timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=env, input=stdin, timeout=timeout)
     if check and out.returncode != 0:
         pytest.fail(
             f"{' '.join(cmd)}\nexited with {out.returncode}\n--- stdout (tail) ---\n{out.stdout[-4000:]}"
@@ -111,12 +125,43 @@ def train_inner_records(text: str) -> List[dict]:
 def train_args(data: Path, save_dir: Path, *extra: str) -> List[str]:
     """fairseq-train arguments of the shared run's recipe (Adam with weight decay)."""
     return [
-        str(data), "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "stablemoe_lm",
-        "--criterion", "stablemoe", *TINY_MODEL, "--two-stage-updates", str(BOUNDARY),
-        "--optimizer", "adam", "--lr", "0.005", "--weight-decay", "0.01", "--clip-norm", "1.0",
-        "--cpu", "--seed", "3", "--num-workers", "0", "--save-dir", str(save_dir),
-        "--save-interval-updates", str(SAVE_EVERY), "--keep-interval-updates", "-1",
-        "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1", *extra,
+        str(data),
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "language_modeling",
+        "--arch",
+        "stablemoe_lm",
+        "--criterion",
+        "stablemoe",
+        *TINY_MODEL,
+        "--two-stage-updates",
+        str(BOUNDARY),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.005",
+        "--weight-decay",
+        "0.01",
+        "--clip-norm",
+        "1.0",
+        "--cpu",
+        "--seed",
+        "3",
+        "--num-workers",
+        "0",
+        "--save-dir",
+        str(save_dir),
+        "--save-interval-updates",
+        str(SAVE_EVERY),
+        "--keep-interval-updates",
+        "-1",
+        "--no-epoch-checkpoints",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        *extra,
     ]
 
 
@@ -135,8 +180,9 @@ class Corpus:
 def markov_data(tmp_path_factory) -> Corpus:
     tmp = tmp_path_factory.mktemp("markov_corpus")
     lines = markov_sentences(3400, seed=CORPUS_SEED)
-    data = preprocess(tmp / "text", {"train": lines[:3000], "valid": lines[3000:3200], "test": lines[3200:]},
-                      tmp / "bin")
+    data = preprocess(
+        tmp / "text", {"train": lines[:3000], "valid": lines[3000:3200], "test": lines[3200:]}, tmp / "bin"
+    )
     from fairseq.data import Dictionary
 
     dictionary = Dictionary.load(str(data / "dict.txt"))

@@ -27,8 +27,18 @@ def binarise(tmp: Path, splits: Dict[str, list]) -> Path:
     """Write ``{split: lines}`` as text and run ``fairseq-preprocess --only-source``; returns the data dir."""
     for name, lines in splits.items():
         (tmp / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    args = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--destdir", str(tmp / "bin"),
-            "--workers", "1", "--trainpref", str(tmp / "train.txt")]
+    args = [
+        sys.executable,
+        "-m",
+        "fairseq_cli.preprocess",
+        "--only-source",
+        "--destdir",
+        str(tmp / "bin"),
+        "--workers",
+        "1",
+        "--trainpref",
+        str(tmp / "train.txt"),
+    ]
     for name in ("valid", "test"):
         if name in splits:
             args += [f"--{name}pref", str(tmp / f"{name}.txt")]

@@ -14,9 +14,32 @@ from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
 
 
 def train_cmd(data: Path, save: Path, *extra: str):
-    return [str(data), "--user-dir", USER_DIR, "--task", "language_modeling", "--arch", "stablemoe_lm",
-            *TINY_MODEL, "--optimizer", "adam", "--lr", "0.001", "--max-update", "3", "--cpu", "--num-workers", "0",
-            "--save-dir", str(save), "--log-format", "json", "--log-interval", "1", *extra]
+    return [
+        str(data),
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "language_modeling",
+        "--arch",
+        "stablemoe_lm",
+        *TINY_MODEL,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.001",
+        "--max-update",
+        "3",
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--save-dir",
+        str(save),
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        *extra,
+    ]
 
 
 def assert_refused_before_training(out, save: Path, *needles: str):
@@ -49,8 +72,21 @@ def test_bad_moe_option(markov_data, tmp_path, extra, needles):
 def test_control_the_same_command_trains(markov_data, tmp_path):
     """The command of the cases above, with valid options, does train (so they fail for their option)."""
     save = tmp_path / "ckpt"
-    out = run_cli("train", *train_cmd(markov_data.data_dir, save, "--criterion", "stablemoe", "--num-experts", "2",
-                                      "--moe-layers", "2", "--two-stage-updates", "0"))
+    out = run_cli(
+        "train",
+        *train_cmd(
+            markov_data.data_dir,
+            save,
+            "--criterion",
+            "stablemoe",
+            "--num-experts",
+            "2",
+            "--moe-layers",
+            "2",
+            "--two-stage-updates",
+            "0",
+        ),
+    )
     text = out.stdout + out.stderr
     assert '"num_updates": "3"' in text and "train_inner" in text and "begin training epoch" in text
     assert (save / "checkpoint_last.pt").exists()
@@ -58,8 +94,11 @@ def test_control_the_same_command_trains(markov_data, tmp_path):
 
 def test_moe_option_for_a_criterion_without_it(markov_data, tmp_path):
     save = tmp_path / "ckpt"
-    out = run_cli("train", *train_cmd(markov_data.data_dir, save, "--criterion", "cross_entropy",
-                                      "--balance-factor", "0.3"), check=False)
+    out = run_cli(
+        "train",
+        *train_cmd(markov_data.data_dir, save, "--criterion", "cross_entropy", "--balance-factor", "0.3"),
+        check=False,
+    )
     assert_refused_before_training(out, save, "--balance-factor")
 
 
@@ -86,8 +125,20 @@ def test_eval_lm_with_another_dictionary(trained_run, other_dictionary):
     assert ours != theirs
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert saved["decoder.embed_tokens.weight"].shape[0] == ours
-    out = run_cli("eval_lm", str(other_dictionary), "--user-dir", USER_DIR, "--path", str(ckpt), "--gen-subset",
-                  "test", "--cpu", "--tokens-per-sample", "32", check=False)
+    out = run_cli(
+        "eval_lm",
+        str(other_dictionary),
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        str(ckpt),
+        "--gen-subset",
+        "test",
+        "--cpu",
+        "--tokens-per-sample",
+        "32",
+        check=False,
+    )
     text = out.stdout + out.stderr
     assert out.returncode != 0, text[-3000:]
     assert "Perplexity" not in text
@@ -102,8 +153,9 @@ def test_hub_loading_with_another_dictionary(trained_run, other_dictionary):
     from fairseq_stablemoe.model import StableMoELanguageModel
 
     with pytest.raises(ValueError, match="dictionary") as err:
-        StableMoELanguageModel.from_pretrained(str(trained_run.save_dir), checkpoint_file="checkpoint_last.pt",
-                                               data_name_or_path=str(other_dictionary))
+        StableMoELanguageModel.from_pretrained(
+            str(trained_run.save_dir), checkpoint_file="checkpoint_last.pt", data_name_or_path=str(other_dictionary)
+        )
     sizes = (lm_dictionary_size(trained_run.corpus.data_dir), lm_dictionary_size(other_dictionary))
     assert all(re.search(rf"\b{n}\b", str(err.value)) for n in sizes), str(err.value)
 
@@ -115,8 +167,16 @@ PAD, VOCAB, N, D, T = 1, 20, 4, 8, 24
 
 def make_layer(two_stage: int = 100) -> StableMoELayer:
     torch.manual_seed(0)
-    layer = StableMoELayer(embed_dim=D, ffn_dim=16, num_experts=N, num_sublayers=1, vocab_size=VOCAB,
-                           padding_idx=PAD, distill_dim=6, two_stage_updates=two_stage)
+    layer = StableMoELayer(
+        embed_dim=D,
+        ffn_dim=16,
+        num_experts=N,
+        num_sublayers=1,
+        vocab_size=VOCAB,
+        padding_idx=PAD,
+        distill_dim=6,
+        two_stage_updates=two_stage,
+    )
     with torch.no_grad():
         for p in layer.experts.parameters():  # non-zero experts (the second linear starts at 0)
             if p.dim() == 2:
@@ -176,8 +236,11 @@ def test_nan_backbone_centroid(mode, updates, training):
     if mode == "stage1":
         assert stats["load"][k] == 0, "the expert whose centroid is NaN gets no token"
     # tokens routed elsewhere than k (with their own finite affinity as gate) are unaffected
-    unaffected = valid & expect_choice.ne(k) & scores.argmax(1).eq(expect_choice) if mode == "stage1" \
+    unaffected = (
+        valid & expect_choice.ne(k) & scores.argmax(1).eq(expect_choice)
+        if mode == "stage1"
         else valid & expect_choice.ne(k)
+    )
     assert unaffected.any()
     torch.testing.assert_close(out[unaffected], out_clean[unaffected], rtol=1e-6, atol=1e-6)
     # tokens sent to k are gated with sigmoid(fill) instead of NaN

@@ -32,13 +32,52 @@ from corpus import free_port, markov_corpus, run_checked
 
 TWO_STAGE = 3
 TINY = [
-    "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
-    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-    "--decoder-attention-heads", "2", "--num-experts", "4", "--tokens-per-sample", "32",
-    "--two-stage-updates", str(TWO_STAGE), "--optimizer", "adam", "--lr", "0.005", "--dropout", "0",
-    "--max-tokens", "256", "--required-batch-size-multiple", "1", "--save-interval-updates", "2",
-    "--keep-interval-updates", "3", "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1",
-    "--seed", "3", "--num-workers", "0", "--cpu", "--ddp-backend", "legacy_ddp",
+    "--task",
+    "language_modeling",
+    "--arch",
+    "stablemoe_lm",
+    "--criterion",
+    "stablemoe",
+    "--decoder-layers",
+    "2",
+    "--decoder-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--decoder-attention-heads",
+    "2",
+    "--num-experts",
+    "4",
+    "--tokens-per-sample",
+    "32",
+    "--two-stage-updates",
+    str(TWO_STAGE),
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.005",
+    "--dropout",
+    "0",
+    "--max-tokens",
+    "256",
+    "--required-batch-size-multiple",
+    "1",
+    "--save-interval-updates",
+    "2",
+    "--keep-interval-updates",
+    "3",
+    "--no-epoch-checkpoints",
+    "--log-format",
+    "json",
+    "--log-interval",
+    "1",
+    "--seed",
+    "3",
+    "--num-workers",
+    "0",
+    "--cpu",
+    "--ddp-backend",
+    "legacy_ddp",
 ]
 
 
@@ -51,8 +90,18 @@ def train(data, save, *extra, nproc=2, max_update=8, ok=True):
     """``stablemoe-train`` on ``nproc`` processes (torchrun for 2); returns the combined output."""
     args = [str(data), *TINY, "--save-dir", str(save), "--max-update", str(max_update), *extra]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), "-m", "fairseq_stablemoe.launch", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "fairseq_stablemoe.launch",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "fairseq_stablemoe.launch", *args]
     return run_checked(cmd, ok)
@@ -194,10 +243,28 @@ def test_consolidated_checkpoint_evaluates_like_the_two_process_run(run_a, corpu
         assert torch.equal(merged[glob_name]["exp_avg_sq"], st["exp_avg_sq"]), name
 
     ev = subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.eval_lm", str(corpus), "--path", str(tmp_path / "all.pt"),
-         "--user-dir", PACKAGE_DIR, "--gen-subset", "valid", "--tokens-per-sample", "32",
-         "--max-tokens", "1024", "--cpu", "--num-workers", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.eval_lm",
+            str(corpus),
+            "--path",
+            str(tmp_path / "all.pt"),
+            "--user-dir",
+            PACKAGE_DIR,
+            "--gen-subset",
+            "valid",
+            "--tokens-per-sample",
+            "32",
+            "--max-tokens",
+            "1024",
+            "--cpu",
+            "--num-workers",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert ev.returncode == 0, ev.stdout[-3000:]
     m = re.search(r"Evaluated ([\d,]+) tokens.*\n.*Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", ev.stdout)
@@ -302,7 +369,9 @@ def test_consolidate_refusals(run_a, tmp_path, capsys):
         state = load(path)
         state["extra_state"][META_KEY]["optimizer_param_names"] = None
         state["last_optimizer_state"] = {
-            "state": {0: {"exp_avg": torch.zeros(10)}}, "param_groups": [{"lr": 1.0, "params": [0]}], "loss_scale": 8.0,
+            "state": {0: {"exp_avg": torch.zeros(10)}},
+            "param_groups": [{"lr": 1.0, "params": [0]}],
+            "loss_scale": 8.0,
         }
         torch.save(state, path)
     err = fails(tmp_path / "x.pt")
@@ -323,13 +392,29 @@ def test_launch_adds_the_distributed_flags():
     torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     added = launch_args(["data", "--cpu"], torchrun)
     assert added == [
-        "--user-dir", PACKAGE_DIR, "--distributed-init-method", "env://", "--distributed-world-size", "2",
-        "--distributed-rank", "1", "--distributed-no-spawn", "--device-id", "1", "--distributed-backend", "gloo",
+        "--user-dir",
+        PACKAGE_DIR,
+        "--distributed-init-method",
+        "env://",
+        "--distributed-world-size",
+        "2",
+        "--distributed-rank",
+        "1",
+        "--distributed-no-spawn",
+        "--device-id",
+        "1",
+        "--distributed-backend",
+        "gloo",
     ]
     # what the user gave is kept; no gloo on GPUs
     added = launch_args(["data", "--user-dir", "x", "--distributed-backend=nccl", "--device-id", "0"], torchrun)
     assert added == [
-        "--distributed-init-method", "env://", "--distributed-world-size", "2", "--distributed-rank", "1",
+        "--distributed-init-method",
+        "env://",
+        "--distributed-world-size",
+        "2",
+        "--distributed-rank",
+        "1",
         "--distributed-no-spawn",
     ]
     # outside torchrun (or a single process) only the plugin is added
@@ -343,10 +428,28 @@ def test_validation_routes_with_the_frozen_router(corpus, tmp_path):
     out = train(corpus, tmp_path / "m", max_update=6)
     _consolidate(tmp_path / "m" / "checkpoint_last.pt", "-o", tmp_path / "all.pt")
     ev = subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.eval_lm", str(corpus), "--path", str(tmp_path / "all.pt"),
-         "--user-dir", PACKAGE_DIR, "--gen-subset", "valid", "--tokens-per-sample", "32", "--max-tokens", "1024",
-         "--cpu", "--num-workers", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.eval_lm",
+            str(corpus),
+            "--path",
+            str(tmp_path / "all.pt"),
+            "--user-dir",
+            PACKAGE_DIR,
+            "--gen-subset",
+            "valid",
+            "--tokens-per-sample",
+            "32",
+            "--max-tokens",
+            "1024",
+            "--cpu",
+            "--num-workers",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", ev.stdout).group(1))
     assert loss == pytest.approx(float(logged(out, "valid")[6]["valid_loss"]), abs=6e-4)

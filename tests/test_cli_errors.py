@@ -12,8 +12,20 @@ from corpus import free_port, markov_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_stablemoe")
-TINY = ["--decoder-layers", "2", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
-        "--decoder-attention-heads", "2", "--tokens-per-sample", "16", "--max-tokens", "256"]
+TINY = [
+    "--decoder-layers",
+    "2",
+    "--decoder-embed-dim",
+    "16",
+    "--decoder-ffn-embed-dim",
+    "32",
+    "--decoder-attention-heads",
+    "2",
+    "--tokens-per-sample",
+    "16",
+    "--max-tokens",
+    "256",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +34,31 @@ def data(tmp_path_factory):
 
 
 def train(data: Path, *extra, save=None):
-    cmd = [sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task", "language_modeling",
-           "--arch", "stablemoe_lm", *TINY, "--optimizer", "adam", "--lr", "0.001", "--max-update", "2", "--cpu",
-           "--log-format", "json", "--log-interval", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fairseq_cli.train",
+        str(data),
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "language_modeling",
+        "--arch",
+        "stablemoe_lm",
+        *TINY,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.001",
+        "--max-update",
+        "2",
+        "--cpu",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        *extra,
+    ]
     cmd += ["--save-dir", str(save)] if save else ["--no-save"]
     return subprocess.run(cmd, capture_output=True, text=True)
 
@@ -57,16 +91,51 @@ def test_criterion_that_ignores_the_auxiliary_losses(data):
 
 def test_c10d_with_expert_parallelism_and_experts_not_divisible(data):
     def two_procs(*extra):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+        env = dict(
+            os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2"
+        )
         procs = []
         for rank in range(2):
-            cmd = [sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", USER_DIR, "--task",
-                   "language_modeling", "--arch", "stablemoe_lm", *TINY, "--criterion", "stablemoe", "--optimizer",
-                   "adam", "--lr", "0.001", "--max-update", "2", "--cpu", "--no-save", "--distributed-init-method",
-                   "env://", "--distributed-world-size", "2", "--distributed-rank", str(rank), "--distributed-no-spawn",
-                   "--device-id", "0", "--distributed-backend", "gloo", *extra]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          env=dict(env, RANK=str(rank))))
+            cmd = [
+                sys.executable,
+                "-m",
+                "fairseq_cli.train",
+                str(data),
+                "--user-dir",
+                USER_DIR,
+                "--task",
+                "language_modeling",
+                "--arch",
+                "stablemoe_lm",
+                *TINY,
+                "--criterion",
+                "stablemoe",
+                "--optimizer",
+                "adam",
+                "--lr",
+                "0.001",
+                "--max-update",
+                "2",
+                "--cpu",
+                "--no-save",
+                "--distributed-init-method",
+                "env://",
+                "--distributed-world-size",
+                "2",
+                "--distributed-rank",
+                str(rank),
+                "--distributed-no-spawn",
+                "--device-id",
+                "0",
+                "--distributed-backend",
+                "gloo",
+                *extra,
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env, RANK=str(rank))
+                )
+            )
         outs = [p.communicate(timeout=300)[0] for p in procs]
         return [p.returncode for p in procs], "\n".join(outs)
 

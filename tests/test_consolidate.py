@@ -29,10 +29,24 @@ def one_process_state(seed: int = 0):
         "state": {i: {"step": torch.tensor(5.0), "exp_avg": torch.randn_like(model[n])} for i, n in enumerate(names)},
         "param_groups": [{"lr": 0.1, "params": list(range(len(names)))}],
     }
-    meta = {"format": 1, "world_size": 1, "rank": 0, "num_experts": N, "expert_layers": [l + "experts." for l in LAYERS],
-            "run_id": "r1", "num_updates": 5, "optimizer_param_names": names}
-    return {"model": model, "last_optimizer_state": optimizer, "optimizer_history": [{"num_updates": 5}],
-            "extra_state": {META_KEY: meta}, "args": None, "cfg": None}
+    meta = {
+        "format": 1,
+        "world_size": 1,
+        "rank": 0,
+        "num_experts": N,
+        "expert_layers": [l + "experts." for l in LAYERS],
+        "run_id": "r1",
+        "num_updates": 5,
+        "optimizer_param_names": names,
+    }
+    return {
+        "model": model,
+        "last_optimizer_state": optimizer,
+        "optimizer_history": [{"num_updates": 5}],
+        "extra_state": {META_KEY: meta},
+        "args": None,
+        "cfg": None,
+    }
 
 
 def optimizer_by_name(state):
@@ -91,8 +105,10 @@ def test_split_then_merge_gives_the_checkpoint_back_one_input_at_a_time(tmp_path
     per_rank = max(1, N // world)
     for r, part in enumerate(parts):
         first = (r * N // world) if world <= N else r // (world // N)
-        assert torch.equal(part["model"][f"{LAYERS[0]}experts.0.0.fc1.weight"],
-                           original["model"][f"{LAYERS[0]}experts.{first}.0.fc1.weight"])
+        assert torch.equal(
+            part["model"][f"{LAYERS[0]}experts.0.0.fc1.weight"],
+            original["model"][f"{LAYERS[0]}experts.{first}.0.fc1.weight"],
+        )
         assert sum(".experts." in k for k in part["model"]) == 2 * 2 * per_rank
     del parts
 
@@ -139,8 +155,15 @@ def test_reshard_streams_and_equals_a_direct_split(tmp_path, monkeypatch, source
     consolidate.cli_main([str(tmp_path / "one.pt"), "--shards", str(target), "-o", str(tmp_path / "direct.pt")])
 
     io = WatchedIO(monkeypatch)
-    consolidate.cli_main([str(tmp_path / "src-rank0-of2.pt" if source == 2 else tmp_path / "src.pt"),
-                          "--shards", str(target), "-o", str(tmp_path / "resharded.pt")])
+    consolidate.cli_main(
+        [
+            str(tmp_path / "src-rank0-of2.pt" if source == 2 else tmp_path / "src.pt"),
+            "--shards",
+            str(target),
+            "-o",
+            str(tmp_path / "resharded.pt"),
+        ]
+    )
     assert io.most == 1  # one input in memory at a time
     assert max(io.saved) <= 1 and len(io.saved) == target  # each output written before the next is built
     # every output reads rank 0 (shared weights, training state) and only the inputs holding its experts

@@ -19,10 +19,14 @@ def test_validation_logs_the_routing_statistics_that_plain_inference_skips(tmp_p
     assert all(set(s) == {"num_tokens", "global_tokens", "load", "dropped"} for s in extra["moe"])
 
     task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
-    criterion = StableMoECriterion(task, balance_factor=0.3, distill_factor=0.3, label_smoothing=0.0,
-                                   sentence_avg=False)
-    sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.full((2,), 7)}, "target": tokens,
-              "ntokens": tokens.numel()}
+    criterion = StableMoECriterion(
+        task, balance_factor=0.3, distill_factor=0.3, label_smoothing=0.0, sentence_avg=False
+    )
+    sample = {
+        "net_input": {"src_tokens": tokens, "src_lengths": torch.full((2,), 7)},
+        "target": tokens,
+        "ntokens": tokens.numel(),
+    }
     with torch.no_grad():
         loss, _, log = criterion(model, sample)
         _, after = model(tokens)

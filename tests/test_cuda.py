@@ -85,7 +85,7 @@ def inputs(device, seed: int = 5, length: int = 24, batch: int = 4):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(length, batch, D, generator=g)
     tokens = torch.randint(PAD + 1, VOCAB, (length, batch), generator=g)
-    tokens[length - 5:, 2] = PAD
+    tokens[length - 5 :, 2] = PAD
     return h.to(device), tokens.to(device)
 
 
@@ -329,8 +329,9 @@ def test_fairseq_train_on_one_gpu(markov_data, tmp_path, precision):
     after the boundary, then the checkpoint reloads (the run resumes at update 60 from its state)."""
     save = tmp_path / "ckpt"
     extra = PRECISIONS[precision]
-    first = run_cli("train", *gpu_train_args(markov_data.data_dir, save, "--max-update", str(UPDATES), *extra),
-                    timeout=300)
+    first = run_cli(
+        "train", *gpu_train_args(markov_data.data_dir, save, "--max-update", str(UPDATES), *extra), timeout=300
+    )
     text = first.stdout + first.stderr
     assert "CUDA enviroments for all 1 workers" in text, text[-2000:]  # fairseq's banner (its spelling): on the GPU
     log = losses_by_update(text)
@@ -346,11 +347,13 @@ def test_fairseq_train_on_one_gpu(markov_data, tmp_path, precision):
     assert saved_update(state) == UPDATES
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     # the checkpoint reloads: fairseq-train resumes from it (model, optimizer, loss scaler) on the GPU
-    second = run_cli("train", *gpu_train_args(markov_data.data_dir, save, "--max-update", str(RESUMED), *extra),
-                     timeout=300)
+    second = run_cli(
+        "train", *gpu_train_args(markov_data.data_dir, save, "--max-update", str(RESUMED), *extra), timeout=300
+    )
     text2 = second.stdout + second.stderr
     assert re.search(rf"loaded checkpoint \S*checkpoint_last\.pt \(epoch \d+ @ {UPDATES} updates\)", text2, re.I), (
-        text2[-3000:])
+        text2[-3000:]
+    )
     resumed = losses_by_update(text2)
     assert resumed and min(resumed) > UPDATES and max(resumed) == RESUMED, sorted(resumed)
     again = [float(r["loss"]) for r in resumed.values()]

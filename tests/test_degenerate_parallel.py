@@ -71,7 +71,9 @@ def worker(rank: int, port: int, case: str, queue) -> None:
         ref.set_num_updates(0), par.set_num_updates(0)
 
         data = batches(case)
-        g_out = [torch.randn(len(t), D, generator=torch.Generator().manual_seed(5 + r)) for r, (_, t) in enumerate(data)]
+        g_out = [
+            torch.randn(len(t), D, generator=torch.Generator().manual_seed(5 + r)) for r, (_, t) in enumerate(data)
+        ]
 
         # single process, global batch
         h_all = torch.cat([h for h, _ in data]).requires_grad_()

@@ -19,21 +19,94 @@ import pytest
 from corpus import binarise, free_port, markov_lines, run_checked
 
 LM = [
-    "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
-    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-    "--decoder-attention-heads", "2", "--num-experts", "4", "--tokens-per-sample", "32",
-    "--two-stage-updates", "3", "--optimizer", "adam", "--lr", "0.005", "--dropout", "0",
-    "--max-tokens", "256", "--required-batch-size-multiple", "1", "--max-update", "6",
-    "--save-interval-updates", "3", "--no-epoch-checkpoints", "--disable-validation",
-    "--seed", "3", "--num-workers", "0", "--cpu", "--ddp-backend", "legacy_ddp",
+    "--task",
+    "language_modeling",
+    "--arch",
+    "stablemoe_lm",
+    "--criterion",
+    "stablemoe",
+    "--decoder-layers",
+    "2",
+    "--decoder-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--decoder-attention-heads",
+    "2",
+    "--num-experts",
+    "4",
+    "--tokens-per-sample",
+    "32",
+    "--two-stage-updates",
+    "3",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.005",
+    "--dropout",
+    "0",
+    "--max-tokens",
+    "256",
+    "--required-batch-size-multiple",
+    "1",
+    "--max-update",
+    "6",
+    "--save-interval-updates",
+    "3",
+    "--no-epoch-checkpoints",
+    "--disable-validation",
+    "--seed",
+    "3",
+    "--num-workers",
+    "0",
+    "--cpu",
+    "--ddp-backend",
+    "legacy_ddp",
 ]
 MT = [
-    "--task", "translation", "--arch", "stablemoe_transformer", "--encoder-layers", "2", "--decoder-layers", "2",
-    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
-    "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-    "--criterion", "stablemoe", "--num-experts", "4", "--two-stage-updates", "10", "--optimizer", "adam",
-    "--lr", "0.005", "--max-tokens", "1024", "--max-update", "30", "--cpu", "--ddp-backend", "legacy_ddp",
-    "--disable-validation", "--no-epoch-checkpoints", "--seed", "2", "--num-workers", "0",
+    "--task",
+    "translation",
+    "--arch",
+    "stablemoe_transformer",
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "32",
+    "--decoder-embed-dim",
+    "32",
+    "--encoder-ffn-embed-dim",
+    "64",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+    "--criterion",
+    "stablemoe",
+    "--num-experts",
+    "4",
+    "--two-stage-updates",
+    "10",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.005",
+    "--max-tokens",
+    "1024",
+    "--max-update",
+    "30",
+    "--cpu",
+    "--ddp-backend",
+    "legacy_ddp",
+    "--disable-validation",
+    "--no-epoch-checkpoints",
+    "--seed",
+    "2",
+    "--num-workers",
+    "0",
 ]
 USER_DIR = str(Path(__file__).resolve().parents[1] / "fairseq_stablemoe")
 N_TEST_MT = 37
@@ -45,8 +118,22 @@ def run(cmd, ok=True):
 
 def on_two(tool, *args, ok=True):
     """``tool`` (train, eval-lm, generate, validate) on 2 gloo processes from torchrun."""
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "-m", "fairseq_stablemoe.launch", tool, *map(str, args)], ok=ok)
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "fairseq_stablemoe.launch",
+            tool,
+            *map(str, args),
+        ],
+        ok=ok,
+    )
 
 
 def on_one(module, *args, ok=True):
@@ -97,8 +184,21 @@ def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm):
 
 def test_validate_per_rank_files_match_the_consolidated_loss(lm):
     data, tmp = lm
-    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--max-tokens", "160",
-              "--valid-subset", "test", "--cpu", "--criterion", "cross_entropy", "--required-batch-size-multiple", "1"]
+    common = [
+        "--task",
+        "language_modeling",
+        "--tokens-per-sample",
+        "32",
+        "--max-tokens",
+        "160",
+        "--valid-subset",
+        "test",
+        "--cpu",
+        "--criterion",
+        "cross_entropy",
+        "--required-batch-size-multiple",
+        "1",
+    ]
     two = on_two("validate", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
     one = on_one("validate", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
 
@@ -158,9 +258,27 @@ def mt(tmp_path_factory):
         sents = _sentences(n, seed)
         (tmp / f"{split}.src").write_text("\n".join(" ".join(s) for s in sents) + "\n")
         (tmp / f"{split}.tgt").write_text("\n".join(" ".join("v" + w[1:] for w in reversed(s)) for s in sents) + "\n")
-    run([sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "src", "--target-lang", "tgt",
-         "--trainpref", tmp / "train", "--validpref", tmp / "valid", "--testpref", tmp / "test",
-         "--destdir", tmp / "bin", "--workers", "1"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.preprocess",
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--trainpref",
+            tmp / "train",
+            "--validpref",
+            tmp / "valid",
+            "--testpref",
+            tmp / "test",
+            "--destdir",
+            tmp / "bin",
+            "--workers",
+            "1",
+        ]
+    )
     on_two("train", tmp / "bin", *MT, "--save-dir", tmp / "ckpt")
     consolidate(tmp / "ckpt" / "checkpoint_last.pt", "-o", f"{tmp / 'one'}/")
     return tmp
@@ -178,10 +296,20 @@ def hypotheses(text: str):
 
 
 def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt):
-    common = ["--beam", "4", "--cpu", "--max-tokens", "120", "--gen-subset", "test",
-              "--required-batch-size-multiple", "1"]
-    two = on_two("generate", mt / "bin", "--path", mt / "ckpt" / "checkpoint_last.pt", *common,
-                 "--results-path", mt / "res2")
+    common = [
+        "--beam",
+        "4",
+        "--cpu",
+        "--max-tokens",
+        "120",
+        "--gen-subset",
+        "test",
+        "--required-batch-size-multiple",
+        "1",
+    ]
+    two = on_two(
+        "generate", mt / "bin", "--path", mt / "ckpt" / "checkpoint_last.pt", *common, "--results-path", mt / "res2"
+    )
     on_one("generate", mt / "bin", "--path", mt / "one" / "checkpoint_last.pt", *common, "--results-path", mt / "res1")
 
     files = sorted((mt / "res2").iterdir())
@@ -201,8 +329,21 @@ def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt):
 def test_interactive_per_rank_files_print_each_input_once(mt):
     src = (mt / "test.src").read_text().splitlines()[:5]
     (mt / "five.src").write_text("\n".join(src) + "\n")
-    common = ["--beam", "4", "--cpu", "--source-lang", "src", "--target-lang", "tgt", "--input", mt / "five.src",
-              "--buffer-size", "2", "--max-tokens", "100"]
+    common = [
+        "--beam",
+        "4",
+        "--cpu",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--input",
+        mt / "five.src",
+        "--buffer-size",
+        "2",
+        "--max-tokens",
+        "100",
+    ]
     two = hypotheses(on_two("interactive", mt / "bin", "--path", mt / "ckpt" / "checkpoint_last.pt", *common))
     one = hypotheses(on_one("interactive", mt / "bin", "--path", mt / "one" / "checkpoint_last.pt", *common))
     assert sorted(two) == sorted(one) == list(range(5))

@@ -108,8 +108,12 @@ def test_checkpoints_router_frozen_after_boundary(trained_run):
     for k in params:
         assert not torch.equal(states[before[0]][k], states[after[0]][k]), f"{k} should train in stage 1"
     # everything else keeps training in stage 2
-    for k in (f"{MOE}.backbone.expert_centroids", f"{MOE}.experts.0.0.fc1.weight",
-              f"{MOE}.experts.3.0.fc2.weight", "decoder.embed_tokens.weight"):
+    for k in (
+        f"{MOE}.backbone.expert_centroids",
+        f"{MOE}.experts.0.0.fc1.weight",
+        f"{MOE}.experts.3.0.fc2.weight",
+        "decoder.embed_tokens.weight",
+    ):
         assert "router" not in k
         for a, b in zip(after, after[1:]):
             assert not torch.equal(states[a][k], states[b][k]), (k, a, b)
@@ -168,7 +172,9 @@ def test_resume_after_boundary_with_adam_weight_decay(trained_run, tmp_path):
     save = tmp_path / "ckpt"
     out = run_cli("train", *train_args(data, save, "--max-update", str(end), "--restore-file", str(src)))
     text = out.stdout + out.stderr
-    assert re.search(rf"loaded checkpoint {re.escape(str(src))} \(epoch \d+ @ {start} updates\)", text, re.I), text[-3000:]
+    assert re.search(rf"loaded checkpoint {re.escape(str(src))} \(epoch \d+ @ {start} updates\)", text, re.I), text[
+        -3000:
+    ]
     log = losses_by_update(text)
     assert sorted(log) == list(range(start + 1, end + 1))
     straight = losses_by_update(trained_run.log)
@@ -192,8 +198,23 @@ def test_resume_after_boundary_with_adam_weight_decay(trained_run, tmp_path):
 
 
 def eval_lm_ppl(data: Path, ckpt: Path) -> float:
-    out = run_cli("eval_lm", str(data), "--user-dir", USER_DIR, "--path", str(ckpt), "--gen-subset", "test",
-                  "--cpu", "--tokens-per-sample", "32", "--max-tokens", "4096", "--num-workers", "0")
+    out = run_cli(
+        "eval_lm",
+        str(data),
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        str(ckpt),
+        "--gen-subset",
+        "test",
+        "--cpu",
+        "--tokens-per-sample",
+        "32",
+        "--max-tokens",
+        "4096",
+        "--num-workers",
+        "0",
+    )
     m = re.search(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+|inf|nan)", out.stdout + out.stderr)
     assert m, (out.stdout + out.stderr)[-3000:]
     return float(m.group(2))
@@ -268,9 +289,22 @@ def test_interactive_greedy_matches_full_forward(trained_run, loaded):
     model, task = loaded
     d = task.source_dictionary
     prompts = ["w3 w77", "w150", "w10 w11 w12"]
-    out = run_cli("interactive", str(trained_run.corpus.data_dir), "--user-dir", USER_DIR, "--task",
-                  "language_modeling", "--path", str(trained_run.save_dir / "checkpoint_last.pt"), "--beam", "1",
-                  "--max-len-b", "10", "--cpu", stdin="\n".join(prompts) + "\n")
+    out = run_cli(
+        "interactive",
+        str(trained_run.corpus.data_dir),
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "language_modeling",
+        "--path",
+        str(trained_run.save_dir / "checkpoint_last.pt"),
+        "--beam",
+        "1",
+        "--max-len-b",
+        "10",
+        "--cpu",
+        stdin="\n".join(prompts) + "\n",
+    )
     hyps = dict(re.findall(r"^H-(\d+)\t\S+\t(.*)$", out.stdout, re.M))
     pos = dict(re.findall(r"^P-(\d+)\t(.*)$", out.stdout, re.M))
     assert sorted(hyps) == sorted(pos) == ["0", "1", "2"], out.stdout[-2000:]
@@ -305,7 +339,8 @@ def hub(trained_run):
     from fairseq_stablemoe.model import StableMoELanguageModel
 
     return StableMoELanguageModel.from_pretrained(
-        str(trained_run.save_dir), checkpoint_file="checkpoint_last.pt",
+        str(trained_run.save_dir),
+        checkpoint_file="checkpoint_last.pt",
         data_name_or_path=str(trained_run.corpus.data_dir),
     ).eval()
 
@@ -325,8 +360,7 @@ def test_hub_score_and_generate(hub, loaded):
     gen = hypo["tokens"]
     assert gen[:2].tolist() == [d.index("w42"), d.index("w7")] and gen[-1].item() == d.eos()
     lp = reference_log_probs(model, d, gen)
-    torch.testing.assert_close(hypo["positional_scores"], lp.gather(1, gen.unsqueeze(1)).squeeze(1),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(hypo["positional_scores"], lp.gather(1, gen.unsqueeze(1)).squeeze(1), rtol=0, atol=1e-4)
 
 
 def test_hub_sample(hub):

@@ -120,12 +120,26 @@ def layer_of(kind: str):
         return SwitchLayer(D, F, 4, 2, PAD)
     if kind == "hash":
         return HashLayer(D, F, 4, 2, PAD, symbols=[f"w{i}" for i in range(VOCAB)])
-    return StableMoELayer(D, F, 4, 2, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=10,
-                          capacity_factor=0.9 if kind == "capacity" else None)
+    return StableMoELayer(
+        D,
+        F,
+        4,
+        2,
+        vocab_size=VOCAB,
+        padding_idx=PAD,
+        two_stage_updates=10,
+        capacity_factor=0.9 if kind == "capacity" else None,
+    )
 
 
-MODES = [("stage1", 0, True), ("stage2", 20, True), ("inference", 20, False), ("capacity", 0, True),
-         ("switch", 0, True), ("hash", 0, True)]
+MODES = [
+    ("stage1", 0, True),
+    ("stage2", 20, True),
+    ("inference", 20, False),
+    ("capacity", 0, True),
+    ("switch", 0, True),
+    ("hash", 0, True),
+]
 
 
 @pytest.mark.parametrize("backend", GROUPED)

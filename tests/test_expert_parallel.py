@@ -51,8 +51,20 @@ def train_both(data_dir, tmp_path, moe_type, world_size, num_experts):
     shards = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
     run(
         [
-            [sys.executable, str(WORKER), str(data_dir), str(init), str(shards[r]),
-             "--rank", str(r), "--world-size", str(world_size), "--port", str(port), *extra]
+            [
+                sys.executable,
+                str(WORKER),
+                str(data_dir),
+                str(init),
+                str(shards[r]),
+                "--rank",
+                str(r),
+                "--world-size",
+                str(world_size),
+                "--port",
+                str(port),
+                *extra,
+            ]
             for r in range(world_size)
         ]
     )
@@ -73,8 +85,13 @@ def assert_same_model(ref, parts, init_state, world_size, num_experts):
                 torch.testing.assert_close(part["state"][key], want, rtol=1e-5, atol=1e-7)
             continue
         glob = int(m.group(1))
-        holders = [r for r in range(world_size) if ExpertShard(world_size, r, num_experts).first_expert <= glob
-                   < ExpertShard(world_size, r, num_experts).first_expert + ExpertShard(world_size, r, num_experts).num_local]
+        holders = [
+            r
+            for r in range(world_size)
+            if ExpertShard(world_size, r, num_experts).first_expert
+            <= glob
+            < ExpertShard(world_size, r, num_experts).first_expert + ExpertShard(world_size, r, num_experts).num_local
+        ]
         assert holders, key
         for r in holders:  # every replica
             local = glob - ExpertShard(world_size, r, num_experts).first_expert

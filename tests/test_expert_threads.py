@@ -74,7 +74,9 @@ def test_side_by_side_equals_one_after_the_other(two_threads, input_grad):
     assert expert_threads.num_workers(x, 5) == 2
     (out, gx, grads), names = threads_used(experts, lambda: step(experts, x, g, input_grad))
     assert names and all(n.startswith("stablemoe-experts") for n in names), names
-    (ref_out, ref_gx, ref_grads), ref_names = threads_used(experts, lambda: one_thread(lambda: step(experts, x, g, input_grad)))
+    (ref_out, ref_gx, ref_grads), ref_names = threads_used(
+        experts, lambda: one_thread(lambda: step(experts, x, g, input_grad))
+    )
     assert ref_names == {threading.current_thread().name}
 
     assert torch.equal(out, ref_out)

@@ -45,15 +45,33 @@ def build(mode: str, params):
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     flags = {
-        "fp16": ["--fp16"], "fp16_no_flatten": ["--fp16", "--fp16-no-flatten-grads"],
-        "memory_efficient_fp16": ["--memory-efficient-fp16"], "bf16": ["--bf16"],
-        "memory_efficient_bf16": ["--memory-efficient-bf16"], "amp": ["--amp"], "fp32": [],
+        "fp16": ["--fp16"],
+        "fp16_no_flatten": ["--fp16", "--fp16-no-flatten-grads"],
+        "memory_efficient_fp16": ["--memory-efficient-fp16"],
+        "bf16": ["--bf16"],
+        "memory_efficient_bf16": ["--memory-efficient-bf16"],
+        "amp": ["--amp"],
+        "fp32": [],
     }[mode]
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(
         parser,
-        ["unused", "--task", "language_modeling", "--arch", "transformer_lm", "--optimizer", "adam", "--lr", "0.1",
-         "--fp16-init-scale", str(INIT_SCALE), "--distributed-world-size", str(W), *flags],
+        [
+            "unused",
+            "--task",
+            "language_modeling",
+            "--arch",
+            "transformer_lm",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.1",
+            "--fp16-init-scale",
+            str(INIT_SCALE),
+            "--distributed-world-size",
+            str(W),
+            *flags,
+        ],
     )
     cfg = convert_namespace_to_omegaconf(args)
     if mode in ("fp16", "fp16_no_flatten", "bf16"):
@@ -72,7 +90,10 @@ def worker(rank: int, port: int, mode: str, overflow: bool, queue) -> None:
         torch.set_num_threads(1)
         torch.cuda.current_device = lambda: None  # fairseq's flat fp16 copy, keyed as CPU tensors are
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=W,
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=W,
             timeout=datetime.timedelta(seconds=60),
         )
         import fairseq_stablemoe  # noqa: F401  (installs the hooks)
@@ -140,6 +161,7 @@ def run(mode: str, overflow: bool):
 @pytest.mark.parametrize("mode", MODES)
 def test_norm_covers_every_expert_and_is_identical_on_every_process(mode):
     results = run(mode, overflow=False)
+
     def sum_sq(values):
         return float(torch.tensor(values, dtype=torch.float64).square().sum())
 
@@ -147,7 +169,7 @@ def test_norm_covers_every_expert_and_is_identical_on_every_process(mode):
     experts = sum(sum_sq(g) for r in results for n, g in r["stored"].items() if n.startswith("experts"))
     want = (shared + experts) ** 0.5
     # and not fairseq's own rule (experts left out), nor one process's experts only
-    assert abs(want - shared ** 0.5) > 0.1
+    assert abs(want - shared**0.5) > 0.1
     assert results[0]["norm"] == results[1]["norm"]  # bit-identical: fairseq's cross-process check passes
     assert results[0]["norm"] == pytest.approx(want, rel=1e-5)
 

@@ -19,8 +19,19 @@ from torch.overrides import TorchFunctionMode
 from corpus import free_port
 
 PAD, VOCAB, D, F, N = 1, 30, 8, 16, 4
-SYNCING = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "masked_select", "bincount",
-           "unique", "unique_consecutive"}
+SYNCING = {
+    "item",
+    "tolist",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "nonzero",
+    "masked_select",
+    "bincount",
+    "unique",
+    "unique_consecutive",
+}
 
 
 class HostSyncs(TorchFunctionMode):
@@ -36,11 +47,14 @@ class HostSyncs(TorchFunctionMode):
         if name in SYNCING:
             self.calls.append(name)
         elif name == "__getitem__" and any(
-            torch.is_tensor(i) and i.dtype == torch.bool for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
+            torch.is_tensor(i) and i.dtype == torch.bool
+            for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
         ):
             self.calls.append("boolean mask indexing")
-        elif name == "repeat_interleave" and kwargs.get("output_size") is None and torch.is_tensor(
-            args[1] if len(args) > 1 else kwargs.get("repeats")
+        elif (
+            name == "repeat_interleave"
+            and kwargs.get("output_size") is None
+            and torch.is_tensor(args[1] if len(args) > 1 else kwargs.get("repeats"))
         ):
             self.calls.append("repeat_interleave without output_size")
         return func(*args, **kwargs)
@@ -93,8 +107,13 @@ def test_one_host_sync_per_forward(kind):
 def worker(rank: int, port: int, queue) -> None:
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
+            timeout=datetime.timedelta(seconds=60),
+        )
         queue.put((rank, {kind: count(kind, rank) for kind in ("stage1", "inference", "capacity")}))
         dist.barrier()
         dist.destroy_process_group()
@@ -133,5 +152,10 @@ def test_the_counter_sees_syncs():
         x[x > 1]
         torch.repeat_interleave(x, torch.tensor([1, 0, 2, 1]))
         float(x.sum())
-    assert c.calls == ["tolist", "__bool__", "boolean mask indexing", "repeat_interleave without output_size",
-                       "__float__"]
+    assert c.calls == [
+        "tolist",
+        "__bool__",
+        "boolean mask indexing",
+        "repeat_interleave without output_size",
+        "__float__",
+    ]

@@ -132,7 +132,7 @@ def test_stage2_routes_with_distilled_router_and_has_no_losses():
     layer.set_num_updates(10)
     h, tokens = inputs(pad_positions=(3,))
     out, stats = layer(h, tokens)
-    ref_out, *_ , load, agree, assign = reference(layer, h, tokens, "distill")
+    ref_out, *_, load, agree, assign = reference(layer, h, tokens, "distill")
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert "balance_loss" not in stats and "distill_loss" not in stats
     assert stats["load"].tolist() == load

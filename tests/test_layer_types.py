@@ -96,8 +96,7 @@ def test_base_assignment_maximises_total_affinity_on_small_case():
     import itertools
 
     best = max(
-        sum(float(s[t, 0 if t in group else 1]) for t in range(6))
-        for group in itertools.combinations(range(6), 3)
+        sum(float(s[t, 0 if t in group else 1]) for t in range(6)) for group in itertools.combinations(range(6), 3)
     )
     assert got == pytest.approx(best, rel=1e-5)
 

@@ -27,15 +27,62 @@ from test_checkpointing import logged
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 ARGS = [
-    "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
-    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-    "--decoder-attention-heads", "2", "--num-experts", "4", "--moe-sublayers", "2", "--distill-dim", "16",
-    "--tokens-per-sample", "16", "--batch-size", "3", "--batch-size-valid", "3",
-    "--required-batch-size-multiple", "1", "--two-stage-updates", "6", "--balance-factor", "0",
-    "--optimizer", "adam", "--lr", "0.003", "--clip-norm", "0.1", "--dropout", "0",
-    "--max-update", "14", "--validate-interval-updates", "7", "--no-save",
-    "--log-format", "json", "--log-interval", "1", "--seed", "5", "--num-workers", "0", "--cpu",
-    "--ddp-backend", "legacy_ddp",
+    "--task",
+    "language_modeling",
+    "--arch",
+    "stablemoe_lm",
+    "--criterion",
+    "stablemoe",
+    "--decoder-layers",
+    "2",
+    "--decoder-embed-dim",
+    "32",
+    "--decoder-ffn-embed-dim",
+    "64",
+    "--decoder-attention-heads",
+    "2",
+    "--num-experts",
+    "4",
+    "--moe-sublayers",
+    "2",
+    "--distill-dim",
+    "16",
+    "--tokens-per-sample",
+    "16",
+    "--batch-size",
+    "3",
+    "--batch-size-valid",
+    "3",
+    "--required-batch-size-multiple",
+    "1",
+    "--two-stage-updates",
+    "6",
+    "--balance-factor",
+    "0",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.003",
+    "--clip-norm",
+    "0.1",
+    "--dropout",
+    "0",
+    "--max-update",
+    "14",
+    "--validate-interval-updates",
+    "7",
+    "--no-save",
+    "--log-format",
+    "json",
+    "--log-interval",
+    "1",
+    "--seed",
+    "5",
+    "--num-workers",
+    "0",
+    "--cpu",
+    "--ddp-backend",
+    "legacy_ddp",
 ]
 
 
@@ -47,12 +94,24 @@ def launch(data, *extra, nproc=1, env=None, timeout=300):
     for rank in range(nproc):
         penv = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
         if nproc > 1:
-            penv.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            penv.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
         logs.append(tempfile.TemporaryFile("w+"))  # not pipes: a full pipe would stall a process
         save_dir = ["--save-dir", str(Path(data) / "save")]  # where fairseq writes crash.pt on an error
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(data), *ARGS, *save_dir, *extra], env=penv,
-                                      stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, WORKER, str(data), *ARGS, *save_dir, *extra],
+                env=penv,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
@@ -79,7 +138,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(data):
-    (rc1, one), = launch(data, "--update-freq", "2")
+    ((rc1, one),) = launch(data, "--update-freq", "2")
     assert rc1 == 0, one[-4000:]
     two = launch(data, nproc=2)
     for rc, out in two:
@@ -115,7 +174,7 @@ def test_half_precision_norm_passes_the_cross_process_check(data, precision):
     """fairseq's --fp16 paths on 2 processes (CPU simulation): the plugin's norm is identical on both
     processes and equals the 1-process norm; fairseq's own (flat --fp16: each process's norm includes
     its own experts) stops at the first update with "gradients are inconsistent between workers"."""
-    (rc, one), = launch(data, precision, "--max-update", "3", "--update-freq", "2")
+    ((rc, one),) = launch(data, precision, "--max-update", "3", "--update-freq", "2")
     assert rc == 0, one[-3000:]
     two = launch(data, precision, "--max-update", "3", nproc=2)
     for rc, out in two:

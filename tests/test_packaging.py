@@ -11,9 +11,20 @@ REPO = Path(__file__).resolve().parents[1]
 def test_installed_package_registers_and_trains(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
-         str(target), str(REPO)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
     )
     installed = target / "fairseq_stablemoe"
     for module in ("layer", "model", "criterion", "translation", "fluctuation", "router", "parallel"):
@@ -24,23 +35,72 @@ def test_installed_package_registers_and_trains(tmp_path):
     data.mkdir()
     (data / "train.txt").write_text("\n".join(f"a b c d {i % 7} e f" for i in range(200)) + "\n")
     subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(data / "train.txt"),
-         "--validpref", str(data / "train.txt"), "--destdir", str(data / "bin")],
-        check=True, capture_output=True, cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.preprocess",
+            "--only-source",
+            "--trainpref",
+            str(data / "train.txt"),
+            "--validpref",
+            str(data / "train.txt"),
+            "--destdir",
+            str(data / "bin"),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+        env=env,
     )
     out = subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.train", str(data / "bin"), "--user-dir", str(installed),
-         "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
-         "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
-         "--decoder-attention-heads", "2", "--optimizer", "adam", "--lr", "0.001", "--max-tokens", "128",
-         "--tokens-per-sample", "16", "--max-update", "2", "--cpu", "--no-save"],
-        capture_output=True, text=True, cwd=tmp_path, env=env,
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.train",
+            str(data / "bin"),
+            "--user-dir",
+            str(installed),
+            "--task",
+            "language_modeling",
+            "--arch",
+            "stablemoe_lm",
+            "--criterion",
+            "stablemoe",
+            "--decoder-layers",
+            "1",
+            "--decoder-embed-dim",
+            "16",
+            "--decoder-ffn-embed-dim",
+            "32",
+            "--decoder-attention-heads",
+            "2",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.001",
+            "--max-tokens",
+            "128",
+            "--tokens-per-sample",
+            "16",
+            "--max-update",
+            "2",
+            "--cpu",
+            "--no-save",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "done training" in out.stdout + out.stderr
     where = subprocess.run(
         [sys.executable, "-c", "import fairseq_stablemoe; print(fairseq_stablemoe.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
     )
     assert where.stdout.strip() == str(installed / "__init__.py")
 

@@ -16,7 +16,9 @@ VOCAB = 20
 def _layer(num_experts, stage2=False, seed=0, cls=StableMoELayer):
     torch.manual_seed(seed)
     if cls is StableMoELayer:
-        layer = StableMoELayer(4, 8, num_experts, 2, vocab_size=VOCAB, padding_idx=PAD, distill_dim=3, two_stage_updates=1)
+        layer = StableMoELayer(
+            4, 8, num_experts, 2, vocab_size=VOCAB, padding_idx=PAD, distill_dim=3, two_stage_updates=1
+        )
         with torch.no_grad():
             layer.distill_router.centroids.normal_()
     else:
@@ -78,7 +80,13 @@ def test_layer_matches_per_token_reference(num_tokens, num_experts, pad_mask, st
     choice = (distill if stage2 else scores).argmax(1)
     gate = torch.sigmoid(scores.gather(1, choice[:, None]).squeeze(1))
     h_ref = h.detach().clone().requires_grad_()
-    ref = _reference_output(layer, h_ref, tokens, choice, torch.sigmoid((h_ref @ layer.backbone.expert_centroids.t()).gather(1, choice[:, None]).squeeze(1)))
+    ref = _reference_output(
+        layer,
+        h_ref,
+        tokens,
+        choice,
+        torch.sigmoid((h_ref @ layer.backbone.expert_centroids.t()).gather(1, choice[:, None]).squeeze(1)),
+    )
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     valid = tokens.ne(PAD)
     assert stats["num_tokens"].item() == valid.sum().item()
@@ -89,7 +97,7 @@ def test_layer_matches_per_token_reference(num_tokens, num_experts, pad_mask, st
     # gradients w.r.t. the input and an expert weight equal the reference's
     w = torch.randn(num_tokens, 4, generator=g)
     loss = (out * w).sum() + sum(stats.get(k, 0) for k in ("balance_loss", "distill_loss"))
-    grad_h, = torch.autograd.grad(loss, h, retain_graph=False)
+    (grad_h,) = torch.autograd.grad(loss, h, retain_graph=False)
     ref_loss = (ref * w).sum()
     if not stage2:
         # the balance loss term's own input gradient, recomputed independently
@@ -98,8 +106,10 @@ def test_layer_matches_per_token_reference(num_tokens, num_experts, pad_mask, st
         mean = n / num_experts
         weight = (counts - mean) / mean.clamp(min=1e-9)
         s_ref = h_ref @ layer.backbone.expert_centroids.detach().t()
-        ref_loss = ref_loss + (weight[choice] * torch.sigmoid(s_ref.gather(1, choice[:, None]).squeeze(1)) * valid).sum()
-    ref_grad, = torch.autograd.grad(ref_loss, h_ref)
+        ref_loss = (
+            ref_loss + (weight[choice] * torch.sigmoid(s_ref.gather(1, choice[:, None]).squeeze(1)) * valid).sum()
+        )
+    (ref_grad,) = torch.autograd.grad(ref_loss, h_ref)
     torch.testing.assert_close(grad_h, ref_grad, rtol=1e-4, atol=1e-5)
 
 

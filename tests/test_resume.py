@@ -17,20 +17,68 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def resume_data(tmp_path_factory):
-    return markov_corpus(tmp_path_factory.mktemp("resume"), 800, 100, vocab=80, seed=5, prefix="t", mult=3,
-                         min_len=5, max_len=15)
+    return markov_corpus(
+        tmp_path_factory.mktemp("resume"), 800, 100, vocab=80, seed=5, prefix="t", mult=3, min_len=5, max_len=15
+    )
 
 
 def _train(data: Path, save: Path, max_update: int, two_stage: int):
     cmd = [
-        sys.executable, "-m", "fairseq_cli.train", str(data), "--user-dir", str(REPO / "fairseq_stablemoe"),
-        "--task", "language_modeling", "--arch", "stablemoe_lm", "--criterion", "stablemoe",
-        "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
-        "--decoder-attention-heads", "2", "--num-experts", "4", "--two-stage-updates", str(two_stage),
-        "--optimizer", "adam", "--lr", "0.003", "--weight-decay", "0.01", "--lr-scheduler", "inverse_sqrt",
-        "--warmup-updates", "5", "--dropout", "0.1", "--max-tokens", "256", "--tokens-per-sample", "32",
-        "--max-update", str(max_update), "--cpu", "--save-dir", str(save), "--no-epoch-checkpoints",
-        "--disable-validation", "--log-format", "json", "--log-interval", "1", "--seed", "7", "--num-workers", "0",
+        sys.executable,
+        "-m",
+        "fairseq_cli.train",
+        str(data),
+        "--user-dir",
+        str(REPO / "fairseq_stablemoe"),
+        "--task",
+        "language_modeling",
+        "--arch",
+        "stablemoe_lm",
+        "--criterion",
+        "stablemoe",
+        "--decoder-layers",
+        "2",
+        "--decoder-embed-dim",
+        "32",
+        "--decoder-ffn-embed-dim",
+        "64",
+        "--decoder-attention-heads",
+        "2",
+        "--num-experts",
+        "4",
+        "--two-stage-updates",
+        str(two_stage),
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--weight-decay",
+        "0.01",
+        "--lr-scheduler",
+        "inverse_sqrt",
+        "--warmup-updates",
+        "5",
+        "--dropout",
+        "0.1",
+        "--max-tokens",
+        "256",
+        "--tokens-per-sample",
+        "32",
+        "--max-update",
+        str(max_update),
+        "--cpu",
+        "--save-dir",
+        str(save),
+        "--no-epoch-checkpoints",
+        "--disable-validation",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--seed",
+        "7",
+        "--num-workers",
+        "0",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -17,8 +17,16 @@ PAD, VOCAB, N, D, T = 1, 23, 5, 6, 40
 
 def make_layer(seed=0):
     torch.manual_seed(seed)
-    layer = StableMoELayer(embed_dim=8, ffn_dim=16, num_experts=N, num_sublayers=1, vocab_size=VOCAB,
-                           padding_idx=PAD, distill_dim=D, two_stage_updates=3)
+    layer = StableMoELayer(
+        embed_dim=8,
+        ffn_dim=16,
+        num_experts=N,
+        num_sublayers=1,
+        vocab_size=VOCAB,
+        padding_idx=PAD,
+        distill_dim=D,
+        two_stage_updates=3,
+    )
     with torch.no_grad():
         layer.distill_router.centroids.normal_()
         layer.backbone.expert_centroids.normal_()
@@ -131,8 +139,9 @@ def test_table_follows_the_routers_weights():
 @pytest.mark.parametrize("kind", ["cnn", "transformer"])
 def test_contextual_routers_keep_their_affinities(kind):
     torch.manual_seed(0)
-    layer = StableMoELayer(8, 16, N, 1, vocab_size=VOCAB, padding_idx=PAD, distill_dim=D, two_stage_updates=1,
-                           distill_router=kind)
+    layer = StableMoELayer(
+        8, 16, N, 1, vocab_size=VOCAB, padding_idx=PAD, distill_dim=D, two_stage_updates=1, distill_router=kind
+    )
     layer.set_num_updates(1)
     assert layer.distill_router.is_frozen and not layer.distill_router.routes_by_table
     layer.eval()

@@ -70,9 +70,19 @@ def test_left_padding_does_not_change_routing(kind):
 
 def make_layer(kind, two_stage=5, **kwargs):
     torch.manual_seed(0)
-    layer = StableMoELayer(embed_dim=8, ffn_dim=16, num_experts=4, num_sublayers=1, vocab_size=VOCAB,
-                           padding_idx=PAD, distill_dim=8, two_stage_updates=two_stage, distill_router=kind,
-                           distill_router_layers=2, **kwargs)
+    layer = StableMoELayer(
+        embed_dim=8,
+        ffn_dim=16,
+        num_experts=4,
+        num_sublayers=1,
+        vocab_size=VOCAB,
+        padding_idx=PAD,
+        distill_dim=8,
+        two_stage_updates=two_stage,
+        distill_router=kind,
+        distill_router_layers=2,
+        **kwargs,
+    )
     for p in layer.experts.parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.5)
@@ -92,7 +102,7 @@ def test_incremental_decoding_equals_full_forward(kind):
         full, full_stats = layer(x, seq)
         steps, load = [], torch.zeros(4)
         for t in range(T):
-            out, stats = layer(x[t: t + 1], seq[t: t + 1], context=seq[: t + 1])
+            out, stats = layer(x[t : t + 1], seq[t : t + 1], context=seq[: t + 1])
             steps.append(out)
             load += stats["load"]
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-5, atol=1e-5)
@@ -160,16 +170,20 @@ def router_state(path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--distill-router", "cnn"], ["--distill-router", "transformer", "--distill-router-layers", "2"],
-     ["--stage1-assignment", "balanced", "--balance-factor", "0"]],
+    [
+        ["--distill-router", "cnn"],
+        ["--distill-router", "transformer", "--distill-router-layers", "2"],
+        ["--stage1-assignment", "balanced", "--balance-factor", "0"],
+    ],
     ids=["cnn", "transformer2", "balanced"],
 )
 def test_trained_across_the_boundary_the_router_stays_frozen_and_resumes(markov_data, tmp_path, flags):
     save = tmp_path / "ckpt"
     end = BOUNDARY + 15
     run_cli("train", *train_args(markov_data.data_dir, save, "--max-update", str(end), *flags))
-    at = {u: router_state(save / f"checkpoint_1_{u}.pt") for u in (15, 30, 45)
-          if (save / f"checkpoint_1_{u}.pt").exists()}
+    at = {
+        u: router_state(save / f"checkpoint_1_{u}.pt") for u in (15, 30, 45) if (save / f"checkpoint_1_{u}.pt").exists()
+    }
     assert set(at) == {15, 30, 45}, sorted(p.name for p in save.iterdir())
     keys = [k for k in at[45] if not k.endswith(".frozen")]
     if flags[1] == "cnn":
@@ -187,9 +201,23 @@ def test_trained_across_the_boundary_the_router_stays_frozen_and_resumes(markov_
     if flags[1] == "transformer":
         # the fluctuation tool reads the variant's routing: stage-2 pairs never change
         js = tmp_path / "fl.json"
-        subprocess.run([sys.executable, "-m", "fairseq_stablemoe.fluctuation", str(markov_data.data_dir),
-                        *[str(save / f"checkpoint_1_{u}.pt") for u in (15, 30, 45)], str(save / "checkpoint_last.pt"),
-                        "--split", "valid", "--json", str(js), "--cpu"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fairseq_stablemoe.fluctuation",
+                str(markov_data.data_dir),
+                *[str(save / f"checkpoint_1_{u}.pt") for u in (15, 30, 45)],
+                str(save / "checkpoint_last.pt"),
+                "--split",
+                "valid",
+                "--json",
+                str(js),
+                "--cpu",
+            ],
+            check=True,
+            capture_output=True,
+        )
         pairs = json.loads(js.read_text())["pairs"]
         stage2 = [p for p in pairs if p["from_update"] > BOUNDARY]
         assert stage2 and all(p["ratio"] == 0.0 for p in stage2), pairs

