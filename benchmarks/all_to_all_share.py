@@ -6,7 +6,8 @@ and the all-to-all exchanges inside it (fairseq's ``All2All`` forward and
 backward, wrapped with timers; timed with a barrier-free wall clock, plus
 ``cuda.synchronize`` on GPU). Prints, per stage, one line:
 
-    case=<stage1|stage2|inference> world=<W> experts=<N> tokens_per_rank=<T> layer_ms=<median> a2a_ms=<median> a2a_share=<x>
+    case=<stage1|stage2|inference> world=<W> experts=<N> tokens_per_rank=<T>
+        layer_ms=<median> a2a_ms=<median> a2a_share=<x>
 
     python benchmarks/all_to_all_share.py [--world-size 2] [--tokens 4096] [--dim 512] [--ffn 2048] [--experts 4]
 """

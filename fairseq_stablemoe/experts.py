@@ -347,12 +347,11 @@ def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List
 
 def _sum_of_updates(depth: int, x: torch.Tensor, residual) -> torch.Tensor:
     """``Expert.update`` for all experts at once: ``residual(x, k)`` for every sublayer depth ``k``."""
-    total = None
-    for k in range(depth):
-        if k:
-            x = x + r
+    total = r = residual(x, 0)
+    for k in range(1, depth):
+        x = x + r
         r = residual(x, k)
-        total = r if total is None else total + r
+        total = total + r
     return total
 
 

@@ -34,8 +34,8 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 from omegaconf import II
 
-from .layer import BaseLayer, DenseFFNLayer, HashLayer, MoELayer, StableMoELayer, SwitchLayer, moe_stats_read
 from .health import DEFAULT_PATIENCE, DEFAULT_SHARE
+from .layer import BaseLayer, DenseFFNLayer, HashLayer, MoELayer, StableMoELayer, SwitchLayer, moe_stats_read
 from .parallel import layout_problem, world_size_and_rank
 
 #: ``--moe-type`` -> its layer (the option's choices, in this order)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL, USER_DIR, markov_sentences, preprocess, run_cli
 
 import fairseq_stablemoe  # noqa: F401
-from conftest import TINY_MODEL, USER_DIR, markov_sentences, preprocess, run_cli
 from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
 
 

@@ -4,7 +4,6 @@ overflow tokens drawn at random (not the latest positions), against direct compu
 import math
 import random
 
-import pytest
 import torch
 
 from fairseq_stablemoe.dispatch import capacity_split

@@ -24,11 +24,11 @@ import sys
 
 import pytest
 import torch
+from corpus import free_port, markov_corpus, run_checked
 
 from fairseq_stablemoe import consolidate
 from fairseq_stablemoe.checkpoint_files import META_KEY
 from fairseq_stablemoe.launch import PACKAGE_DIR, launch_args
-from corpus import free_port, markov_corpus, run_checked
 
 TWO_STAGE = 3
 TINY = [

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from corpus import free_port, markov_corpus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ def one_process_state(seed: int = 0):
         "world_size": 1,
         "rank": 0,
         "num_experts": N,
-        "expert_layers": [l + "experts." for l in LAYERS],
+        "expert_layers": [layer + "experts." for layer in LAYERS],
         "run_id": "r1",
         "num_updates": 5,
         "optimizer_param_names": names,

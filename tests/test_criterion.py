@@ -3,10 +3,10 @@
 from types import SimpleNamespace
 
 import torch
+from test_paper_settings import build_tiny_lm
 
 from fairseq_stablemoe.criterion import StableMoECriterion
 from fairseq_stablemoe.layer import reading_moe_stats
-from test_paper_settings import build_tiny_lm
 
 
 def test_validation_logs_the_routing_statistics_that_plain_inference_skips(tmp_path):

@@ -18,10 +18,10 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+import test_host_syncs  # noqa: E402
 from conftest import BOUNDARY, run_cli, train_args  # noqa: E402
 from test_e2e import load_state, losses_by_update, saved_update  # noqa: E402
-from test_expert_backends import D, F, MODES, OpCount, assert_same, layer_of, random_experts, run  # noqa: E402
-import test_host_syncs  # noqa: E402
+from test_expert_backends import MODES, D, F, OpCount, assert_same, layer_of, random_experts, run  # noqa: E402
 from test_host_syncs import HostSyncs, build  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -229,8 +229,9 @@ def test_auto_picks_a_grouped_backend_on_cuda():
 def test_grouped_op_count_does_not_grow_with_experts_on_cuda(backend, dtype, monkeypatch):
     """The issue-14 property on CUDA: an inference forward dispatches as many ATen operators (about the
     kernel launches) with 16 local experts as with 4."""
-    from fairseq_stablemoe.layer import StableMoELayer
     from test_expert_backends import PAD, VOCAB
+
+    from fairseq_stablemoe.layer import StableMoELayer
 
     if backend == "grouped_mm" and not grouped_mm_runs():
         pytest.skip("torch does not run grouped_mm in bf16 on this GPU")

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from corpus import free_port
 
 PAD, VOCAB, D, F, N, W = 1, 30, 8, 16, 4, 2

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from corpus import binarise, free_port, markov_lines, run_checked
 
 LM = [

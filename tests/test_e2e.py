@@ -15,8 +15,6 @@ from typing import Dict, List
 
 import pytest
 import torch
-
-import fairseq_stablemoe  # noqa: F401  (registers the plugin and the checkpoint allow-list)
 from conftest import (
     BOUNDARY,
     MAX_UPDATE,
@@ -30,6 +28,8 @@ from conftest import (
     train_args,
     train_inner_records,
 )
+
+import fairseq_stablemoe  # noqa: F401  (registers the plugin and the checkpoint allow-list)
 
 MOE = "decoder.layers.1.moe"  # 2 dense layers + 1 MoE layer inserted at position 1
 

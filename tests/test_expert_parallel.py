@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import free_port
 from fairseq.data import Dictionary
 
-from corpus import free_port
 from fairseq_stablemoe.parallel import ExpertShard
 
 WORKER = Path(__file__).with_name("ep_equivalence_worker.py")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import markov_corpus
 
 from fairseq_stablemoe.fluctuation import CheckpointRouting, analyse
-from corpus import markov_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,13 +16,11 @@ and lower the scale together.
 """
 
 import datetime
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from corpus import free_port
 
 W = 2

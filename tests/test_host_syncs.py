@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.overrides import TorchFunctionMode
-
 from corpus import free_port
+from torch.overrides import TorchFunctionMode
 
 PAD, VOCAB, D, F, N = 1, 30, 8, 16, 4
 SYNCING = {

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from corpus import binarise
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from corpus import free_port, markov_corpus
 from test_checkpointing import logged
 

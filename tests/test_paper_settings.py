@@ -2,17 +2,16 @@
 placement (Table 4) against a direct count of the dense blocks below every MoE layer."""
 
 import argparse
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import BOUNDARY, USER_DIR, run_cli, train_args
 from fairseq import options
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.utils import import_user_module
 
-from conftest import BOUNDARY, USER_DIR, run_cli, train_args
 from fairseq_stablemoe.model import (
     MoEDecoderLayer,
     StableMoELanguageModel,

@@ -78,7 +78,6 @@ def test_layer_matches_per_token_reference(num_tokens, num_experts, pad_mask, st
     scores = h.detach() @ layer.backbone.expert_centroids.detach().t()
     distill = layer.distill_router.embed_tokens.weight.detach()[tokens] @ layer.distill_router.centroids.detach().t()
     choice = (distill if stage2 else scores).argmax(1)
-    gate = torch.sigmoid(scores.gather(1, choice[:, None]).squeeze(1))
     h_ref = h.detach().clone().requires_grad_()
     ref = _reference_output(
         layer,

@@ -8,7 +8,6 @@ and optimizer state), and that the tools and a resume accept them.
 
 import pytest
 import torch
-
 from test_checkpointing import _consolidate, corpus, load, logged, opt_state_by_name, train  # noqa: F401
 
 HALF = ["--fp16", "--fp16-no-flatten-grads", "--num-experts", "2"]

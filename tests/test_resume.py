@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import markov_corpus
 
 import fairseq_stablemoe  # noqa: F401
-from corpus import markov_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import sys
 
 import pytest
 import torch
+from conftest import BOUNDARY, run_cli, train_args
 from scipy.optimize import linear_sum_assignment
 
-from conftest import BOUNDARY, run_cli, train_args
 from fairseq_stablemoe.layer import StableMoELayer
 from fairseq_stablemoe.router import CNN_WINDOW, DistilledRouter
 

@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import REPO
 from fairseq import checkpoint_utils
 
-from conftest import REPO
 from fairseq_stablemoe.routing_summary import summarise
 
 

@@ -179,7 +179,6 @@ def test_training_across_boundary_improves_bleu(mt_run):
 
 def test_beam_search_scores_equal_full_forward(mt_run):
     tmp, ckpts, _ = mt_run
-    import fairseq_stablemoe  # noqa: F401
     from fairseq import checkpoint_utils
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(

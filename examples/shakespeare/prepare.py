@@ -98,7 +98,7 @@ def split_text(works: Dict[str, List[str]], out: Path) -> None:
             start = stop
     for name, lines in parts.items():
         (out / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        log(f"{name}: {len(lines)} lines, {sum(len(l.split()) for l in lines)} words")
+        log(f"{name}: {len(lines)} lines, {sum(len(line.split()) for line in lines)} words")
 
 
 def sentencepiece(text: Path, out: Path) -> None:
