@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fairseq_stablemoe", "fairseq_stablemoe.*"]),
+    license="MIT",
     python_requires=">=3.8",
     install_requires=[
         # fairseq 0.12.2 does not import on Python >= 3.11 (dataclass "mutable default"
@@ -20,7 +21,7 @@ setup(
         "sentencepiece",
         "matplotlib",  # stablemoe-fluctuation --plot, examples/compare_moe_types.py
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "ruff"]},  # ruff: tests/test_lint.py
     entry_points={
         "console_scripts": [
             "stablemoe-routing-summary=fairseq_stablemoe.routing_summary:cli_main",
