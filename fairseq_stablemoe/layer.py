@@ -42,6 +42,7 @@ from .experts import Expert, Experts
 from .health import DEFAULT_PATIENCE, DEFAULT_SHARE, CollapseMonitor
 from .parallel import ExpertShard, Splits, exchange, gather_counts, replica_group, scale_expert_gradients
 from .router import BackboneRouter, DistilledRouter, chosen_affinity, finite_affinities, top1
+from .routing_counts import RoutingCounts, log_window
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Routing(NamedTuple):
     gate: Optional[torch.Tensor]  # (T, 1) fp32 scale of the expert output (a column, as it scales rows), None for 1
     stats: Stats  # losses and diagnostics (0-dim tensors)
     scores: Optional[torch.Tensor] = None  # (T, N) fp32 with grad, for losses that need the global load
+    target: Optional[torch.Tensor] = None  # (T,) long: the backbone's choice to count (StableMoE stage 1)
 
 
 class MoELayer(nn.Module):
@@ -155,6 +157,12 @@ class MoELayer(nn.Module):
         """Losses that need the global load ``(N,)`` (fp32, all processes) of ``routing.choice``."""
         return {}
 
+    def observe(self, tokens: torch.Tensor, target: torch.Tensor, pad: torch.Tensor, tokens_per_rank) -> None:
+        """Record ``routing.target`` (collective: every process calls it in the same forwards).
+
+        ``tokens_per_rank``: every process's non-pad token count (python ints).
+        """
+
     @torch.no_grad()
     def assignment(self, features: torch.Tensor, tokens: torch.Tensor, training_routing: bool = True) -> torch.Tensor:
         """The expert of every token, ``(...)`` long, without running the experts.
@@ -214,6 +222,8 @@ class MoELayer(nn.Module):
         else:
             host = [[int(c) for c in load.tolist()]]
         kept = capacity_split(host, self.capacity_factor)
+        if routing.target is not None:
+            self.observe(tok, routing.target, pad, [sum(row) for row in host])
         with _fp32(h):
             stats = dict(routing.stats, **self.aux_losses(routing, load, valid))
 
@@ -258,6 +268,14 @@ class StableMoELayer(MoELayer):
             the distillation target is the backbone's top-1 either way.
         distill_router, distill_router_layers, distill_router_heads: the
             distilled router's kind and sizes (see :class:`DistilledRouter`).
+        distill_refit: at the boundary, freeze the backbone's majority routing
+            of the refit window as the token table (a ``wordemb`` router only).
+        refit_updates: the refit window, the last stage-1 updates counted for
+            it (default: the last half of stage 1).
+        routing_window: updates per window of the logged ``agree_ceiling`` and
+            ``route_churn`` (fairseq's ``--log-interval``).
+        routing_counts: count the backbone's stage-1 routing per token id
+            (:class:`.routing_counts.RoutingCounts`); ``distill_refit`` needs it.
     """
 
     def __init__(
@@ -277,6 +295,10 @@ class StableMoELayer(MoELayer):
         distill_router: str = "wordemb",
         distill_router_layers: int = 1,
         distill_router_heads: int = 2,
+        distill_refit: bool = False,
+        refit_updates: Optional[int] = None,
+        routing_window: int = 100,
+        routing_counts: bool = True,
         **kwargs,
     ):
         super().__init__(
@@ -307,6 +329,23 @@ class StableMoELayer(MoELayer):
         )
         # (token ids the distilled router reads, time steps to route) during forward/assignment
         self._router_input: Optional[Tuple[torch.Tensor, int]] = None
+        if refit_updates is None:
+            refit_updates = max(1, two_stage_updates // 2)
+        if distill_refit and (distill_router != "wordemb" or not routing_counts):
+            raise ValueError(
+                "--distill-refit freezes a token id -> expert table: it needs --distill-router wordemb and the "
+                "routing counts (drop --no-routing-counts)"
+            )
+        if routing_counts and two_stage_updates > 0 and not 1 <= refit_updates <= two_stage_updates:
+            raise ValueError(
+                f"--refit-updates {refit_updates} must be between 1 and --two-stage-updates ({two_stage_updates})"
+            )
+        self.distill_refit = distill_refit
+        self.counts = (
+            RoutingCounts(vocab_size, num_experts, two_stage_updates, refit_updates, routing_window)
+            if routing_counts
+            else None
+        )
 
     @property
     def needs_context(self) -> bool:
@@ -335,17 +374,16 @@ class StableMoELayer(MoELayer):
         return self.num_updates >= self.two_stage_updates
 
     def set_num_updates(self, num_updates: int) -> None:
-        """Freeze the distilled router at the boundary; keep it frozen after it."""
+        """End a routing-count window (logged); freeze the distilled router at the boundary (with
+        ``distill_refit``: the majority table); keep it frozen after it."""
         super().set_num_updates(num_updates)
         router = self.distill_router
+        if self.counts is not None and self.training:
+            log_window(self.counts.close_window(num_updates))
         if self.in_stage2:
             if not router.is_frozen:
                 router.freeze()
-                logger.info(
-                    "%s: stage 2 from update %d: distilled router frozen, routing by token id",
-                    self.layer_name,
-                    num_updates,
-                )
+                self._hand_over(num_updates)
             else:
                 router.restore_frozen()
         elif router.is_frozen:
@@ -353,6 +391,42 @@ class StableMoELayer(MoELayer):
             logger.info(
                 "%s: update count %d is before the stage boundary: router unfrozen", self.layer_name, num_updates
             )
+
+    @torch.no_grad()
+    def _hand_over(self, num_updates: int) -> None:
+        """At the freeze: refit the table (``distill_refit``), fill and log the hand-over statistics."""
+        router, counts = self.distill_router, self.counts
+        if counts is None or counts.refit_counts.sum() == 0:  # nothing counted (e.g. stage 2 from the start)
+            logger.info(
+                "%s: stage 2 from update %d: distilled router frozen, routing by token id",
+                self.layer_name,
+                num_updates,
+            )
+            return
+        own = router.own_table() if router.routes_by_table else None
+        if self.distill_refit:
+            router.set_table(counts.majority(own))
+        frozen = router.choice_table()[0] if router.routes_by_table else None
+        counts.handover_stats(frozen, own)
+        stats = counts.handover_dict()
+        pct = lambda v: "n/a (the router reads context)" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        logger.info(
+            "%s: stage 2 from update %d: distilled router frozen%s; over the last %d stage-1 updates (%d tokens) "
+            "the frozen routing agrees with the backbone's majority routing on %s of the tokens and with the "
+            "backbone on %s; ceiling (majority's own agreement with the backbone) %.1f%%",
+            self.layer_name,
+            num_updates,
+            " with the backbone's majority table (--distill-refit)" if self.distill_refit else "",
+            counts.refit_updates,
+            int(stats["tokens"]),
+            pct(stats["agree_majority"]),
+            pct(stats["agree_backbone"]),
+            100 * stats["ceiling"],
+        )
+
+    def observe(self, tokens: torch.Tensor, target: torch.Tensor, pad: torch.Tensor, tokens_per_rank) -> None:
+        """Count the backbone's stage-1 choices per token id (:class:`.routing_counts.RoutingCounts`)."""
+        self.counts.observe(tokens, target, pad, tokens_per_rank, self.shard, self.num_updates)
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         """Stage 1 (training): backbone; stage 2 and inference: distilled router.
@@ -411,12 +485,13 @@ class StableMoELayer(MoELayer):
         }
         if not self.training:
             stats["backbone_load"] = self._count(backbone_choice, valid)
-        scores_for_loss = None
+        scores_for_loss = target = None
         if not stage2:
             stats["distill_loss"] = (F.cross_entropy(distill_scores, backbone_choice, reduction="none") * valid).sum()
             if self.training:  # the balance loss counts the backbone's choice, which routes in training
                 scores_for_loss = scores
-        return Routing(choice, gate, stats, scores_for_loss)
+                target = backbone_choice if self.counts is not None else None
+        return Routing(choice, gate, stats, scores_for_loss, target)
 
     def aux_losses(self, routing: Routing, load: torch.Tensor, valid: torch.Tensor) -> Stats:
         """Stage 1 (training): ``sum_i ((|A_i| - n/N) / (n/N)) * sum_{t in A_i} sigmoid(s[t, i])`` over non-pad tokens.

@@ -107,6 +107,29 @@ class MoEOptions(FairseqDataclass):
     distill_router_heads: int = field(
         default=2, metadata={"help": "attention heads of the transformer distilled router (divides --distill-dim)"}
     )
+    distill_refit: bool = field(
+        default=False,
+        metadata={
+            "help": "exact distillation: at the stage boundary, freeze as StableMoE's routing each token id's most "
+            "frequent backbone expert over the last --refit-updates stage-1 updates (the exact minimiser of the "
+            "distillation loss for a token-id table); ids not seen there, and ties, keep the distilled router's "
+            "choice. Needs --distill-router wordemb"
+        },
+    )
+    refit_updates: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "the refit window: the last stage-1 updates whose backbone routing is counted for the "
+            "boundary's majority table and hand-over statistics (default: the last half of stage 1)"
+        },
+    )
+    no_routing_counts: bool = field(
+        default=False,
+        metadata={
+            "help": "do not count StableMoE's stage-1 backbone routing per token id (no agree_ceiling, "
+            "route_churn or hand-over statistics; --distill-refit needs the counts)"
+        },
+    )
 
 
 @dataclass
@@ -139,8 +162,10 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEOptions):
             "block p each (0: before the first block; repeat p to stack layers); replaces --moe-layers"
         },
     )
-    # from other parts of the config: expert parallelism needs legacy_ddp
+    # from other parts of the config: expert parallelism needs legacy_ddp; the routing counts'
+    # logging window is the log interval
     ddp_backend: str = II("distributed_training.ddp_backend")
+    log_interval: int = II("common.log_interval")
 
 
 def moe_layer_positions(num_dense_layers: int, num_moe_layers: int) -> List[int]:
@@ -275,6 +300,10 @@ def build_moe_layer(args, dictionary, embed_dim: int, ffn_dim: int) -> nn.Module
             distill_router=str(opt("distill_router")),
             distill_router_layers=opt("distill_router_layers"),
             distill_router_heads=opt("distill_router_heads"),
+            distill_refit=bool(opt("distill_refit")),
+            refit_updates=opt("refit_updates"),
+            routing_window=int(safe_getattr(args, "log_interval", 100) or 100),
+            routing_counts=not opt("no_routing_counts"),
         )
     elif layer is HashLayer:
         kwargs.update(symbols=list(dictionary.symbols))
@@ -351,6 +380,34 @@ class StableMoEDecoder(TransformerDecoder):
         return x, extra
 
 
+def refit_problems(args, distill_router: str) -> List[str]:
+    """What is wrong with ``--distill-refit`` / ``--refit-updates`` (each with the fix)."""
+    problems = []
+    refit = bool(safe_getattr(args, "distill_refit", False))
+    refit_updates = safe_getattr(args, "refit_updates", None)
+    stage1 = args.two_stage_updates
+    if refit and str(args.moe_type) != "stablemoe":
+        problems.append(
+            f"--distill-refit refits StableMoE's distilled router; --moe-type {args.moe_type} has none: "
+            "drop --distill-refit or use --moe-type stablemoe"
+        )
+    if refit and distill_router != "wordemb":
+        problems.append(
+            f"--distill-refit freezes a token id -> expert table, but --distill-router {distill_router} routes by "
+            "context: use --distill-router wordemb or drop --distill-refit"
+        )
+    if refit and safe_getattr(args, "no_routing_counts", False):
+        problems.append("--distill-refit needs the routing counts: drop --no-routing-counts")
+    if refit and stage1 < 1:
+        problems.append(f"--distill-refit needs a stage 1 to count: --two-stage-updates must be >= 1 (got {stage1})")
+    if refit_updates is not None and stage1 >= 1 and not 1 <= refit_updates <= stage1:
+        problems.append(
+            f"--refit-updates must be between 1 and --two-stage-updates ({stage1}), the stage-1 updates it "
+            f"counts (got {refit_updates})"
+        )
+    return problems
+
+
 def validate_moe_args(args, stacks: Sequence[Tuple[str, str, str]], model_name: str = "stablemoe_lm") -> None:
     """Refuse bad MoE options with an error that names the option and the fix.
 
@@ -394,6 +451,7 @@ def validate_moe_args(args, stacks: Sequence[Tuple[str, str, str]], model_name: 
             problems.append(f"--distill-router-layers must be >= 1 (got {layers})")
         if heads < 1 or args.distill_dim % heads:
             problems.append(f"--distill-router-heads {heads} must divide --distill-dim ({args.distill_dim})")
+    problems.extend(refit_problems(args, distill_router))
     if args.capacity_factor is not None and args.capacity_factor <= 0:
         problems.append(f"--capacity-factor must be > 0 or unset (got {args.capacity_factor})")
     world_size, _ = world_size_and_rank()

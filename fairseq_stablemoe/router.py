@@ -174,7 +174,10 @@ class DistilledRouter(nn.Module):
     routing *is* the table :meth:`choice_table` (arg-max of the snapshot's
     affinities for every id, :func:`finite_affinities`' replacement over the
     ``V x N`` table, first index on ties), built once and looked up per token
-    (:meth:`lookup`), in stage-2 training and at inference alike.
+    (:meth:`lookup`), in stage-2 training and at inference alike. With
+    ``--distill-refit`` the layer replaces that table at the boundary by the
+    backbone's majority routing (:meth:`set_table`); the table is then kept in
+    the buffer ``refit_choice`` (``(V,)`` long, -1 when unset) and saved.
     """
 
     def __init__(
@@ -205,6 +208,8 @@ class DistilledRouter(nn.Module):
             self.final_norm = nn.LayerNorm(distill_dim)
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self._frozen = False  # python mirror of the buffer: no device sync per forward
+        self.register_buffer("refit_choice", torch.full((vocab_size,), -1, dtype=torch.long))
+        self._refit = False  # python mirror: refit_choice holds the table
         self._with_snapshot = False  # inside forward's functional call on the snapshot
         # (key, choice, nonfinite) of choice_table: the key holds the snapshot tensors and their versions
         self._table: Optional[Tuple[tuple, torch.Tensor, torch.Tensor]] = None
@@ -287,7 +292,26 @@ class DistilledRouter(nn.Module):
             scores, _ = finite_affinities(raw, count=False)
             nonfinite = raw.isfinite().logical_not().sum(1, dtype=torch.float32)
             self._table = table = (key, top1(scores), nonfinite)
+        if self._refit:
+            return self.refit_choice, table[2]
         return table[1], table[2]
+
+    @torch.no_grad()
+    def own_table(self) -> torch.Tensor:
+        """``(V,)`` the frozen snapshot's own arg-max table, also when :meth:`set_table` replaced it."""
+        refit, self._refit = self._refit, False
+        try:
+            return self.choice_table()[0]
+        finally:
+            self._refit = refit
+
+    @torch.no_grad()
+    def set_table(self, choice: torch.Tensor) -> None:
+        """Route a frozen ``wordemb`` router by ``choice`` (``(V,)`` long experts) instead of its arg-max."""
+        if not self.routes_by_table or choice.shape != self.refit_choice.shape:
+            raise RuntimeError("set_table: a frozen wordemb router takes one expert per token id")
+        self.refit_choice.copy_(choice)
+        self._refit = True
 
     def lookup(self, ids: torch.Tensor, count: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Route ``(T,)`` token ids by :meth:`choice_table` (a frozen ``wordemb`` router only).
@@ -354,6 +378,8 @@ class DistilledRouter(nn.Module):
         self.frozen.fill_(False)
         self._frozen = False
         self._table = None
+        self.refit_choice.fill_(-1)
+        self._refit = False
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
@@ -374,5 +400,15 @@ class DistilledRouter(nn.Module):
     def _after_load(module: "DistilledRouter", incompatible_keys) -> None:
         if bool(module.frozen.item()):
             module.freeze()
+            module._refit = module.kind == "wordemb" and bool(module.refit_choice.ge(0).all())
         else:
             module.unfreeze()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # a checkpoint saved before --distill-refit existed routes by its own table
+        state_dict.setdefault(prefix + "refit_choice", torch.full_like(self.refit_choice, -1))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

@@ -1,4 +1,5 @@
-"""What the plugin changes in fairseq's training step: one gradient norm for the whole model.
+"""What the plugin changes in fairseq's training step: one gradient norm for the whole model, and
+the update count that StableMoE's routing counts read.
 
 fairseq leaves parameters with ``expert = True`` out of the gradient norm
 (``fairseq.utils.clip_grad_norm_``), and its flat ``--fp16``/``--bf16`` master
@@ -34,6 +35,19 @@ it relies on, each a small wrapper that calls fairseq's own:
 * ``LegacyDistributedDataParallel.all_reduce_grads``: after fairseq's
   all-reduce of the shared gradients, expert replicas sum their gradients
   among themselves (:func:`.parallel.reduce_replica_gradients`).
+
+Two more, for StableMoE's routing counts (:mod:`.routing_counts`):
+
+* ``Trainer.set_num_updates``: fairseq passes the update count to the model
+  only at the start of the next step; here the plugin's models also get it
+  right after each step, so a logging window ends (and its ``agree_ceiling``
+  is logged) in the step that completes it, and the stage boundary (the
+  router's freeze, the refit table) takes effect before the validation and
+  the checkpoint of the boundary update;
+* ``FairseqTask.train_step``: fairseq's dummy batch (a process with no batch
+  left repeats its first one with the loss zeroed, ``ignore_grad``) runs
+  inside :func:`.routing_counts.not_counted`, so the counts hold only real
+  tokens, as the logged statistics do.
 """
 
 from typing import Iterable, List, Tuple
@@ -43,9 +57,12 @@ from fairseq import utils
 from fairseq.distributed.legacy_distributed_data_parallel import LegacyDistributedDataParallel
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
+from fairseq.tasks import FairseqTask
+from fairseq.trainer import Trainer
 
 from .layer import MoELayer
 from .parallel import all_reduce_sum, reduce_replica_gradients
+from .routing_counts import not_counted
 
 _fairseq = {}
 
@@ -163,6 +180,21 @@ def _all_reduce_grads(self):
     reduce_replica_gradients(self._stablemoe_layers)
 
 
+def _set_num_updates(self, num_updates):
+    _fairseq["set_num_updates"](self, num_updates)
+    model = self.get_model()
+    if any(isinstance(m, MoELayer) for m in model.modules()):
+        model.set_num_updates(num_updates)
+
+
+def _task_train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
+    step = _fairseq["task_train_step"]
+    if not ignore_grad:
+        return step(self, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+    with not_counted():
+        return step(self, sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+
+
 def install() -> None:
     """Install the wrappers (idempotent)."""
     if _fairseq:
@@ -172,11 +204,15 @@ def install() -> None:
         build_fp32_params=_FP16OptimizerMixin.__dict__["build_fp32_params"],
         amp_clip_grad_norm=AMPOptimizer.clip_grad_norm,
         all_reduce_grads=LegacyDistributedDataParallel.all_reduce_grads,
+        set_num_updates=Trainer.set_num_updates,
+        task_train_step=FairseqTask.train_step,
     )
     utils.clip_grad_norm_ = clip_grad_norm_
     _FP16OptimizerMixin.build_fp32_params = classmethod(_build_fp32_params)
     AMPOptimizer.clip_grad_norm = _amp_clip_grad_norm
     LegacyDistributedDataParallel.all_reduce_grads = _all_reduce_grads
+    Trainer.set_num_updates = _set_num_updates
+    FairseqTask.train_step = _task_train_step
 
 
 install()
