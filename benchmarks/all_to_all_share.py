@@ -10,17 +10,25 @@ backward, wrapped with timers; timed with a barrier-free wall clock, plus
         layer_ms=<median> a2a_ms=<median> a2a_share=<x>
 
     python benchmarks/all_to_all_share.py [--world-size 2] [--tokens 4096] [--dim 512] [--ffn 2048] [--experts 4]
+
+``--markdown FILE`` also writes the table into FILE (see benchmarks/markdown.py).
 """
 
 import argparse
 import os
 import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from markdown import table, write_block  # noqa: E402
 
 
 def _free_port() -> int:
@@ -85,6 +93,7 @@ def _worker(rank: int, opts, port: int) -> None:
         loss = out.float().pow(2).mean() + 0.3 * stats.get("balance_loss", 0) + 0.3 * stats.get("distill_loss", 0)
         loss.backward()
 
+    rows = []
     for stage in ("stage1", "stage2", "inference"):
         for _ in range(opts.warmup):
             step(stage)
@@ -105,7 +114,18 @@ def _worker(rank: int, opts, port: int) -> None:
                 f"layer_ms={lm:.2f} a2a_ms={am:.2f} a2a_share={am / lm:.3f}",
                 flush=True,
             )
+            rows.append([stage, f"{lm:.1f}", f"{am:.1f}", f"{100 * am / lm:.1f}%"])
+    if rank == 0 and opts.markdown:
+        header = (
+            f"torch {torch.__version__}, {opts.world_size} {opts.backend} processes of "
+            f"{torch.get_num_threads()} threads, {opts.experts} experts, {opts.tokens} tokens per process, "
+            f"d={opts.dim}, f={opts.ffn}, {'bf16' if opts.bf16 else 'fp32'}; median of {opts.repeats} steps "
+            "(stage 1 and 2: forward+backward; inference: forward)."
+        )
+        lines = table(["case", "layer ms", "all-to-all ms", "all-to-all share"], rows)
+        write_block(opts.markdown, f"all_to_all_share {opts.backend} W={opts.world_size}", [header, "", *lines])
     dist.all_to_all_single = dist_fn
+    dist.barrier()  # rank 0 may still be writing the table
     dist.destroy_process_group()
 
 
@@ -120,6 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table into FILE")
     opts = parser.parse_args()
     mp.spawn(_worker, args=(opts, _free_port()), nprocs=opts.world_size, join=True)
 

@@ -19,6 +19,8 @@ Prints ``case=<name> experts=<N> ms=<median> ratio_vs_dense=<x>``; ``auto`` pick
 ``loop`` on CPU because it measured fastest here (docs/performance.md).
 
     python benchmarks/expert_compute.py [--experts 16 64] [--tokens 8192 --dim 512 --ffn 2048]
+
+``--markdown FILE`` also writes the table of docs/performance.md (one row per N) into FILE.
 """
 
 import argparse
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocator import steady_malloc  # noqa: E402
+from markdown import table, write_block  # noqa: E402
 from pairing import paired_rounds  # noqa: E402
 
 from fairseq_stablemoe.experts import Expert, Experts  # noqa: E402
@@ -70,6 +73,13 @@ def main() -> None:
         action="store_true",
         help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)",
     )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the table (one row per N, the command above it) into FILE, replacing the block of "
+        "the same shape (see benchmarks/markdown.py)",
+    )
     opts = parser.parse_args()
     allocator = steady_malloc(opts.steady_malloc)
     if not hasattr(F, "grouped_mm"):
@@ -84,6 +94,7 @@ def main() -> None:
     x0 = torch.randn(T, d)
     g = torch.randn(T, d) / T
     dense = Expert(d, f, 1)
+    rows = []
     for n in opts.experts:
         counts = [T // n + (1 if i < T % n else 0) for i in range(n)]
         experts = Experts(n, d, f, 1)
@@ -135,6 +146,25 @@ def main() -> None:
                 flush=True,
             )
         print(f"# experts={n}: dense ms={statistics.median(times['dense']) * 1000:.1f}", flush=True)
+        rows.append(
+            [n, T // n, *(f"{statistics.median(ratios[name]):.2f}" for name in names)]
+            + [f"{statistics.median(times['dense']) * 1000:.1f}"]
+        )
+    if opts.markdown:
+        header = (
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, the experts' forward+backward on T={T} "
+            f"tokens split evenly, over the dense FFN's on all T (d={d}, f={f}), median of {opts.repeats} paired "
+            f"rounds; {allocator}."
+        )
+        titles = {
+            "side_by_side": "`threads`",
+            "one_after_other": "`loop`",
+            "grouped_mm": "`grouped_mm`",
+            "padded_bmm": "`padded_bmm`",
+            "grouped_mm_prestacked": "grouped_mm, weights stacked once",
+        }
+        lines = table(["N", "tokens per expert", *(titles[name] for name in names), "dense ms (fwd+bwd)"], rows)
+        write_block(opts.markdown, f"expert_compute T={T} d={d} f={f}", [header, "", *lines])
 
 
 if __name__ == "__main__":

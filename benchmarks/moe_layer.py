@@ -12,6 +12,11 @@ forward only, against the dense forward only), the plugin's ``switch``,
 ``base`` and ``hash`` layers (training), and fairscale's ``MOELayer`` with its
 ``Top2Gate`` (one-hot einsum dispatch; ``fairscale_top2``), which has rounds
 of its own after the others (each of its calls allocates over a GB).
+Each StableMoE case also has an experts-alone case (``experts_stage1``,
+``experts_stage2``, ``experts_inference``): the same layer's experts on the
+token split that case routes, without routing, dispatch, gate or losses,
+paired with the dense FFN in the same rounds, so that the layer's own overhead
+(``layer / experts alone``) is measured in the same run as the layer.
 
 ``mem_ratio`` is the case's peak of live tensor bytes created during its
 forward (the activations, including what autograd saves for the backward)
@@ -57,6 +62,8 @@ Prints one line per case:
     python benchmarks/moe_layer.py --quick    # N = 16 only
     python benchmarks/moe_layer.py --backend grouped_mm --tokens 4096 --dim 256 --ffn 1024 --experts 8 32
     python benchmarks/moe_layer.py --device cuda --dtype bf16 --sublayers 3 --dim 768 --ffn 3072 --experts 1 4 16
+
+``--markdown FILE`` also writes the table of docs/performance.md (one row per N) into FILE.
 """
 
 import argparse
@@ -79,6 +86,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allocator import steady_malloc  # noqa: E402
+from markdown import table, write_block  # noqa: E402
 from pairing import paired_rounds  # noqa: E402
 
 from fairseq_stablemoe.experts import Expert  # noqa: E402
@@ -377,12 +385,29 @@ class _Null:
         return False
 
 
+class ExpertsAlone(nn.Module):
+    """A layer's experts alone on a fixed token split (``counts`` tokens per expert, in order): the
+    layer's expert computation without its routing, dispatch, gate and losses. Called as the layers
+    are, ``(h, tokens) -> (out, stats)``."""
+
+    def __init__(self, experts: nn.Module, counts: List[int]):
+        super().__init__()
+        self.experts, self.counts = experts, counts
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor):
+        return self.experts(h.reshape(-1, h.shape[-1]), self.counts), {}
+
+
+#: each StableMoE case's experts-alone case (the same experts on the token split that case routes)
+EXPERTS_ALONE = {"stage1": "experts_stage1", "stage2": "experts_stage2", "inference": "experts_inference"}
+
+
 def reference(case: str) -> str:
     """The dense run a case is compared with."""
-    return "dense_infer" if case == "inference" else "dense_train"
+    return "dense_infer" if case in ("inference", "experts_inference") else "dense_train"
 
 
-def measure(opts, n: int) -> None:
+def measure(opts, n: int) -> Dict[str, object]:
     torch.manual_seed(0)
     d, f, T = opts.dim, opts.ffn, opts.tokens
     device = torch.device(opts.device)
@@ -410,6 +435,14 @@ def measure(opts, n: int) -> None:
     with torch.no_grad(), precision():
         _, stats = stable(h, tokens)
     load2 = stats["load"]
+    # the experts alone on the split each StableMoE case routes (stage 2 and inference: the distilled router's)
+    split = {"stage1": [int(c) for c in load1.tolist()], "stage2": [int(c) for c in load2.tolist()]}
+    split["inference"] = split["stage2"]
+    for name, alone in EXPERTS_ALONE.items():
+        if name in cases:
+            layer, train, _ = cases[name]
+            cases[alone] = (ExpertsAlone(layer.experts, split[name]), train, False)
+    runs.update({alone: cases[alone] for alone in EXPERTS_ALONE.values() if alone in cases})
     with precision():
         backend = stable.experts.backend_for(h)
     print(
@@ -451,6 +484,59 @@ def measure(opts, n: int) -> None:
     dense_ops = " ".join(f"{k}={v}" for k, v in ops[max(ops, key=lambda r: r.startswith("dense_train"))].items())
     dense_ms = " ".join(f"{ref[6:].replace('infer', 'inference')}={med[ref]:.1f}" for ref in dense_runs if ref in med)
     print(f"# experts={n}: dense ms {dense_ms}; dense {dense_ops}", flush=True)
+    return {
+        "experts": n,
+        "ms": med,
+        "ratio": {name: statistics.median(ratios[name]) for name in cases},
+        "ops": ops,
+        "split": split,
+        "backend": backend,
+    }
+
+
+def markdown_rows(results: List[Dict[str, object]]) -> List[str]:
+    """The page's table: one row per expert count (``-`` where a case was not measured)."""
+
+    def ratios(names) -> str:
+        return " / ".join(f"{r['ratio'][k]:.2f}" if k in r["ratio"] else "-" for k in names)
+
+    def ops(name: str, suffix: str = "") -> str:
+        counted = r["ops"].get(name, {})
+        return f"{counted['ops' + suffix]} ({counted['kernels' + suffix]})" if "ops" + suffix in counted else "-"
+
+    rows = []
+    for r in results:
+        split = r["split"]["stage1"]
+        overhead = " / ".join(
+            f"{r['ratio'][k] / r['ratio'][a]:.2f}" if k in r["ratio"] and a in r["ratio"] else "-"
+            for k, a in EXPERTS_ALONE.items()
+        )
+        dense = " / ".join(f"{r['ms'][k]:.1f}" if k in r["ms"] else "-" for k in ("dense_train", "dense_infer"))
+        rows.append(
+            [
+                r["experts"],
+                f"{sum(split) // len(split)} ({min(split)}-{max(split)})",
+                ratios(EXPERTS_ALONE),
+                ratios(EXPERTS_ALONE.values()),
+                overhead,
+                dense,
+                ops("inference"),
+                ops("stage1", "_fwd_bwd"),
+            ]
+        )
+    return table(
+        [
+            "N",
+            "tokens per expert, stage 1: mean (min-max)",
+            "layer / dense: stage 1 / stage 2 / inference",
+            "experts alone / dense",
+            "layer / experts alone",
+            "dense ms: fwd+bwd / fwd",
+            "ops inference (kernels)",
+            "ops stage 1 fwd+bwd (kernels)",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
@@ -499,6 +585,13 @@ def main() -> None:
         action="store_true",
         help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)",
     )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the table (one row per N, the command above it) into FILE, replacing the block of "
+        "the same shape, device, dtype and backend (see benchmarks/markdown.py)",
+    )
     opts = parser.parse_args()
     if opts.autocast and opts.dtype == "fp32":
         parser.error("--autocast needs --dtype bf16 or fp16")
@@ -527,8 +620,18 @@ def main() -> None:
         f"{allocator}",
         flush=True,
     )
-    for n in [16] if opts.quick else opts.experts:
-        measure(opts, n)
+    results = [measure(opts, n) for n in ([16] if opts.quick else opts.experts)]
+    if opts.markdown:
+        key = (
+            f"moe_layer T={opts.tokens} d={opts.dim} f={opts.ffn} sublayers={opts.sublayers} "
+            f"{opts.device.split(':')[0]} {opts.dtype}{' autocast' if opts.autocast else ''} backend={opts.backend}"
+        )
+        header = (
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {precision}, "
+            f"expert backend {opts.backend} (used: {results[0]['backend']}), median of {opts.repeats} paired "
+            f"rounds; {allocator}."
+        )
+        write_block(opts.markdown, key, [header, "", *markdown_rows(results)])
 
 
 if __name__ == "__main__":

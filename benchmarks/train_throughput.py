@@ -9,6 +9,8 @@ first log interval (warm-up). Prints
     stablemoe_wps=<median> dense_wps=<median> ratio=<stablemoe/dense>
 
     python benchmarks/train_throughput.py [--data DATA_BIN] [--rounds 2] [--updates 60]
+
+``--markdown FILE`` also writes the result as a table into FILE (see benchmarks/markdown.py).
 """
 
 import argparse
@@ -22,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from markdown import table, write_block  # noqa: E402
 
 
 def synthetic_data(tmp: Path) -> Path:
@@ -120,6 +125,7 @@ def main() -> None:
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the result as a table into FILE")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = opts.data or synthetic_data(Path(tmp))
@@ -130,6 +136,19 @@ def main() -> None:
                 print(f"# {moe_type}: {results[moe_type][-1]:.0f} words/s", flush=True)
     s, d = statistics.median(results["stablemoe"]), statistics.median(results["dense"])
     print(f"stablemoe_wps={s:.0f} dense_wps={d:.0f} ratio={s / d:.3f}")
+    if opts.markdown:
+        header = (
+            f"`fairseq-train --arch stablemoe_lm` ({opts.experts} experts, {opts.max_tokens} tokens per update, "
+            f"{opts.updates} updates, stage 2 from update {opts.updates // 2}) against `--moe-type dense`, "
+            f"{opts.rounds} alternating rounds, data: {'the given directory' if opts.data else 'a synthetic corpus'}; "
+            "words/s: median of fairseq's logged `wps` after the first interval."
+        )
+        rows = [[f"{s:.0f}", f"{d:.0f}", f"{s / d:.3f}"]]
+        write_block(
+            opts.markdown,
+            "train_throughput",
+            [header, "", *table(["stablemoe words/s", "dense words/s", "ratio"], rows)],
+        )
 
 
 if __name__ == "__main__":
