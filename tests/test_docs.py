@@ -1,0 +1,139 @@
+"""The documentation matches the code: docs/options.md is what scripts/options_doc.py writes from the
+dataclasses, and every ``--option`` the README and docs/ name exists in the command it belongs to."""
+
+import argparse
+import importlib.util
+import re
+import runpy
+import sys
+from pathlib import Path
+from typing import Callable, Set
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: options of tools outside this repository and fairseq that the pages name (tool: options)
+EXTERNAL = {
+    "torchrun": {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port", "--rdzv_endpoint"},
+    "srun/sbatch": {"--ntasks-per-node", "--nodes", "--gpus-per-node", "--cpus-per-task"},
+    "pip": {"--no-deps", "--no-build-isolation", "--target"},
+    "pytest": {"--timeout"},
+    # the paper authors' fairseq fork (docs compare with it)
+    "the paper's code": {"--assignment-algorithm", "--save-each-rank", "--capacity-factor"},
+}
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_options_page_is_generated_from_the_code():
+    options_doc = _load(REPO / "scripts" / "options_doc.py", "options_doc")
+    page = (REPO / "docs" / "options.md").read_text()
+    assert page == options_doc.render(), "docs/options.md is stale: run python scripts/options_doc.py"
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def _options_of(run: Callable[[], object]) -> Set[str]:
+    """The option strings of the argparse parser that ``run`` builds and parses with."""
+
+    def grab(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    saved = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        run()
+    except _Parsed as parsed:
+        return set(parsed.parser._option_string_actions)
+    finally:
+        argparse.ArgumentParser.parse_args = saved
+    raise AssertionError(f"{run} parsed no command line")
+
+
+def _script(path: str) -> Callable[[], object]:
+    def run():
+        argv = sys.argv
+        sys.argv = [path]
+        try:
+            runpy.run_path(str(REPO / path), run_name="__main__")
+        finally:
+            sys.argv = argv
+
+    return run
+
+
+def _fairseq_options() -> Set[str]:
+    from fairseq import options
+
+    user_dir = str(REPO / "fairseq_stablemoe")
+    lm = ["DATA", "--user-dir", user_dir, "--task", "language_modeling"]
+    mt = ["DATA", "--user-dir", user_dir, "--task", "translation"]
+    known: Set[str] = set()
+    multilingual = ["DATA", "--user-dir", user_dir, "--task", "translation_multi_simple_epoch", "--lang-pairs", "a-b"]
+    train = ["--criterion", "stablemoe", "--optimizer", "adam"]
+    for make, argv in [
+        (options.get_training_parser, lm + ["--arch", "stablemoe_lm", *train, "--lr-scheduler", "polynomial_decay"]),
+        (
+            options.get_training_parser,
+            mt + ["--arch", "stablemoe_transformer", *train, "--lr-scheduler", "inverse_sqrt"],
+        ),
+        (options.get_training_parser, multilingual + ["--arch", "stablemoe_transformer", *train]),
+        (options.get_preprocessing_parser, []),
+        (options.get_eval_lm_parser, lm + ["--path", "x.pt"]),
+        (options.get_generation_parser, mt + ["--path", "x.pt"]),
+        (options.get_interactive_generation_parser, mt + ["--path", "x.pt"]),
+        (options.get_validation_parser, lm + ["--path", "x.pt"]),
+    ]:
+        parser = make()
+        if argv:
+            options.parse_args_and_arch(parser, argv)
+        known |= set(parser._option_string_actions)
+    return known
+
+
+@pytest.fixture(scope="module")
+def known_options() -> Set[str]:
+    from fairseq_stablemoe import consolidate, fluctuation, routing_summary
+
+    known = _fairseq_options()
+    for module in (consolidate, fluctuation, routing_summary):
+        known |= set(module.build_parser()._option_string_actions)
+    compare = _load(REPO / "examples" / "compare_moe_types.py", "compare_moe_types")
+    known |= _options_of(lambda: compare.parse_options([]))
+    for path in [
+        "examples/shakespeare/prepare.py",
+        "examples/translation/make_pig_latin.py",
+        "scripts/options_doc.py",
+        *(f"benchmarks/{p.name}" for p in sorted((REPO / "benchmarks").glob("*.py")) if p.name != "markdown.py"),
+    ]:
+        if "def main" in (REPO / path).read_text() or "argparse" in (REPO / path).read_text():
+            try:
+                known |= _options_of(_script(path))
+            except AssertionError:
+                pass  # a helper module without a command line
+    for options in EXTERNAL.values():
+        known |= options
+    return known
+
+
+#: an option named in a page (``--keep-*``, a family of options, is not one)
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*(?![\w*-])")
+
+
+@pytest.mark.parametrize(
+    "page",
+    ["README.md", *(f"docs/{p.name}" for p in sorted((REPO / "docs").glob("*.md")))],
+)
+def test_named_options_exist(page, known_options):
+    named = set(OPTION.findall((REPO / page).read_text()))
+    unknown = sorted(named - known_options)
+    assert not unknown, f"{page} names options that no command here has: {unknown}"
