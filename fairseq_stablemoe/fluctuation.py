@@ -175,22 +175,43 @@ def pyplot():
 
 
 def plot(result: Dict[str, object], path: str, title: str = "") -> None:
+    """The fluctuation between consecutive checkpoints (all MoE layers, and each layer when there are
+    several) and the last-fluctuation-step curve. Hollow markers of decreasing size keep lines that
+    coincide (layers that never change expert) visible one inside the other."""
     plt = pyplot()
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     pairs = result["pairs"]
-    ax1.plot([p["to_update"] for p in pairs], [100 * p["ratio"] for p in pairs], marker="o")
-    ax1.set_xlabel("update")
-    ax1.set_ylabel("tokens whose expert changed (%)")
-    ax1.set_title("fluctuation between consecutive checkpoints")
+    updates = [p["to_update"] for p in pairs]
+    lines = [("all MoE layers", [p["ratio"] for p in pairs])]
+    if result.get("num_layers", 1) > 1:
+        lines += [(f"MoE layer {j}", [p["per_layer"][j] for p in pairs]) for j in range(result["num_layers"])]
+    for i, (label, ratios) in enumerate(lines):
+        ax1.plot(
+            updates,
+            [100 * r for r in ratios],
+            marker="osD^v"[i % 5],
+            markersize=max(8 - 1.5 * i, 3),
+            markerfacecolor="none",
+            linestyle=["-", "--", "-.", ":"][i % 4],
+            label=label,
+        )
+    ax1.set(
+        xlabel="update (checkpoint)",
+        ylabel="tokens whose expert changed (%)",
+        title="fluctuation since the previous checkpoint",
+    )
+    if len(lines) > 1:
+        ax1.legend(fontsize=8)
     lf = result["last_fluctuation"]
-    ax2.plot(lf["update_pct"], [100 * c for c in lf["cumulative_share"]], marker="o")
-    ax2.set_xlabel("last fluctuation step (% of training)")
-    ax2.set_ylabel("cumulative token share (%)")
-    ax2.set_title("last fluctuation step")
+    ax2.plot(lf["update_pct"], [100 * c for c in lf["cumulative_share"]], marker="o", markerfacecolor="none")
+    ax2.set(
+        xlabel="training progress (%)",
+        ylabel="tokens that no longer change (%)",
+        title="last fluctuation step (all MoE layers)",
+    )
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
