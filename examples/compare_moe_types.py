@@ -5,9 +5,9 @@ JSON record per run.
 Every run gets the same data, model size, experts, updates, learning-rate schedule and seed list;
 a run differs from the main comparison only in what its study varies. Finished runs are reused
 (their ``result.json`` records the configuration), interrupted ones resume from their last
-checkpoint, so a study can be spread over several sessions: run the same command again.
+checkpoint, so a long study can be stopped and continued: run the same command again.
 
-    python examples/compare_moe_types.py --data /tmp/shk/data-bin --work runs/study \
+    python examples/compare_moe_types.py --data runs/shakespeare/data-bin --work runs/study \
         --out docs/study_results.md --study main --seeds 1,2,3 --max-update 3000 --stage1-fraction 0.1
 
 ``--study``: ``main`` (every ``--types`` x ``--seeds``), ``ablations`` (StableMoE variants: the
@@ -298,15 +298,29 @@ SHARED = (
 )
 
 
-def data_fingerprint(data: Path) -> str:
-    """The binarised data's identity (its dictionary and the splits' indexes), not its path."""
+def data_fingerprint(data: Path) -> Optional[str]:
+    """The binarised data's identity (its dictionary and the splits' indexes), not its path; None without data."""
     import hashlib
+
+    if not (data / "dict.txt").exists():
+        return None
 
     digest = hashlib.sha1()
     for name in ("dict.txt", "train.idx", "valid.idx", "test.idx"):
         if (data / name).exists():
             digest.update((data / name).read_bytes())
     return "sha1:" + digest.hexdigest()[:16]
+
+
+def same_config(recorded: Optional[Dict[str, object]], expected: Dict[str, object]) -> bool:
+    """Whether a record was made with the expected configuration. Without the data directory
+    (``--report-only`` reads only the records) the data's fingerprint is not compared."""
+    if recorded is None:
+        return False
+    if expected.get("data") is None:
+        recorded = {k: v for k, v in recorded.items() if k != "data"}
+        expected = {k: v for k, v in expected.items() if k != "data"}
+    return recorded == expected
 
 
 def run_config(opts, run: Run) -> Dict[str, object]:
@@ -381,8 +395,8 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
         "params": param_counts(final),
         "train_wps": statistics.median(float(w) for w in wps) if wps else float("nan"),
         "train_seconds": wall_at(records, run.max_update),  # training steps only
-        "session_seconds": sum(sessions),  # whole fairseq-train sessions (an interrupted one is not counted)
-        "sessions": len(sessions),
+        "launch_seconds": sum(sessions),  # whole fairseq-train launches (an interrupted one is not counted)
+        "launches": len(sessions),
         "valid_curve": valid_curve,
     }
     if run.moe_type != "dense" and len(interval_ckpts) >= 2:
@@ -436,6 +450,67 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+#: the type the perplexity plots are drawn against (the first type run if it is not)
+PLOT_REFERENCE = "stablemoe"
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+_DASHES = ["-", "--", "-.", ":"]
+
+
+def _style(i: int) -> Dict[str, object]:
+    """Line ``i``'s colour, marker and dashes. Markers are hollow and shrink with ``i``, so that lines
+    which coincide (two types that never change expert, say) stay visible one inside the other."""
+    return {
+        "color": f"C{i % 10}",
+        "marker": _MARKERS[i % len(_MARKERS)],
+        "linestyle": _DASHES[i % len(_DASHES)],
+        "markersize": max(9.0 - 1.4 * i, 3.5),
+        "markerfacecolor": "none",
+        "markeredgewidth": 1.3,
+        "linewidth": 1.4,
+    }
+
+
+def _per_update(runs: Sequence[Dict[str, object]], points) -> List[tuple]:
+    """``(x, [value of each run])`` at the x every run has; ``points(run)`` gives a run's ``[[x, value], ...]``."""
+    series = [{p[0]: p[1] for p in points(r)} for r in runs]
+    common = set.intersection(*(set(s) for s in series)) if series else set()
+    return [(x, [s[x] for s in series]) for x in sorted(common)]
+
+
+def _spread_line(ax, xs, values, style, label: str, scale: float = 1.0) -> None:
+    """The seed mean of ``values`` (one list per x) against ``xs``, shaded ±1 sample s.d. when there are seeds."""
+    mean = [scale * statistics.mean(v) for v in values]
+    ax.plot(xs, mean, label=label, **style)
+    if values and min(len(v) for v in values) > 1:
+        sd = [scale * statistics.stdev(v) for v in values]
+        ax.fill_between(
+            xs, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], color=style["color"], alpha=0.12
+        )
+
+
+def _gap_line(ax, runs, ref_runs, style, label: str, cost=None, ref_cost=None) -> None:
+    """Validation perplexity minus the reference's seed mean, against updates (or, with ``cost`` and
+    ``ref_cost`` in seconds per update, against training time: the reference read at the same time,
+    linear between its points); shaded: the type's own seed spread."""
+    curve = _per_update(runs, lambda r: r["valid_curve"])
+    ref = [(u, statistics.mean(v)) for u, v in _per_update(ref_runs, lambda r: r["valid_curve"])]
+    if cost is None:
+        ref_at = dict(ref)
+        pts = [(u, [p - ref_at[u] for p in v]) for u, v in curve if u in ref_at]
+    else:
+        ref_t = [(u * ref_cost, p) for u, p in ref]
+        pts = []
+        for u, v in curve:
+            t = u * cost
+            for (t0, p0), (t1, p1) in zip(ref_t, ref_t[1:]):
+                if t0 <= t <= t1:
+                    at = p0 + (p1 - p0) * (t - t0) / (t1 - t0)
+                    pts.append((t, [p - at for p in v]))
+                    break
+    if pts:
+        _spread_line(ax, [x for x, _ in pts], [v for _, v in pts], style, label)
 
 
 def measure_step_cost(opts, updates: int, rounds: int) -> Dict[str, object]:
@@ -544,8 +619,8 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
             text += [
                 "Training time: 'train s' is each run's own (fairseq's `train_wall`), which depends on what else "
                 "ran on the machine then; 's/update side by side' is the cost per update of each type measured "
-                f"in one sitting (`--step-cost`, {cost_file.name}), and Figure 4's time axis is updates x that "
-                "cost.",
+                f"side by side in one run (`--step-cost`, {cost_file.name}), and Figure 4's time axis is updates "
+                "x that cost.",
                 "",
             ]
         # the fluctuation of StableMoE's stage-1 routing needs two checkpoints in stage 1
@@ -557,12 +632,12 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
             "| final fluctuation | late (>20%) |" + (" StableMoE stage-1 last pair |" if stage1_col else ""),
             "|---" * (11 if stage1_col else 10) + "|",
         ]
-        fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+        fig, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
         (ax_upd, ax_wall), (ax_pair, ax_last) = axes
-        for t in opts.types:
-            runs = sorted((r for r in main if r["moe_type"] == t), key=lambda r: r["seed"])
-            if not runs:
-                continue
+        by_type = {t: sorted((r for r in main if r["moe_type"] == t), key=lambda r: r["seed"]) for t in opts.types}
+        by_type = {t: runs for t, runs in by_type.items() if runs}
+        ref = PLOT_REFERENCE if PLOT_REFERENCE in by_type else next(iter(by_type))
+        for i, (t, runs) in enumerate(by_type.items()):
             p = runs[0]["params"]
             text.append(
                 f"| {t} | {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in runs])} "
@@ -573,48 +648,49 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} |"
                 + (f" {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |" if stage1_col else "")
             )
-            for ax, col in ((ax_upd, 0), (ax_wall, 2)):
-                curve = _mean_curve(runs, col, cost.get(t) if (ax is ax_wall and cost) else None)
-                if curve:
-                    ax.plot([x for x, _ in curve], [y for _, y in curve], marker=".", label=t)
-            if runs[0].get("fluctuation"):
-                fl = runs[0]["fluctuation"]
-                ax_pair.plot(
-                    [u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{t} (seed {runs[0]['seed']})"
+            label = f"{t} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+            _gap_line(ax_upd, runs, by_type[ref], _style(i), label)
+            if cost and t in cost and ref in cost:
+                _gap_line(ax_wall, runs, by_type[ref], _style(i), label, cost[t], cost[ref])
+            if all(r.get("fluctuation") for r in runs):
+                pts = _per_update(runs, lambda r: r["fluctuation"])
+                _spread_line(ax_pair, [u for u, _ in pts], [v for _, v in pts], _style(i), label, 100)
+            if all(r.get("last_fluctuation") for r in runs):
+                pts = _per_update(
+                    runs,
+                    lambda r: list(zip(r["last_fluctuation"]["update_pct"], r["last_fluctuation"]["cumulative_share"])),
                 )
-            last = runs[0].get("last_fluctuation")
-            if last:
-                ax_last.plot(
-                    last["update_pct"],
-                    [100 * c for c in last["cumulative_share"]],
-                    marker=".",
-                    label=f"{t} (seed {runs[0]['seed']})",
-                )
-        ax_upd.set(xlabel="update", ylabel="validation perplexity (seed mean)", yscale="log")
-        ax_wall.set(
-            xlabel=(
-                "training time: updates x seconds per update side by side (s)"
-                if cost
-                else "training wall time (s, seed mean)"
-            ),
-            ylabel="validation perplexity",
-            yscale="log",
-            title="Figure 4: perplexity against wall time",
-        )
-        ax_pair.set(
+                _spread_line(ax_last, [u for u, _ in pts], [v for _, v in pts], _style(i), label, 100)
+        for ax in (ax_upd, ax_wall):
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_ylabel(f"validation perplexity minus {ref}'s")
+        ax_upd.set(
             xlabel="update",
-            ylabel="tokens whose expert changed since the previous checkpoint (%)",
-            title="fluctuation between checkpoints",
+            title=f"perplexity gap to {ref} (seed means; band: ±1 s.d. over seeds)\nabove 0: worse than {ref}",
         )
-        ax_pair.axvline(opts.max_update * opts.stage1_fraction, color="grey", linestyle=":")
+        ax_wall.set(
+            xlabel="training time: updates x seconds per update measured side by side (s)",
+            title=f"the same at equal training time (paper's Figure 4)\n{ref} read at the same time",
+        )
+        if not cost:
+            ax_wall.text(
+                0.5, 0.5, "no side-by-side cost measured (--step-cost)", ha="center", transform=ax_wall.transAxes
+            )
+        boundary = opts.max_update * opts.stage1_fraction
+        ax_pair.axvline(boundary, color="grey", linestyle=":", label=f"StableMoE's stage 2 from update {boundary:.0f}")
+        ax_pair.set(
+            xlabel="update (checkpoint)",
+            ylabel="tokens whose expert changed (%)",
+            title="fluctuation since the previous checkpoint (validation tokens)",
+        )
         ax_last.set(
             xlabel="training progress (%)",
-            ylabel="tokens whose last change is before it (%)",
-            title="Figures 2 and 7: last fluctuation step",
+            ylabel="tokens that no longer change (%)",
+            title="last fluctuation step (paper's Figures 2 and 7)",
         )
         for ax in axes.flat:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
+            if ax.has_data():
+                ax.legend(fontsize=8)
         fig.savefig(f"{stem}_main.png", dpi=110)
         plt.close(fig)
         text += ["", f"![main comparison]({Path(f'{stem}_main.png').name})", ""]
@@ -656,9 +732,10 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
             "| final fluctuation | late (>20%) | stage-1 last pair |",
             "|---" * 10 + "|",
         ]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(9, 5), layout="constrained")
+        drawn = 0
         for label in dict.fromkeys(r["label"] for r in ablations):
-            runs = [r for r in ablations if r["label"] == label]
+            runs = sorted((r for r in ablations if r["label"] == label), key=lambda r: r["seed"])
             c = runs[0]["config"]
             delta = (statistics.mean(r["valid_ppl"] for r in runs) - statistics.mean(ref)) if ref else float("nan")
             text.append(
@@ -669,18 +746,22 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 f"| {_mean_spread([r.get('late_share') for r in runs], 100, '%')} "
                 f"| {_mean_spread([stage1_last_fluctuation(r) for r in runs], 100, '%')} |"
             )
-            if runs[0].get("fluctuation") and not c["flags"]:  # routing policy and stage-1 share, not placement
-                fl = runs[0]["fluctuation"]
-                ax.plot(
-                    [u for u, _ in fl], [100 * x for _, x in fl], marker=".", label=f"{label} (seed {runs[0]['seed']})"
-                )
+            # routing policy and stage-1 share, not placement (the placements route as the reference does)
+            if all(r.get("fluctuation") for r in runs) and not c["flags"]:
+                style = _style(drawn)
+                pts = _per_update(runs, lambda r: r["fluctuation"])
+                seeds = ",".join(str(r["seed"]) for r in runs)
+                _spread_line(ax, [u for u, _ in pts], [v for _, v in pts], style, f"{label} (seed {seeds})", 100)
+                if runs[0]["moe_type"] == "stablemoe" and c["stage1_fraction"] < 1:
+                    ax.axvline(c["two_stage_updates"], color=style["color"], linestyle=":", linewidth=1)
+                drawn += 1
         ax.set(
-            xlabel="update",
-            ylabel="tokens whose expert changed since the previous checkpoint (%)",
-            title="fluctuation between checkpoints (ablation runs)",
+            xlabel="update (checkpoint)",
+            ylabel="tokens whose expert changed (%)",
+            title="fluctuation since the previous checkpoint, ablation runs\n"
+            "(dotted: each StableMoE run's stage boundary)",
         )
         ax.legend(fontsize=8)
-        fig.tight_layout()
         fig.savefig(f"{stem}_ablations.png", dpi=110)
         plt.close(fig)
         text += ["", f"![ablations' fluctuation]({Path(f'{stem}_ablations.png').name})", ""]
@@ -733,11 +814,22 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
             "| updates | " + " | ".join(opts.types) + " | " + " | ".join(f"stablemoe - {t}" for t in others) + " |",
             "|---" * (len(opts.types) + len(others) + 1) + "|",
         ]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for t in opts.types:
-            pts = [(u, value[t, u]) for u in lengths if value[t, u] is not None]
+        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+        spread = [r["valid_ppl"] for r in main if r["moe_type"] == "stablemoe"]
+        if len(spread) > 1:
+            sd = statistics.stdev(spread)
+            ax.axhspan(
+                -sd,
+                sd,
+                color="grey",
+                alpha=0.15,
+                label=f"stablemoe's seed spread at {opts.max_update} updates (±1 s.d.)",
+            )
+        ax.axhline(0, color="grey", linewidth=0.8)
+        for i, t in enumerate(opts.types):
+            pts = [(u, -gap(t, u)) for u in lengths if t != "stablemoe" and gap(t, u) is not None]
             if pts:
-                ax.plot([u for u, _ in pts], [v for _, v in pts], marker="o", label=t)
+                ax.plot([u for u, _ in pts], [v for _, v in pts], label=t, **_style(i))
         for u in lengths:
             text.append(
                 f"| {u} | "
@@ -750,9 +842,14 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
         for t in others:
             ahead = [u for u in lengths if gap(t, u) is not None and gap(t, u) < 0]
             text.append(f"* {t}: {', '.join(map(str, ahead)) if ahead else 'none of the lengths run'}")
-        ax.set(xlabel="updates (run length)", ylabel="validation perplexity", xscale="log", yscale="log")
-        ax.legend()
-        fig.tight_layout()
+        ax.set(
+            xlabel="run length (updates)",
+            ylabel="validation perplexity minus stablemoe's",
+            title=f"each type against stablemoe after u updates (seed {','.join(map(str, opts.length_seeds))})"
+            "\nabove 0: stablemoe ahead",
+            xticks=lengths,
+        )
+        ax.legend(fontsize=8)
         fig.savefig(f"{stem}_length.png", dpi=110)
         plt.close(fig)
         text += ["", f"![length sweep]({Path(f'{stem}_length.png').name})", ""]
@@ -776,7 +873,7 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
         "--records",
         type=Path,
         default=REPO / "docs/study_runs",
-        help="one JSON record per finished run, kept in the repository: a later session reuses "
+        help="one JSON record per finished run, kept in the repository: a later run of the command reuses "
         "them (the work directory with the checkpoints need not survive)",
     )
     parser.add_argument("--study", default="main", help=f"comma-separated, of {STUDIES}")
@@ -826,7 +923,10 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--step-cost-rounds", type=int, default=2)
     parser.add_argument(
-        "--report-only", action="store_true", help="write the report from the finished runs' records; train nothing"
+        "--report-only",
+        action="store_true",
+        help="write the report from the finished runs' records (--records); train nothing, and need no data "
+        "(the data's fingerprint is checked when --data exists)",
     )
     parser.add_argument(
         "--fresh", action="store_true", help="retrain every run (default: reuse finished runs, resume interrupted ones)"
@@ -840,11 +940,13 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     unknown = [t for t in opts.types if t not in TYPES] + [s for s in opts.study if s not in STUDIES]
     if unknown:
         parser.error(f"unknown --types/--study {unknown}: choose from {TYPES} / {STUDIES}")
-    if not (opts.data / "dict.txt").exists():
+    training = not (opts.report_only or opts.dry_run)
+    if training and not (opts.data / "dict.txt").exists():
         parser.error(
             f"{opts.data} has no dict.txt: build the data with examples/shakespeare/prepare.py (or pass --data)"
         )
-    opts.work.mkdir(parents=True, exist_ok=True)
+    if training:
+        opts.work.mkdir(parents=True, exist_ok=True)
     return opts
 
 
@@ -875,7 +977,7 @@ def main(argv: Sequence[str] = None) -> None:
         done = [
             rec
             for rec, r in ((json.loads(kept[r.name].read_text()), r) for r in runs if kept[r.name].exists())
-            if rec.get("config") == run_config(opts, r)
+            if same_config(rec.get("config"), run_config(opts, r))
         ]
         write_report(opts, done, argv)
         print(f"[study] report of {len(done)} of {len(runs)} runs: {opts.out}")
@@ -883,7 +985,10 @@ def main(argv: Sequence[str] = None) -> None:
     start, results = time.time(), []
     for i, run in enumerate(runs):
         if opts.stop_after is not None and time.time() - start > opts.stop_after * 3600:
-            print(f"[study] --stop-after {opts.stop_after}h reached: {len(runs) - i} runs left for the next session")
+            print(
+                f"[study] --stop-after {opts.stop_after}h reached: {len(runs) - i} runs left: run the same "
+                "command again to go on"
+            )
             break
         print(f"[study] run {i + 1}/{len(runs)}", flush=True)
         results.append(run_one(opts, run))
