@@ -83,6 +83,7 @@ class RoutingCounts(nn.Module):
         self.register_buffer("refit_counts", torch.zeros(vocab_size, num_experts, dtype=torch.long))
         self.register_buffer("window_majority", torch.full((vocab_size,), -1, dtype=torch.long))
         self.register_buffer("handover", torch.full((len(HANDOVER_FIELDS),), float("nan"), dtype=torch.float64))
+        self._last_counted = -1  # completed updates at the last counted forward (it belongs to the next one)
 
     def in_refit_window(self, num_updates: int) -> bool:
         """Whether a forward at ``num_updates`` completed updates belongs to the refit window."""
@@ -118,6 +119,7 @@ class RoutingCounts(nn.Module):
             parts = [torch.empty_like(codes) for _ in range(shard.world_size)]
             dist.all_gather(parts, codes)
             codes = torch.cat(parts)
+        self._last_counted = num_updates
         weight = codes.ne(sentinel).long()
         codes = codes.clamp(max=sentinel - 1)
         self.window_counts.view(-1).index_add_(0, codes, weight)
@@ -128,12 +130,15 @@ class RoutingCounts(nn.Module):
     def close_window(self, num_updates: int) -> Optional[Dict[str, float]]:
         """End the logging window if ``num_updates`` (completed updates) ends one and it holds tokens.
 
-        Windows end at multiples of ``window`` and at the boundary. Returns
+        Windows end at multiples of ``window`` and at the boundary, once the
+        update's forwards are all counted (with ``--update-freq`` fairseq sets
+        the count again before each of them: a window never ends inside the
+        update that follows it). Returns
         ``{"tokens", "agree_ceiling", "churn_tokens", "route_churn"}`` (None if
         no window ended); ``route_churn`` is None when no token's id appeared
         before.
         """
-        if num_updates % self.window and num_updates != self.boundary:
+        if (num_updates % self.window and num_updates != self.boundary) or self._last_counted >= num_updates:
             return None
         counts = self.window_counts
         per_id = counts.sum(1)

@@ -10,7 +10,9 @@ fairseq's empty filler batches (dummy forwards, collective MoE layers in
 lockstep). fairseq's cross-process gradient-norm check, which only runs on
 CUDA, is switched on over gloo (tests/train_worker.py). The balance loss is
 off (its counts are per forward: a forward of one process is half of a 2-process
-forward).
+forward). The shared runs use exact distillation (``--distill-refit``): the
+routing counts, logged windows and the frozen table are global, so they too
+must not depend on the layout (the filler batch is not counted).
 """
 
 import os
@@ -21,8 +23,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from corpus import free_port, markov_corpus
-from test_checkpointing import logged
+from test_checkpointing import load, logged
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 ARGS = [
@@ -85,9 +88,10 @@ ARGS = [
 ]
 
 
-def launch(data, *extra, nproc=1, env=None, timeout=300):
+def launch(data, *extra, nproc=1, env=None, timeout=300, save_dir=None):
     """The worker on ``nproc`` processes (each its own subprocess, as torchrun starts them);
-    returns ``[(returncode, output)]`` per rank. A process stuck in a collective fails the timeout."""
+    returns ``[(returncode, output)]`` per rank. A process stuck in a collective fails the timeout.
+    ``save_dir``: save checkpoints there (else ``--no-save``)."""
     port = free_port()
     procs, logs = [], []
     for rank in range(nproc):
@@ -101,10 +105,12 @@ def launch(data, *extra, nproc=1, env=None, timeout=300):
                 MASTER_PORT=str(port),
             )
         logs.append(tempfile.TemporaryFile("w+"))  # not pipes: a full pipe would stall a process
-        save_dir = ["--save-dir", str(Path(data) / "save")]  # where fairseq writes crash.pt on an error
+        # where fairseq writes crash.pt on an error, or the checkpoints
+        save = ["--save-dir", str(save_dir or Path(data) / "save")]
+        args = [a for a in ARGS if not (save_dir and a == "--no-save")]
         procs.append(
             subprocess.Popen(
-                [sys.executable, WORKER, str(data), *ARGS, *save_dir, *extra],
+                [sys.executable, WORKER, str(data), *args, *save, *extra],
                 env=penv,
                 stdout=logs[-1],
                 stderr=subprocess.STDOUT,
@@ -135,11 +141,15 @@ def data(tmp_path_factory):
     return markov_corpus(tmp_path_factory.mktemp("layouts"), 70, 23, vocab=60, seed=4)
 
 
+# stage 1 to update 12, so that the epoch's filler batch falls in it; the boundary's checkpoint is saved
+REFIT = ["--two-stage-updates", "12", "--distill-refit", "--refit-updates", "4", "--save-interval-updates", "12"]
+
+
 @pytest.fixture(scope="module")
 def runs(data):
-    ((rc1, one),) = launch(data, "--update-freq", "2")
+    ((rc1, one),) = launch(data, "--update-freq", "2", *REFIT, save_dir=Path(data) / "one")
     assert rc1 == 0, one[-4000:]
-    two = launch(data, nproc=2)
+    two = launch(data, *REFIT, nproc=2, save_dir=Path(data) / "two")
     for rc, out in two:
         assert rc == 0, out[-4000:]
     return one, two[0][1]
@@ -150,7 +160,7 @@ def test_filler_batches_occur(runs):
     train_batches, valid_batches = batches(one, "train")[0], batches(one, "valid")[0]
     # an odd number of batches: the second of 2 processes gets fairseq's empty filler batch
     assert train_batches % 2 == 1 and valid_batches % 2 == 1, (train_batches, valid_batches)
-    assert (train_batches + 1) // 2 < 14, "the run should cross the end of epoch 1"
+    assert (train_batches + 1) // 2 < 12, "the run should cross the end of epoch 1 in stage 1"
 
 
 def test_same_losses_gradient_norms_and_validation(runs):
@@ -166,6 +176,36 @@ def test_same_losses_gradient_norms_and_validation(runs):
     assert sorted(v1) == sorted(v2) and {7, 14} <= set(v1)  # and at the end of epoch 1
     for u in v1:
         assert float(v2[u]["valid_loss"]) == pytest.approx(float(v1[u]["valid_loss"]), rel=2e-3), u
+
+
+def test_same_routing_counts_and_refit_table(runs, data):
+    """The windows' ceiling and churn (log interval 1: every update a window), the validation
+    agreement after the boundary, and the frozen table and hand-over statistics in the boundary's
+    checkpoint are the same on 1 and 2 processes."""
+    one, two = (logged(out, "train_inner") for out in runs)
+    for u in range(1, 13):  # stage 1: a window per update; churn from the second
+        assert one[u]["agree_ceiling"] == two[u]["agree_ceiling"], u
+        assert 0 < float(one[u]["agree_ceiling"]) <= 1
+        if u > 1:
+            assert one[u]["route_churn"] == two[u]["route_churn"], u
+    # stage 2 counts nothing (fairseq keeps a reset meter's key, with no value)
+    assert all(one[u].get("agree_ceiling") in (None, "None") for u in range(13, 15)), one[13]
+    v1, v2 = (logged(out, "valid") for out in runs)
+    assert float(v1[14]["valid_stage"]) == float(v2[14]["valid_stage"]) == 2.0
+    assert v1[14]["valid_router_agree"] == v2[14]["valid_router_agree"]
+    (path,) = (Path(data) / "one").glob("checkpoint_*_12.pt")
+    single = load(path)["model"]
+    keys = [k for k in single if k.endswith("refit_choice") or k.endswith("counts.handover")]
+    assert len(keys) == 2
+    for rank in range(2):
+        state = load(path.parent.parent / "two" / path.name.replace(".pt", f"-rank{rank}-of2.pt"))["model"]
+        for key in keys + [k.replace("distill_router.refit_choice", "counts.refit_counts") for k in keys]:
+            assert torch.equal(state[key], single[key]), (rank, key)
+    handover = single[keys[1] if keys[1].endswith("handover") else keys[0]].tolist()
+    assert handover[0] == 1.0 and handover[3] > 0  # the frozen table is the window's majority map
+    assert single[keys[0] if keys[0].endswith("refit_choice") else keys[1]].ge(0).all()
+    for out in runs:
+        assert re.search(r"stage 2 from update 12: distilled router frozen with the backbone's majority table", out)
 
 
 @pytest.mark.parametrize("precision", ["--fp16", "--memory-efficient-fp16"])
