@@ -29,11 +29,16 @@ use them, with the logical name (``--path DIR/checkpoint_last.pt``):
   token alone, so results do not depend on which forwards meet; with it, the
   capacity is computed over the tokens of the forwards that meet, so which
   tokens overflow can differ from one process on the consolidated file.
-* **Totals.** ``fairseq-eval-lm`` computes its loss per process; here the
-  summed log-probabilities and token counts are all-reduced, so every process
-  reports the perplexity of the whole split. ``fairseq-generate`` prints each
-  process's sentences (its shard of the split, as fairseq shards it); with
-  ``--results-path`` each process writes ``generate-SUBSET-rank{r}-of{W}.txt``.
+* **Totals.** fairseq shards the split by batches, so a process may get fewer
+  batches than the others, or none. ``fairseq-eval-lm`` computes its loss per
+  process; here the summed log-probabilities and token counts are all-reduced,
+  so every process reports the perplexity of the whole split.
+  ``fairseq-generate`` prints each process's sentences (its shard of the split,
+  as fairseq shards it); with ``--results-path`` each process writes
+  ``generate-SUBSET-rank{r}-of{W}.txt``. Their summary lines (``Evaluated N
+  tokens``, ``Translated N sentences``, the BLEU line) give totals over all
+  processes, and a process with no batch no longer divides by zero
+  (:mod:`.eval_totals`).
   ``fairseq-generate`` itself never starts a distributed job; here it does
   (``call_main``) when the distributed flags or torchrun's environment are
   there. ``fairseq-interactive`` decodes every input on every process (each
@@ -59,6 +64,7 @@ from fairseq import checkpoint_utils
 from fairseq.distributed import utils as distributed_utils
 
 from .checkpoint_files import CheckpointMismatchError, meta_of, rank_files_on_disk, rank_path, read
+from .eval_totals import Totals, generate_totals, swapped
 from .layer import MoELayer
 from .parallel import world_size_and_rank
 
@@ -399,9 +405,8 @@ def _eval_lm(
     remove_bos_token=False,
     device=None,
 ):
-    lock = active()
     original = _fairseq["eval_lm"]
-    names = original.__globals__  # the SequenceScorer eval_lm builds
+    names = original.__globals__  # fairseq_cli.eval_lm's namespace: the SequenceScorer and timer eval_lm builds
     kwargs = dict(
         post_process=post_process,
         output_word_probs=output_word_probs,
@@ -411,7 +416,7 @@ def _eval_lm(
         remove_bos_token=remove_bos_token,
         device=device,
     )
-    if lock is None:
+    if world_size_and_rank()[0] == 1:
         return original(models, source_dictionary, batch_iterator, **kwargs)
     tally = _Tally(source_dictionary, post_process, remove_bos_token)
     scorer_class = names["SequenceScorer"]
@@ -422,19 +427,17 @@ def _eval_lm(
             tally.add(hypos)
             return hypos
 
-    names["SequenceScorer"] = TallyingScorer
-    try:
-        original(models, source_dictionary, batch_iterator, **kwargs)
-    finally:
-        names["SequenceScorer"] = scorer_class
-    lock.finish()
+    totals = Totals(finish_all)
+    with swapped(names, SequenceScorer=TallyingScorer, StopwatchMeter=totals.timer):
+        # the "Evaluated N tokens" line eval_lm prints after its loop reports the totals (see .eval_totals)
+        original(models, source_dictionary, totals.wrap(batch_iterator), **kwargs)
     sums = torch.tensor([tally.score_sum, float(tally.count)], dtype=torch.float64)
     dist.all_reduce(sums)
     score_sum, count = sums.tolist()
     loss = -score_sum / count / math.log(2) if count > 0 else 0.0
     logger.info(
         "expert parallelism: %d processes scored %d tokens in all: loss (base 2) %.8f, perplexity %.6f",
-        lock.world_size,
+        totals.world_size,
         int(count),
         loss,
         2**loss,
@@ -459,13 +462,17 @@ def _generate_main(cfg):
     if _wants_distributed(cfg):  # fairseq-generate never starts a distributed job itself
         return distributed_utils.call_main(cfg, _generate_main)
     world, rank = world_size_and_rank()
-    results = cfg.common_eval.results_path
-    if world > 1 and results is not None:
+    if world == 1:
+        return _fairseq["generate_main"](cfg)
+    names = _fairseq["generate_main"].__globals__  # fairseq_cli.generate's namespace
+    with generate_totals(names, Totals(finish_all)):  # the summary: totals (see .eval_totals)
+        results = cfg.common_eval.results_path
+        if results is None:
+            return _fairseq["generate_main"](cfg)
         os.makedirs(results, exist_ok=True)
         out = os.path.join(results, f"generate-{cfg.dataset.gen_subset}-rank{rank}-of{world}.txt")
         with open(out, "w", buffering=1, encoding="utf-8") as h:
-            return _fairseq["generate_main"].__globals__["_main"](cfg, h)
-    return _fairseq["generate_main"](cfg)
+            return names["_main"](cfg, h)
 
 
 def _interactive_main(cfg, **kwargs):

@@ -8,6 +8,7 @@ numbers of batches (eval-lm's filler batch) and beam search ends at different st
 2-process logs must report forwards on a padding token, or the lockstep was not exercised.
 """
 
+import math
 import random
 import re
 import shutil
@@ -117,13 +118,18 @@ def run(cmd, ok=True):
 
 def on_two(tool, *args, ok=True):
     """``tool`` (train, eval-lm, generate, validate) on 2 gloo processes from torchrun."""
+    return on_w(2, tool, *args, ok=ok)
+
+
+def on_w(world, tool, *args, ok=True):
+    """``tool`` on ``world`` gloo processes from torchrun."""
     return run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
-            "2",
+            str(world),
             "--master_port",
             str(free_port()),
             "-m",
@@ -160,25 +166,63 @@ def lm(tmp_path_factory):
     return data, tmp
 
 
-def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm):
+def per_rank_files(ckpt_dir, one_file, world, tmp):
+    """The run's own per-rank files on 2 processes, files written for ``world`` processes otherwise."""
+    if world == 2:
+        return ckpt_dir / "checkpoint_last.pt"
+    out = tmp / f"shards{world}"
+    if not out.exists():
+        consolidate(one_file, "--shards", world, "-o", f"{out}/")
+    return out / "checkpoint_last.pt"
+
+
+def eval_lm_blocks(data, tokens_per_sample=32):
+    """Blocks of eval-lm's test split (break mode none: every ``tokens_per_sample`` tokens, eos included)."""
+    from fairseq.data import data_utils
+
+    dataset = data_utils.load_indexed_dataset(str(data / "test"), None)
+    return math.ceil(int(dataset.sizes.sum()) / tokens_per_sample)
+
+
+@pytest.mark.parametrize(
+    "world, batches",
+    [
+        (2, 1),
+        (2, 2),
+        pytest.param(2, 3, marks=pytest.mark.slow),
+        (4, 1),
+        (4, 2),
+        pytest.param(4, 3, marks=pytest.mark.slow),
+    ],
+)
+def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm, world, batches):
+    """Processes with no batch (batches < W) or fewer batches than others: the whole split's perplexity."""
     data, tmp = lm
-    # 160 tokens = 5 blocks of 32 per batch: the test split makes 5 batches, so one process gets a filler
-    common = ["--tokens-per-sample", "32", "--max-tokens", "160", "--gen-subset", "test", "--cpu"]
-    two = on_two("eval-lm", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
+    blocks = eval_lm_blocks(data)
+    per_batch = math.ceil(blocks / batches)
+    assert math.ceil(blocks / per_batch) == batches  # the split is `batches` batches
+    common = ["--tokens-per-sample", "32", "--batch-size", per_batch, "--max-tokens", "4096", "--gen-subset", "test"]
+    common += ["--cpu"]
+    path = per_rank_files(tmp / "ckpt", tmp / "one" / "checkpoint_last.pt", world, tmp)
+    many = on_w(world, "eval-lm", data, "--path", path, *common)
     one = on_one("eval_lm", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
 
-    m2 = re.search(r"2 processes scored (\d+) tokens in all: loss \(base 2\) ([0-9.]+), perplexity ([0-9.]+)", two)
-    assert m2, two[-3000:]
-    tokens2, loss2, ppl2 = int(m2.group(1)), float(m2.group(2)), float(m2.group(3))
+    m = re.search(
+        rf"{world} processes scored (\d+) tokens in all: loss \(base 2\) ([0-9.]+), perplexity ([0-9.]+)", many
+    )
+    assert m, many[-3000:]
+    tokens_w, loss_w, ppl_w = int(m.group(1)), float(m.group(2)), float(m.group(3))
     tokens1 = int(re.search(r"Evaluated ([0-9,]+) tokens", one).group(1).replace(",", ""))
     m1 = re.search(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", one)
     loss1, ppl1 = float(m1.group(1)), float(m1.group(2))
-    assert tokens2 == tokens1  # every token scored once: none dropped, none twice
-    assert abs(loss2 - loss1) <= 6e-5  # fairseq prints 4 decimals
-    assert abs(ppl2 - ppl1) <= 1e-3 * ppl1
-    # fairseq's own line on the 2-process run reports the whole split too
-    assert f"Loss (base 2): {loss2:.4f}, Perplexity: {ppl2:.2f}" in two
-    assert padding_forwards(two) > 0
+    assert tokens_w == tokens1  # every token scored once: none dropped, none twice
+    assert abs(loss_w - loss1) <= 6e-5  # fairseq prints 4 decimals
+    assert abs(ppl_w - ppl1) <= 1e-3 * ppl1
+    # fairseq's own lines on the W-process run report the whole split too
+    assert f"Loss (base 2): {loss_w:.4f}, Perplexity: {ppl_w:.2f}" in many
+    assert f"Evaluated {tokens1:,} tokens" in many
+    if batches % world:
+        assert padding_forwards(many) > 0  # a process with fewer batches served the others' forwards
 
 
 def test_validate_per_rank_files_match_the_consolidated_loss(lm):
@@ -294,35 +338,58 @@ def hypotheses(text: str):
     return found
 
 
-def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt):
-    common = [
-        "--beam",
-        "4",
-        "--cpu",
-        "--max-tokens",
-        "120",
-        "--gen-subset",
-        "test",
-        "--required-batch-size-multiple",
-        "1",
-    ]
-    two = on_two(
-        "generate", mt / "bin", "--path", mt / "ckpt" / "checkpoint_last.pt", *common, "--results-path", mt / "res2"
-    )
-    on_one("generate", mt / "bin", "--path", mt / "one" / "checkpoint_last.pt", *common, "--results-path", mt / "res1")
+def bleu_line(text: str) -> str:
+    m = re.search(r"^Generate test with beam=4: .*$", text, re.M)
+    assert m, text[-3000:]
+    return m.group(0)
 
-    files = sorted((mt / "res2").iterdir())
-    assert [f.name for f in files] == ["generate-test-rank0-of2.txt", "generate-test-rank1-of2.txt"]
+
+@pytest.mark.parametrize(
+    "world, batches",
+    [
+        (2, 1),
+        (2, 2),
+        pytest.param(2, 3, marks=pytest.mark.slow),
+        (4, 1),
+        (4, 2),
+        pytest.param(4, 3, marks=pytest.mark.slow),
+    ],
+)
+def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt, world, batches):
+    """Processes with no batch (batches < W) or fewer batches than others: every sentence once, the
+    consolidated file's hypotheses and scores, and summary lines that count the whole split."""
+    per_batch = math.ceil(N_TEST_MT / batches)
+    assert math.ceil(N_TEST_MT / per_batch) == batches  # (the split's sentences fit 4096 tokens)
+    common = ["--beam", "4", "--cpu", "--max-tokens", "4096", "--batch-size", per_batch, "--gen-subset", "test"]
+    common += ["--required-batch-size-multiple", "1"]
+    path = per_rank_files(mt / "ckpt", mt / "one" / "checkpoint_last.pt", world, mt)
+    res_w, res_1 = mt / f"res{world}_{batches}", mt / f"res1_{batches}"
+    many = on_w(world, "generate", mt / "bin", "--path", path, *common, "--results-path", res_w)
+    on_one("generate", mt / "bin", "--path", mt / "one" / "checkpoint_last.pt", *common, "--results-path", res_1)
+
+    files = sorted(res_w.iterdir())
+    assert [f.name for f in files] == [f"generate-test-rank{r}-of{world}.txt" for r in range(world)]
     per_rank = [hypotheses(f.read_text()) for f in files]
-    assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])  # each process its own sentences
-    got = {**per_rank[0], **per_rank[1]}
-    want = hypotheses((mt / "res1" / "generate-test.txt").read_text())
+    assert sum(1 for h in per_rank if h) == min(batches, world)  # batch i on process i mod W; the others none
+    got = {}
+    for h in per_rank:
+        assert not set(got) & set(h)  # each sentence on one process only
+        got.update(h)
+    one = (res_1 / "generate-test.txt").read_text()
+    want = hypotheses(one)
     assert sorted(want) == list(range(N_TEST_MT))
     assert sorted(got) == sorted(want)
     for sid in want:
         assert got[sid][0] == want[sid][0], f"sentence {sid}"
         assert got[sid][1] == pytest.approx(want[sid][1], rel=1e-5, abs=1e-6), f"sentence {sid}"
-    assert padding_forwards(two) > 0  # beam search ended at different steps on the two processes
+    # the summary: totals over all processes, on every process (the BLEU of the whole split)
+    for f in files:
+        assert bleu_line(f.read_text()) == bleu_line(one)
+    assert re.search(rf"Translated {N_TEST_MT} sentences \([0-9,]+ tokens\) in .* on {world} processes", many), many[
+        -3000:
+    ]
+    if batches < world:
+        assert padding_forwards(many) > 0  # the processes without a batch served the others' forwards
 
 
 def test_interactive_per_rank_files_print_each_input_once(mt):
