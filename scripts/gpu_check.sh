@@ -4,9 +4,10 @@
 #   .gpu_site/ (built on a machine with PyPI by scripts/gpu_prepare.sh and carried), else a pip install;
 #   (c) pytest tests/test_cuda.py; (d) benchmarks/moe_layer.py on CUDA in bf16 at the paper's base expert
 #   shape (d=768, f=3072, 3 sublayers, 16384 tokens = its --max-tokens per GPU, N_local 1 4 16; grouped
-#   and loop backends) and at issue 14's shape (T=4096, d=256, f=1024, N=8 32; bf16 and fp32).
+#   and loop backends) and at the small-expert shape (T=4096, d=256, f=1024, N=8 32; bf16 and fp32).
 # Results go to $OUT if set, else ./gpu_check_out: summary.txt (what ran, exit codes), versions.txt,
-# test_cuda.txt, bench_*.txt. Every benchmark file names the GPU in its header line.
+# test_cuda.txt, bench_*.txt, and performance_gpu.md (the benchmarks' tables, as blocks for
+# docs/performance.md). Every benchmark file names the GPU in its header line.
 #   bash scripts/gpu_check.sh            PYTHON=python3 (default) picks the interpreter
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,14 +67,14 @@ for p in pytest numpy; do "$PY" -c "import $p" 2>/dev/null || log "warning: $PY 
 step "pytest tests/test_cuda.py" 330 "$RES/test_cuda.txt" "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py
 
 # (d) the layer against a dense FFN (same sublayers), ratios side by side, the device in the header
-B=(benchmarks/moe_layer.py --device cuda --cases stage1 stage2 inference --warmup 3)
+B=(benchmarks/moe_layer.py --device cuda --cases stage1 stage2 inference --warmup 3 --markdown "$RES/performance_gpu.md")
 step "bench paper shape bf16 (auto backend)" 100 "$RES/bench_paper_bf16.txt" \
   "$PY" "${B[@]}" --dtype bf16 --sublayers 3 --dim 768 --ffn 3072 --tokens 16384 --experts 1 4 16 --repeats 15
 step "bench paper shape bf16 (loop backend)" 70 "$RES/bench_paper_bf16_loop.txt" \
   "$PY" "${B[@]}" --dtype bf16 --sublayers 3 --dim 768 --ffn 3072 --tokens 16384 --experts 4 16 --repeats 10 --backend loop
-step "bench issue-14 shape bf16" 60 "$RES/bench_issue14_bf16.txt" \
+step "bench small-expert shape bf16" 60 "$RES/bench_small_bf16.txt" \
   "$PY" "${B[@]}" --dtype bf16 --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --repeats 15
-step "bench issue-14 shape fp32" 60 "$RES/bench_issue14_fp32.txt" \
+step "bench small-expert shape fp32" 60 "$RES/bench_small_fp32.txt" \
   "$PY" "${B[@]}" --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --repeats 15
 log "done in $((SECONDS - START))s; results in $RES"
 grep -h -E "passed|failed|error" "$RES/test_cuda.txt" | tail -1 | sed 's/^/[gpu_check] tests: /'
