@@ -4,7 +4,13 @@ Runs the model in eval mode (inference routing: the distilled router for
 StableMoE) over a binarised split and prints, per MoE layer, every expert's
 share of the non-pad tokens as routed and as the backbone router would route,
 max over mean load, and how often the distilled router agrees with the
-backbone router.
+backbone router. For a StableMoE checkpoint taken at or after the stage
+boundary it also prints the hand-over recorded at the boundary (kept in the
+checkpoint, so no training data is needed): over the refit window (the last
+``--refit-updates`` stage-1 updates), the share of tokens on which the frozen
+routing agrees with the backbone's majority routing, and the ceiling, the
+share of tokens whose backbone expert is their id's majority expert (the best
+any token-id router can reach on them).
 
     stablemoe-routing-summary DATA_DIR --path CHECKPOINT [--split test] [--json OUT.json]
 """
@@ -64,6 +70,10 @@ def summarise(
                 for key in ("load", "backbone_load", "agree", "num_tokens"):
                     if key in stats:
                         totals[j][key] = totals[j].get(key, 0) + stats[key].detach().double().cpu()
+    handovers = [
+        layer.moe.counts.handover_dict() if getattr(layer.moe, "counts", None) is not None else None
+        for layer in model.decoder.moe_layers
+    ]
     layers = []
     for j, t in enumerate(totals):
         n = float(t["num_tokens"])
@@ -72,6 +82,8 @@ def summarise(
         if "backbone_load" in t:
             entry["backbone_load"] = (t["backbone_load"] / max(n, 1)).tolist()
             entry["agreement"] = float(t["agree"]) / max(n, 1)
+        if j < len(handovers) and handovers[j] is not None:
+            entry["handover"] = handovers[j]
         layers.append(entry)
     moe_type = str(getattr(cfg.model, "moe_type", "stablemoe"))
     two_stage = int(getattr(cfg.model, "two_stage_updates", 0))
@@ -102,6 +114,15 @@ def format_summary(summary: Dict[str, object]) -> str:
             )
             lines.append(
                 f"    distilled router agrees with the backbone router on {100 * layer['agreement']:.1f}% of tokens"
+            )
+        handover = layer.get("handover")
+        if handover:
+            agree = handover["agree_majority"]
+            lines.append(
+                f"    hand-over at the boundary (last {int(handover['refit_updates'])} stage-1 updates, "
+                f"{int(handover['tokens'])} tokens): frozen routing agrees with the backbone's majority routing on "
+                + ("n/a (context router)" if agree is None else f"{100 * agree:.1f}%")
+                + f"; ceiling {100 * handover['ceiling']:.1f}%"
             )
     return "\n".join(lines)
 

@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import torch
-from conftest import REPO
+from conftest import BOUNDARY, REPO
 from fairseq import checkpoint_utils
 
-from fairseq_stablemoe.routing_summary import summarise
+from fairseq_stablemoe.routing_summary import format_summary, summarise
 
 
 def _direct(data_dir, path):
@@ -101,3 +101,28 @@ def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["layers"] == summary["layers"]
     assert f"{100 * summary['layers'][0]['agreement']:.1f}% of tokens" in out.stdout
+
+
+def test_summary_gives_the_hand_over_kept_in_the_checkpoint(trained_run):
+    """The boundary's agreement and ceiling, recomputed from the checkpoint's refit-window counts and
+    its frozen router's weights (the distilled router's own table: the paper's method)."""
+    data, path = trained_run.corpus.data_dir, trained_run.save_dir / "checkpoint_last.pt"
+    summary = summarise(str(data), str(path), "test", 8192, cpu=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    (prefix,) = [k[: -len("counts.refit_counts")] for k in state if k.endswith("counts.refit_counts")]
+    counts = state[prefix + "counts.refit_counts"].double()
+    emb, cent = state[prefix + "distill_router.embed_tokens.weight"], state[prefix + "distill_router.centroids"]
+    frozen = (emb.float() @ cent.float().t()).argmax(1)
+    per_id, top = counts.sum(1), counts.max(1).values
+    majority = torch.where(counts.gather(1, frozen[:, None]).squeeze(1).eq(top), frozen, counts.argmax(1))
+    tokens = float(per_id.sum())
+    handover = summary["layers"][0]["handover"]
+    assert handover["tokens"] == tokens > 0 and handover["refit_updates"] == BOUNDARY // 2
+    assert abs(handover["ceiling"] - float(top.sum()) / tokens) < 1e-12
+    assert abs(handover["agree_majority"] - float(per_id[frozen.eq(majority)].sum()) / tokens) < 1e-12
+    assert abs(handover["agree_backbone"] - float(counts.gather(1, frozen[:, None]).sum()) / tokens) < 1e-12
+    assert handover["agree_majority"] < 1.0, "the paper's distilled router does not reproduce the majority exactly"
+    text = format_summary(summary)
+    assert (
+        f"majority routing on {100 * handover['agree_majority']:.1f}%; ceiling {100 * handover['ceiling']:.1f}%" in text
+    )
