@@ -11,8 +11,15 @@ checkpoint, so a long study can be stopped and continued: run the same command a
         --out docs/study_results.md --study main --seeds 1,2,3 --max-update 3000 --stage1-fraction 0.1
 
 ``--study``: ``main`` (every ``--types`` x ``--seeds``), ``ablations`` (StableMoE variants: the
-paper's Tables 4, 5 and 6), ``length`` (every type at each of ``--lengths``), or several,
-comma-separated. The data directory is the one ``examples/shakespeare/prepare.py`` builds.
+paper's Tables 4, 5 and 6), ``length`` (every type at each of ``--lengths``), ``long`` (every
+``--long-types`` x ``--long-seeds`` at ``--long-update`` updates), or several, comma-separated. The
+data directory is the one ``examples/shakespeare/prepare.py`` builds.
+
+Types: the ``--moe-type`` values, and ``stablemoe-refit`` (StableMoE with ``--distill-refit``:
+exact distillation). A StableMoE run of the main and long studies also saves the checkpoint of
+its stage boundary (training stops there once and resumes), from which the record keeps the
+hand-over: the frozen routing's agreement with the backbone's majority routing, its ceiling, and
+the share of validation tokens whose expert changes across the boundary.
 """
 
 import argparse
@@ -28,8 +35,14 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = ["stablemoe", "switch", "base", "hash", "dense"]
-STUDIES = ["main", "ablations", "length"]
+TYPES = ["stablemoe", "stablemoe-refit", "switch", "base", "hash", "dense"]
+#: a type's extra fairseq-train flags (the others are --moe-type values)
+TYPE_FLAGS = {"stablemoe-refit": ("--distill-refit",)}
+STUDIES = ["main", "ablations", "length", "long"]
+
+
+def moe_type_of(label: str) -> str:
+    return "stablemoe" if label.startswith("stablemoe") else label
 
 
 class Run(NamedTuple):
@@ -80,8 +93,17 @@ def ablation_runs(opts, seed: int) -> List[Run]:
 def plan(opts) -> List[Run]:
     runs: List[Run] = []
     for study in opts.study:
-        if study == "main":
-            runs += [Run(t, t, s, opts.max_update, opts.stage1_fraction) for s in opts.seeds for t in opts.types]
+        if study in ("main", "long"):
+            types, seeds, U = (
+                (opts.types, opts.seeds, opts.max_update)
+                if study == "main"
+                else (opts.long_types, opts.long_seeds, opts.long_update)
+            )
+            runs += [
+                Run(t, moe_type_of(t), s, U, opts.stage1_fraction, TYPE_FLAGS.get(t, ()), study)
+                for s in seeds
+                for t in types
+            ]
         elif study == "ablations":
             for s in opts.ablation_seeds:
                 runs += ablation_runs(opts, s)
@@ -187,11 +209,37 @@ def train_command(opts, run: Run, save_dir: Path) -> List[str]:
     ]
 
 
+def boundary_of(run: Run) -> int:
+    return int(round(run.max_update * run.stage1_fraction))
+
+
+def keeps_boundary(run: Run) -> bool:
+    """Whether the run saves its stage boundary's checkpoint (StableMoE in the main and long studies)."""
+    return run.moe_type == "stablemoe" and run.study in ("main", "long") and 0 < boundary_of(run) < run.max_update
+
+
+BOUNDARY_CHECKPOINT = "checkpoint_boundary.pt"
+
+
 def train(opts, run: Run, save_dir: Path) -> float:
     """fairseq-train for one run (resuming from ``save_dir/checkpoint_last.pt`` if there);
-    appends its log to ``save_dir/train.log`` and returns this session's seconds."""
-    cmd = train_command(opts, run, save_dir)
+    appends its log to ``save_dir/train.log`` and returns this session's seconds.
+
+    With :func:`keeps_boundary`, training first stops at the boundary (fairseq saves the frozen
+    model there), keeps that checkpoint, and resumes (exactly: fairseq restores the data
+    iterator, optimizer and schedule, and seeds every update from the seed and update count)."""
     start = time.time()
+    boundary = save_dir / BOUNDARY_CHECKPOINT
+    if keeps_boundary(run) and not boundary.exists():
+        _train_to(opts, run, save_dir, boundary_of(run))
+        shutil.copyfile(save_dir / "checkpoint_last.pt", boundary)
+    _train_to(opts, run, save_dir, run.max_update)
+    return time.time() - start
+
+
+def _train_to(opts, run: Run, save_dir: Path, max_update: int) -> None:
+    cmd = train_command(opts, run, save_dir)
+    cmd[cmd.index("--max-update") + 1] = str(max_update)
     with open(save_dir / "train.log", "a") as log:
         log.write(f"# session {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
         log.flush()
@@ -199,7 +247,6 @@ def train(opts, run: Run, save_dir: Path) -> float:
     if out.returncode != 0:
         tail = (save_dir / "train.log").read_text()[-3000:]
         raise RuntimeError(f"training {run.name} failed (log: {save_dir / 'train.log'}):\n{tail}")
-    return time.time() - start
 
 
 def log_records(save_dir: Path) -> List[tuple]:
@@ -332,8 +379,10 @@ def run_config(opts, run: Run) -> Dict[str, object]:
         max_update=run.max_update,
         stage1_fraction=run.stage1_fraction,
         flags=list(run.flags),
-        two_stage_updates=int(round(run.max_update * run.stage1_fraction)),
+        two_stage_updates=boundary_of(run),
     )
+    if keeps_boundary(run):
+        config["boundary_checkpoint"] = True
     return config
 
 
@@ -367,7 +416,8 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
     started.write_text(json.dumps(config))
     sessions = json.loads((save_dir / "sessions.json").read_text()) if (save_dir / "sessions.json").exists() else []
     log = save_dir / "train.log"
-    if resuming and log.exists() and "done training" in log.read_text().rsplit("# session", 1)[-1]:
+    last_session = log.read_text().rsplit("# session", 1)[-1] if log.exists() else ""
+    if resuming and "done training" in last_session and f"--max-update {run.max_update} " in last_session:
         # trained to the end, stopped before its evaluation: resuming fairseq-train would add an update
         print(f"[study] {run.name}: trained, evaluating", flush=True)
     else:
@@ -406,6 +456,8 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
         result["final_fluctuation"] = fl["final_pair_ratio"]
         result["late_share"] = fl["share_last_fluctuation_after_20pct"]
         result["stage1_last_fluctuation"] = stage1_last_fluctuation(dict(result, config=config))
+    if keeps_boundary(run):
+        result.update(hand_over(opts, save_dir / BOUNDARY_CHECKPOINT, final, save_dir))
     result["config"] = config
     done.write_text(json.dumps(result))
     opts.records.mkdir(parents=True, exist_ok=True)
@@ -416,6 +468,44 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
         flush=True,
     )
     return result
+
+
+def routing_summary(opts, checkpoint: Path, out_json: Path) -> Dict[str, object]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "fairseq_stablemoe.routing_summary",
+        str(opts.data),
+        "--path",
+        str(checkpoint),
+        "--split",
+        "valid",
+        "--cpu",
+        "--json",
+        str(out_json),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"routing summary failed on {checkpoint}:\n{out.stderr[-3000:]}")
+    return json.loads(out_json.read_text())
+
+
+def hand_over(opts, boundary: Path, final: Path, save_dir: Path) -> Dict[str, object]:
+    """StableMoE's hand-over, read from its boundary checkpoint (the frozen model, routing counts
+    kept in it) and its last one, on the validation split.
+
+    ``handover``: over the refit window, the frozen routing's agreement with the backbone's majority
+    routing and with the backbone, and the ceiling; ``boundary_change``: the share of validation
+    tokens whose expert changes across the boundary (the backbone at the boundary, which routed
+    stage 1, against the frozen router, which routes from then on); ``stage2_max_load``: max over
+    mean load of the frozen routing on the validation split at the end."""
+    at_boundary = routing_summary(opts, boundary, save_dir / "routing_boundary.json")["layers"][0]
+    at_end = routing_summary(opts, final, save_dir / "routing_final.json")["layers"][0]
+    return {
+        "handover": at_boundary.get("handover"),
+        "boundary_change": 1.0 - at_boundary["agreement"],
+        "stage2_max_load": at_end["max_over_mean"],
+    }
 
 
 def stage1_last_fluctuation(result: Dict[str, object]) -> Optional[float]:
@@ -610,8 +700,8 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
         r
         for r in results
         if r["config"]["max_update"] == opts.max_update
-        and not r["config"]["flags"]
         and r["label"] in TYPES
+        and r["config"]["flags"] == list(TYPE_FLAGS.get(r["label"], ()))
         and (r["moe_type"] != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)
     ]
     if main:
@@ -634,7 +724,7 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
         ]
         fig, axes = plt.subplots(2, 2, figsize=(13, 9), layout="constrained")
         (ax_upd, ax_wall), (ax_pair, ax_last) = axes
-        by_type = {t: sorted((r for r in main if r["moe_type"] == t), key=lambda r: r["seed"]) for t in opts.types}
+        by_type = {t: sorted((r for r in main if r["label"] == t), key=lambda r: r["seed"]) for t in opts.types}
         by_type = {t: runs for t, runs in by_type.items() if runs}
         ref = PLOT_REFERENCE if PLOT_REFERENCE in by_type else next(iter(by_type))
         for i, (t, runs) in enumerate(by_type.items()):
@@ -695,7 +785,7 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
         plt.close(fig)
         text += ["", f"![main comparison]({Path(f'{stem}_main.png').name})", ""]
         fastest = min(
-            (t for t in opts.types if t in cost and any(r["moe_type"] == t for r in main)),
+            (t for t in opts.types if t in cost and any(r["label"] == t for r in main)),
             key=lambda t: cost[t],
             default=None,
         )
@@ -708,7 +798,7 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 + ", ".join(
                     f"{t} {v:.2f} ({budget / cost[t]:.0f} updates)"
                     for t, v in (
-                        (t, at_time([r for r in main if r["moe_type"] == t], budget, cost[t]))
+                        (t, at_time([r for r in main if r["label"] == t], budget, cost[t]))
                         for t in opts.types
                         if t in cost
                     )
@@ -794,12 +884,13 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 values += points
             return statistics.mean(values) if len(values) == len(opts.length_seeds) else None
 
-        value = {(t, u): at(t, u) for t in opts.types for u in lengths}
+        types = [t for t in opts.types if t not in TYPE_FLAGS]  # the sweep runs the --moe-type values
+        value = {(t, u): at(t, u) for t in types for u in lengths}
 
         def gap(t, u):
             return None if None in (value[t, u], value["stablemoe", u]) else value["stablemoe", u] - value[t, u]
 
-        others = [t for t in opts.types if t != "stablemoe"]
+        others = [t for t in types if t != "stablemoe"]
         text += [
             f"## Training-length sweep (valid ppl after u updates, seed {','.join(map(str, opts.length_seeds))}; "
             f"StableMoE stage 1 at {100 * opts.stage1_fraction:.0f}% of each length)",
@@ -811,11 +902,11 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
             "'stablemoe - X': negative when StableMoE is ahead. One seed: read the gaps against the seed "
             "spread of the main comparison.",
             "",
-            "| updates | " + " | ".join(opts.types) + " | " + " | ".join(f"stablemoe - {t}" for t in others) + " |",
-            "|---" * (len(opts.types) + len(others) + 1) + "|",
+            "| updates | " + " | ".join(types) + " | " + " | ".join(f"stablemoe - {t}" for t in others) + " |",
+            "|---" * (len(types) + len(others) + 1) + "|",
         ]
         fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-        spread = [r["valid_ppl"] for r in main if r["moe_type"] == "stablemoe"]
+        spread = [r["valid_ppl"] for r in main if r["label"] == "stablemoe"]
         if len(spread) > 1:
             sd = statistics.stdev(spread)
             ax.axhspan(
@@ -826,14 +917,14 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 label=f"stablemoe's seed spread at {opts.max_update} updates (±1 s.d.)",
             )
         ax.axhline(0, color="grey", linewidth=0.8)
-        for i, t in enumerate(opts.types):
+        for i, t in enumerate(types):
             pts = [(u, -gap(t, u)) for u in lengths if t != "stablemoe" and gap(t, u) is not None]
             if pts:
                 ax.plot([u for u, _ in pts], [v for _, v in pts], label=t, **_style(i))
         for u in lengths:
             text.append(
                 f"| {u} | "
-                + " | ".join("n/a" if value[t, u] is None else f"{value[t, u]:.2f}" for t in opts.types)
+                + " | ".join("n/a" if value[t, u] is None else f"{value[t, u]:.2f}" for t in types)
                 + " | "
                 + " | ".join("n/a" if gap(t, u) is None else f"{gap(t, u):+.2f}" for t in others)
                 + " |"
@@ -891,6 +982,9 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
         help="run lengths of StableMoE's length sweep (in the order they run)",
     )
     parser.add_argument("--length-seeds", default="1")
+    parser.add_argument("--long-update", type=int, default=6000, help="updates of the long study")
+    parser.add_argument("--long-types", default="stablemoe,stablemoe-refit,hash,base")
+    parser.add_argument("--long-seeds", default="1,2")
     parser.add_argument("--checkpoints", type=int, default=12, help="interval checkpoints per run (fluctuation points)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--dim", type=int, default=128)
@@ -934,10 +1028,12 @@ def parse_options(argv: Sequence[str]) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     ints = lambda spec: [int(x) for x in str(spec).split(",") if x.strip()]  # noqa: E731
     opts.types = [t.strip() for t in opts.types.split(",") if t.strip()]
+    opts.long_types = [t.strip() for t in opts.long_types.split(",") if t.strip()]
     opts.study = [t.strip() for t in opts.study.split(",") if t.strip()]
     opts.seeds, opts.ablation_seeds = ints(opts.seeds), ints(opts.ablation_seeds)
     opts.lengths, opts.length_seeds = ints(opts.lengths), ints(opts.length_seeds)
-    unknown = [t for t in opts.types if t not in TYPES] + [s for s in opts.study if s not in STUDIES]
+    opts.long_seeds = ints(opts.long_seeds)
+    unknown = [t for t in opts.types + opts.long_types if t not in TYPES] + [s for s in opts.study if s not in STUDIES]
     if unknown:
         parser.error(f"unknown --types/--study {unknown}: choose from {TYPES} / {STUDIES}")
     training = not (opts.report_only or opts.dry_run)
