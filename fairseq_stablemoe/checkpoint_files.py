@@ -20,10 +20,10 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 
 from .parallel import ExpertShard
+from .safe_globals import CheckpointLoadError, load_checkpoint_file, raw_load, why_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +75,13 @@ def rank_files_on_disk(base: str) -> Dict[int, List[str]]:
 
 
 def read(path: str, mmap: bool = False) -> Dict[str, Any]:
-    """A checkpoint on the CPU (``weights_only``, with :mod:`.safe_globals`' allow-list).
+    """A checkpoint on the CPU, through the plugin's one reader (:func:`.safe_globals.load_checkpoint_file`:
+    ``weights_only`` with the allow-list; an unreadable file raises ``CheckpointLoadError`` saying why).
 
     ``mmap=True`` leaves the tensors on disk until touched (for records and names); a file in
     the legacy (non-zip) format, which cannot be mapped, is then read whole.
     """
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            pass
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint_file(path, mmap=mmap)
 
 
 def meta_of(state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -201,8 +197,8 @@ def _report(filename: str, shard: ExpertShard, prefixes: List[str]) -> Dict[str,
     if report["exists"]:
         try:
             state = read(filename, mmap=True)
-        except Exception as e:  # reported on every rank rather than raised on this one only
-            report["problem"] = f"cannot read {filename}: {type(e).__name__}: {e}"
+        except CheckpointLoadError as e:  # reported on every rank rather than raised on this one only
+            report["problem"] = str(e)
             return report
         meta = meta_of(state) or {}
         report["run_id"] = meta.get("run_id")
@@ -260,30 +256,52 @@ def check_before_load(filename: str, shard: ExpertShard, prefixes: List[str]) ->
 # ----------------------------------------------------------------------------- unreadable files
 
 
+def unreadable(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read (:func:`.safe_globals.why_unreadable`), None if it can (or is absent)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        raw_load(path, trusted=False, mmap=True)
+    except Exception as e:
+        return why_unreadable(path, e)
+    return None
+
+
 def readable_updates(path: str) -> Optional[int]:
     """The update count of a checkpoint that can be read, None for a truncated or corrupt file."""
     try:
-        return num_updates_of(read(path, mmap=True))
+        return num_updates_of(raw_load(path, trusted=False, mmap=True))
     except Exception:
         return None
 
 
-def newest_intact(filename: str, shard: ExpertShard) -> Optional[str]:
-    """The newest checkpoint next to ``filename`` that every rank can read (same suffix)."""
-    directory = os.path.dirname(filename) or "."
+def _readable_beside(filename: str) -> Dict[int, str]:
+    """The readable checkpoints in ``filename``'s directory with its -rankR-ofW tag (or none), by update count."""
+    directory = os.path.dirname(filename)  # "" (the current directory): names without "./"
+    parsed = parse_rank_path(filename)
+    tag = parsed[1:] if parsed is not None else None
     found: Dict[int, str] = {}
-    for path in glob.glob(os.path.join(glob.escape(directory), "checkpoint*.pt")):
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "checkpoint*.pt"))):
         if os.path.abspath(path) == os.path.abspath(filename):
             continue
-        if shard.is_parallel:
-            parsed = parse_rank_path(path)
-            if parsed is None or (parsed[1], parsed[2]) != (shard.rank, shard.world_size):
-                continue
-        elif parse_rank_path(path) is not None:
+        other = parse_rank_path(path)
+        if (other[1:] if other is not None else None) != tag:
             continue
         updates = readable_updates(path)
         if updates is not None and updates not in found:
             found[updates] = path
+    return found
+
+
+def last_readable_beside(filename: str) -> Optional[Tuple[str, int]]:
+    """``(path, update count)`` of the newest readable checkpoint beside ``filename`` (same rank tag), or None."""
+    found = _readable_beside(filename)
+    return (found[max(found)], max(found)) if found else None
+
+
+def newest_intact(filename: str, shard: ExpertShard) -> Optional[str]:
+    """The newest checkpoint next to ``filename`` that every rank can read (same suffix)."""
+    found = _readable_beside(filename)
     candidates = sorted(found, reverse=True)
     if shard.is_parallel:  # the newest save every rank has
         everyone: List[Any] = [None] * shard.world_size
@@ -323,7 +341,8 @@ def fall_back_if_unreadable(filename: str, shard: ExpertShard) -> str:
     from an older update than the one asked for: an error, unless
     ``STABLEMOE_ALLOW_OLDER_CHECKPOINT=1``.
     """
-    broken = os.path.isfile(filename) and readable_updates(filename) is None
+    why = unreadable(filename)
+    broken = why is not None
     if shard.is_parallel:
         flags: List[Any] = [None] * shard.world_size
         dist.all_gather_object(flags, broken)
@@ -333,8 +352,8 @@ def fall_back_if_unreadable(filename: str, shard: ExpertShard) -> str:
     fallback = newest_intact(filename, shard)
     if fallback is None:
         raise CheckpointMismatchError(
-            f"{filename} is truncated or corrupt (a run killed while writing it?) and no other readable "
-            f"checkpoint is in {os.path.dirname(filename) or '.'}: delete it to start from scratch"
+            f"checkpoint {filename} cannot be read: it {why or 'cannot be read on another rank'}; no other "
+            f"readable checkpoint is in {os.path.dirname(filename) or '.'}: delete it to start from scratch"
         )
     same = is_truncated_copy(filename, fallback)
     if shard.is_parallel:
@@ -360,8 +379,9 @@ def fall_back_if_unreadable(filename: str, shard: ExpertShard) -> str:
         )
         return fallback
     raise CheckpointMismatchError(
-        f"{filename} is truncated or corrupt (a run killed while writing it?) and is not a copy of any readable "
-        f"checkpoint; the newest readable one, {fallback}, holds update {updates}, which may be older than the "
+        f"checkpoint {filename} cannot be read: it {why or 'cannot be read on another rank'}; it is not a copy of "
+        f"any readable checkpoint. The last readable checkpoint beside it is {fallback} (update {updates}), which "
+        "may be older than the "
         f"save asked for. To resume from it, set {ALLOW_OLDER_ENV}=1 (or pass --restore-file {fallback}); to "
         f"start from scratch, delete {filename}"
     )

@@ -52,6 +52,7 @@ from .checkpoint_files import (
     read,
 )
 from .parallel import ExpertShard, layout_problem
+from .safe_globals import CheckpointLoadError
 
 logger = logging.getLogger("fairseq_stablemoe.consolidate")
 
@@ -600,7 +601,7 @@ def cli_main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except ConsolidateError as e:
+    except (ConsolidateError, CheckpointLoadError, FileNotFoundError) as e:
         print(f"stablemoe-consolidate: error: {e}", file=sys.stderr)
         sys.exit(2)
 

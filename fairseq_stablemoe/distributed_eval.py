@@ -67,6 +67,7 @@ from .checkpoint_files import CheckpointMismatchError, meta_of, rank_files_on_di
 from .eval_totals import Totals, generate_totals, swapped
 from .layer import MoELayer
 from .parallel import world_size_and_rank
+from .safe_globals import CheckpointLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,8 @@ def resolve(path: str, world: int, rank: int) -> Dict[str, Any]:
         report["file"] = mine
         try:
             meta = meta_of(read(mine, mmap=True)) or {}
-        except Exception as e:
-            report["problem"] = f"cannot read {mine}: {type(e).__name__}: {e}"
+        except CheckpointLoadError as e:
+            report["problem"] = str(e)
             return report
         report["save"] = (meta.get("run_id"), meta.get("num_updates"))
         if (meta.get("world_size"), meta.get("rank")) != (world, rank):
@@ -230,7 +231,11 @@ def resolve(path: str, world: int, rank: int) -> Dict[str, Any]:
             )
         return report
     if world == 1 and os.path.isfile(path):
-        return report  # an ordinary checkpoint: fairseq loads it (and the model reports a mismatch)
+        try:
+            read(path, mmap=True)  # an ordinary checkpoint: fairseq loads it (and the model reports a mismatch)
+        except CheckpointLoadError as e:
+            report["problem"] = str(e)  # before fairseq's torch.load, whose error names no file
+        return report
     if on_disk:
         w_other = sorted(on_disk)[0]
         report["problem"] = (
@@ -253,8 +258,9 @@ def resolve(path: str, world: int, rank: int) -> Dict[str, Any]:
     if world > 1 and os.path.isfile(path):
         try:
             meta = meta_of(read(path, mmap=True))
-        except Exception:
-            meta = None  # fairseq reports an unreadable file itself
+        except CheckpointLoadError as e:
+            report["problem"] = str(e)
+            return report
         if meta is not None and meta.get("world_size") == 1 and meta.get("num_experts", 0) > 1:
             report["problem"] = (
                 f"{path} holds all {meta['num_experts']} experts (one process) but this job has {world} processes, "

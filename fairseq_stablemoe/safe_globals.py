@@ -8,7 +8,10 @@ containers, ``typing.Any`` and fairseq's ``_TensorPlaceholder``. Without this,
 
 import argparse
 import collections
+import os
+import pickle
 import typing
+import zipfile
 from typing import List
 
 import torch
@@ -51,39 +54,98 @@ register()
 
 
 class CheckpointLoadError(RuntimeError):
-    """A checkpoint that cannot be read safely: says which file and why."""
+    """A checkpoint that cannot be read safely: says which file, why, and the last readable one beside it."""
 
 
-def load_checkpoint_file(path: str, trusted: bool = False) -> dict:
-    """Load a fairseq checkpoint with ``torch.load(weights_only=True)`` and the allow-list above.
+#: how a torch.save file starts: a zip archive (torch >= 1.6), or the pickled magic number of the legacy format
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def raw_load(path: str, trusted: bool, mmap: bool) -> dict:
+    """``torch.load`` on the CPU, errors as torch raises them (no diagnosis: see :func:`load_checkpoint_file`).
+
+    ``mmap`` leaves the tensors on disk (zip files only; the legacy format is read whole).
+    """
+    if mmap:
+        with open(path, "rb") as f:
+            mmap = f.read(4) == ZIP_MAGIC
+    return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
+
+
+def _reason(error: BaseException) -> str:
+    """torch's own explanation, first line, without its advice to load with ``weights_only=False``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line]
+    return f"{type(error).__name__}: {lines[0] if lines else 'no message'}"
+
+
+def why_unreadable(path: str, error: BaseException) -> str:
+    """What kind of file ``path`` is, given that ``torch.load`` failed on it with ``error``."""
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_MAGIC))
+    if size == 0:
+        return "is empty (0 bytes): the save or copy that wrote it was cut short"
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            return (
+                f"is truncated: a zip archive ({size:,} bytes) without its central directory, which a complete "
+                "torch.save file ends with (a save, copy or download cut short)"
+            )
+        if "version" in str(error).lower():
+            return f"is from an incompatible torch: torch {torch.__version__} cannot read it ({_reason(error)})"
+        return (
+            f"is a complete zip archive that this torch ({torch.__version__}) cannot read as a checkpoint: it is "
+            f"not a torch.save file, or from an incompatible torch ({_reason(error)})"
+        )
+    if head == LEGACY_MAGIC:
+        return f"is in torch's legacy (pre-1.6) format but truncated or corrupt ({_reason(error)})"
+    return (
+        f"is not a torch checkpoint: it is neither a zip archive (what torch.save writes) nor torch's legacy "
+        f"format (its first bytes are {head[:8]!r})"
+    )
+
+
+def load_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False) -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)`` and the allow-list above: the one
+    reader of the plugin (fairseq's tools, the Trainer patch, stablemoe-consolidate, -fluctuation).
 
     Args:
         path: the file.
-        trusted: load with ``weights_only=False`` (arbitrary pickles: only for files you trust).
+        trusted: load it as an arbitrary pickle (only for files you trust: it can run code).
+        mmap: leave the tensors on disk until touched (records and names; zip files only).
     Raises:
         FileNotFoundError: no such file.
-        CheckpointLoadError: the file is truncated or corrupt, or needs types outside the allow-list.
+        CheckpointLoadError: the file is truncated, not a torch checkpoint, from an incompatible torch,
+            or needs types outside the allow-list; the message names the file, says which, and names
+            the last readable checkpoint beside it (:func:`.checkpoint_files.last_readable_beside`).
     """
-    import os
-    import pickle
-    import zipfile
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     register()
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        return raw_load(path, trusted, mmap)
     except pickle.UnpicklingError as e:
         if trusted or "Unsupported global" not in str(e):
-            raise CheckpointLoadError(f"checkpoint {path} is truncated or corrupt and cannot be read: {e}") from e
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
-        raise CheckpointLoadError(
-            f"checkpoint {path} needs objects outside the allow-list of fairseq/omegaconf types "
-            f"({reason}). If you trust this file, pass --trust-checkpoint to load it with "
-            "weights_only=False (this can run arbitrary code)."
-        ) from e
-    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError) as e:
-        raise CheckpointLoadError(f"checkpoint {path} is truncated or corrupt and cannot be read: {e}") from e
+            error = e
+        else:
+            reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+            raise CheckpointLoadError(
+                f"checkpoint {path} needs objects outside the allow-list of fairseq/omegaconf types ({reason}); "
+                "if you trust this file, the plugin's tools load it as an arbitrary pickle (which can run code) "
+                "with --trust-checkpoint"
+            ) from None
+    except Exception as e:  # torch raises many kinds on a damaged file (EOFError, RuntimeError, IndexError ...)
+        error = e
+    from .checkpoint_files import last_readable_beside
+
+    message = f"checkpoint {path} cannot be read: it {why_unreadable(path, error)}"
+    good = last_readable_beside(path)
+    if good is not None:
+        message += f". The last readable checkpoint beside it is {good[0]} (update {good[1]})"
+    raise CheckpointLoadError(message) from None
 
 
 def load_fairseq_state(path: str, trusted: bool = False) -> dict:
