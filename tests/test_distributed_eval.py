@@ -54,7 +54,10 @@ LM = [
     "--save-interval-updates",
     "3",
     "--no-epoch-checkpoints",
-    "--disable-validation",
+    "--max-tokens-valid",  # the valid split in one batch: fairseq-train's validation with a process that has none
+    "4096",
+    "--batch-size-valid",
+    "64",
     "--seed",
     "3",
     "--num-workers",
@@ -161,7 +164,8 @@ def lm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_eval_lm")
     lines = markov_lines(700, 120, seed=0)
     data = binarise(tmp, {"train": lines[:600], "valid": lines[600:650], "test": lines[650:]})
-    on_two("train", data, *LM, "--save-dir", tmp / "ckpt")
+    log = on_two("train", data, *LM, "--save-dir", tmp / "ckpt")
+    (tmp / "train.log").write_text(log)
     consolidate(tmp / "ckpt" / "checkpoint_last.pt", "-o", f"{tmp / 'one'}/")
     return data, tmp
 
@@ -176,11 +180,11 @@ def per_rank_files(ckpt_dir, one_file, world, tmp):
     return out / "checkpoint_last.pt"
 
 
-def eval_lm_blocks(data, tokens_per_sample=32):
-    """Blocks of eval-lm's test split (break mode none: every ``tokens_per_sample`` tokens, eos included)."""
+def eval_lm_blocks(data, tokens_per_sample=32, split="test"):
+    """Blocks of a split as language_modeling cuts it (break mode none: every ``tokens_per_sample`` tokens)."""
     from fairseq.data import data_utils
 
-    dataset = data_utils.load_indexed_dataset(str(data / "test"), None)
+    dataset = data_utils.load_indexed_dataset(str(data / split), None)
     return math.ceil(int(dataset.sizes.sum()) / tokens_per_sample)
 
 
@@ -225,33 +229,39 @@ def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm, world, batc
         assert padding_forwards(many) > 0  # a process with fewer batches served the others' forwards
 
 
-def test_validate_per_rank_files_match_the_consolidated_loss(lm):
+def valid_loss(out, subset):
+    """The last validation loss fairseq prints for ``subset`` (and its words per batch)."""
+    found = re.findall(rf"valid on '{subset}' subset \| loss ([0-9.]+) .*?\| wpb ([0-9.]+) \| bsz", out)
+    assert found, out[-3000:]
+    return float(found[-1][0]), float(found[-1][1])
+
+
+@pytest.mark.parametrize("batching", ["uneven", "one_batch"])
+def test_validate_per_rank_files_match_the_consolidated_loss(lm, batching):
+    """5 batches (one process gets a filler), or the whole split in one batch (one process gets none)."""
     data, tmp = lm
-    common = [
-        "--task",
-        "language_modeling",
-        "--tokens-per-sample",
-        "32",
-        "--max-tokens",
-        "160",
-        "--valid-subset",
-        "test",
-        "--cpu",
-        "--criterion",
-        "cross_entropy",
-        "--required-batch-size-multiple",
-        "1",
-    ]
+    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--valid-subset", "test", "--cpu"]
+    common += ["--criterion", "cross_entropy", "--required-batch-size-multiple", "1"]
+    common += ["--max-tokens", "160"] if batching == "uneven" else ["--max-tokens", "4096", "--batch-size", "64"]
     two = on_two("validate", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
     one = on_one("validate", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
+    if batching == "one_batch":
+        assert eval_lm_blocks(data) <= 64  # the split is one batch
+    assert valid_loss(two, "test") == pytest.approx(valid_loss(one, "test"), abs=1.5e-3)
+    assert padding_forwards(two) > 0  # the process with the filler batch, or with none, ran none of its own
 
-    def loss_and_tokens(out):
-        m = re.search(r"valid on 'test' subset \| loss ([0-9.]+) .*?\| wpb ([0-9.]+) \| bsz", out)
-        assert m, out[-3000:]
-        return float(m.group(1)), float(m.group(2))
 
-    assert loss_and_tokens(two) == pytest.approx(loss_and_tokens(one), abs=1.5e-3)
-    assert padding_forwards(two) > 0  # the process with the filler batch ran none of its own
+def test_train_validation_with_a_process_without_valid_batch(lm):
+    """fairseq-train on 2 processes validated a valid split of one batch at every save: its last valid loss
+    is that of one process on the consolidated last checkpoint."""
+    data, tmp = lm
+    log = (tmp / "train.log").read_text()
+    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--valid-subset", "valid", "--cpu"]
+    common += ["--max-tokens", "4096", "--batch-size", "64", "--required-batch-size-multiple", "1"]
+    one = on_one("validate", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
+    assert eval_lm_blocks(data, split="valid") <= 64  # the valid split is one batch (--batch-size-valid 64)
+    assert len(re.findall(r"valid on 'valid' subset", log)) >= 2  # at update 3 and at the end
+    assert valid_loss(log, "valid") == pytest.approx(valid_loss(one, "valid"), abs=1.5e-3)
 
 
 def test_wrong_files_stop_before_the_first_batch(lm):
@@ -278,7 +288,17 @@ def test_wrong_files_stop_before_the_first_batch(lm):
     shutil.copy(broken / "checkpoint_1_3-rank1-of2.pt", broken / "checkpoint_last-rank1-of2.pt")
     out = on_two("eval-lm", data, "--path", broken / "checkpoint_last.pt", *common, ok=False)
     assert "are from different saves" in out
-    for bad in (out,):
+    outs = [out]
+    # rank 1's file cut short: every process stops, naming it, what it is, and the last good save beside it
+    whole = (tmp / "ckpt" / "checkpoint_last-rank1-of2.pt").read_bytes()
+    (broken / "checkpoint_last-rank1-of2.pt").write_bytes(whole[: len(whole) // 2])
+    out = on_two("eval-lm", data, "--path", broken / "checkpoint_last.pt", *common, ok=False)
+    bad = broken / "checkpoint_last-rank1-of2.pt"
+    assert f"checkpoint {bad} cannot be read: it is truncated: a zip archive" in out, out[-3000:]
+    assert f"The last readable checkpoint beside it is {broken / 'checkpoint_1_6-rank1-of2.pt'} (update 6)" in out
+    assert "weights_only" not in out
+    outs.append(out)
+    for bad in outs:
         assert "Evaluated" not in bad  # stopped before the first batch
 
 
