@@ -4,6 +4,7 @@ resumes from it with no manual step."""
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def _loaded_update(output: str) -> int:
     return int(m.group(1))
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(kill_data, tmp_path):
     save = tmp_path / "ckpt"
     proc = subprocess.Popen(_cmd(kill_data, save, 150), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,10 +100,18 @@ def test_sigkill_at_a_random_moment_then_resume(kill_data, tmp_path):
     assert "num_updates: 150 >= max_update" in output
 
 
-def test_truncated_checkpoint_last_does_not_fall_back_to_an_older_update_unasked(kill_data, tmp_path):
-    save = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def ten_updates(kill_data, tmp_path_factory):
+    """A run of 10 updates (checkpoints at 3, 6, 9 and checkpoint_last at 10), shared: each test damages a copy."""
+    save = tmp_path_factory.mktemp("ten_updates") / "ckpt"
     first = subprocess.run(_cmd(kill_data, save, 10), capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
+    return save
+
+
+def test_truncated_checkpoint_last_does_not_fall_back_to_an_older_update_unasked(kill_data, ten_updates, tmp_path):
+    save = tmp_path / "ckpt"
+    shutil.copytree(ten_updates, save)
     last = save / "checkpoint_last.pt"  # update 10, written by itself (10 is not a multiple of 3)
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
@@ -120,11 +130,10 @@ def test_truncated_checkpoint_last_does_not_fall_back_to_an_older_update_unasked
     assert "num_updates: 12 >= max_update" in output
 
 
-def test_copy_cut_short_resumes_from_its_source(kill_data, tmp_path):
+def test_copy_cut_short_resumes_from_its_source(kill_data, ten_updates, tmp_path):
     """A kill while fairseq copies checkpoint_1_9.pt to checkpoint_last.pt: the same update, no opt-in needed."""
     save = tmp_path / "ckpt"
-    first = subprocess.run(_cmd(kill_data, save, 10), capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(ten_updates, save)
     source = (save / "checkpoint_1_9.pt").read_bytes()
     (save / "checkpoint_last.pt").write_bytes(source[: len(source) // 3])
     resumed = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True)
