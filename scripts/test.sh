@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
-# Install everything (if needed) and run the test suite.
+# Install everything (if needed) and run the test suite; prints the wall time at the end.
+#   bash scripts/test.sh                 the whole suite (CI: .ci/run)
+#   bash scripts/test.sh --quick         without the slowest end-to-end runs (pytest -m "not slow";
+#                                        the `slow` marker is registered in pytest.ini)
+#   bash scripts/test.sh ARGS...         ARGS go to pytest (e.g. -p no:cacheprovider, -x, -k NAME)
+#   VENV=path                            use another virtual environment (default: .venv here)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 bash "$ROOT/scripts/install.sh"
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest -q tests "$@"
+args=()
+for a in "$@"; do
+  if [ "$a" = "--quick" ]; then args+=(-m "not slow"); else args+=("$a"); fi
+done
+start=$SECONDS
+status=0
+"$VENV/bin/python" -m pytest -q tests ${args[@]+"${args[@]}"} || status=$?
+elapsed=$((SECONDS - start))
+printf '[test] wall time %dm %02ds (exit status %d)\n' $((elapsed / 60)) $((elapsed % 60)) "$status"
+exit "$status"
