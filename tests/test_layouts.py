@@ -208,6 +208,27 @@ def test_same_routing_counts_and_refit_table(runs, data):
         assert re.search(r"stage 2 from update 12: distilled router frozen with the backbone's majority table", out)
 
 
+def test_refit_table_survives_consolidation_and_routes_inference(runs, data, tmp_path):
+    """The 2-process run's per-rank files consolidated into one keep the table, and the loaded model
+    routes inference (as fairseq-eval-lm, -generate and -interactive do) by it."""
+    from fairseq import checkpoint_utils
+    from test_checkpointing import _consolidate
+
+    (path,) = (Path(data) / "one").glob("checkpoint_*_12.pt")
+    merged = tmp_path / "merged.pt"
+    _consolidate(path.parent.parent / "two" / path.name, "-o", merged)
+    single, state = load(path)["model"], load(merged)["model"]
+    keys = [k for k in single if k.endswith(("refit_choice", "refit_counts", "handover"))]
+    assert len(keys) == 3 and all(torch.equal(state[k], single[k]) for k in keys)
+    (model,), _ = checkpoint_utils.load_model_ensemble([str(merged)])
+    moe = model.moe_layers[0].eval()
+    table = next(v for k, v in single.items() if k.endswith("refit_choice"))
+    tokens = torch.arange(4, table.numel()).view(-1, 1)
+    features = torch.randn(tokens.shape[0], 1, moe.backbone.expert_centroids.shape[1])
+    routed = moe.assignment(features, tokens, training_routing=False).view(-1)
+    assert torch.equal(routed, table[4:])
+
+
 @pytest.mark.parametrize("precision", ["--fp16", "--memory-efficient-fp16"])
 def test_half_precision_norm_passes_the_cross_process_check(data, precision):
     """fairseq's --fp16 paths on 2 processes (CPU simulation): the plugin's norm is identical on both
