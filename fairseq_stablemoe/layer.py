@@ -402,6 +402,12 @@ class StableMoELayer(MoELayer):
                 self.layer_name,
                 num_updates,
             )
+            if self.distill_refit:
+                logger.warning(
+                    "%s: --distill-refit found no counted stage-1 routing (a resume from a checkpoint saved "
+                    "without routing counts?): the distilled router's own table is frozen instead",
+                    self.layer_name,
+                )
             return
         own = router.own_table() if router.routes_by_table else None
         if self.distill_refit:
