@@ -807,6 +807,8 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
                 "",
             ]
 
+    text += handover_section(opts, results)
+    text += long_section(opts, results)
     ablations = [r for r in results if r["study"] == "ablations"]
     if ablations:
         ref = [r["valid_ppl"] for r in ablations if r["label"] == "stablemoe"]
@@ -947,6 +949,108 @@ def write_report(opts, results: List[Dict[str, object]], argv: Sequence[str]) ->
 
     out.write_text("\n".join(text))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+
+
+def _gap(runs: Sequence[Dict[str, object]], others: Sequence[Dict[str, object]]) -> str:
+    """Mean valid ppl of ``runs`` minus that of ``others``, with the standard error of the difference
+    (unpaired: ``sqrt(s_a^2 / n_a + s_b^2 / n_b)``; "n/a" without two seeds on each side)."""
+    a, b = [r["valid_ppl"] for r in runs], [r["valid_ppl"] for r in others]
+    if not a or not b:
+        return "n/a"
+    diff = statistics.mean(a) - statistics.mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return f"{diff:+.2f}"
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return f"{diff:+.2f} ± {se:.2f}"
+
+
+def _select(results, study: str, label: str, max_update: int, opts) -> List[Dict[str, object]]:
+    """The records of one type (label) in one study at one length, by seed."""
+    return sorted(
+        (
+            r
+            for r in results
+            if r["study"] == study
+            and r["label"] == label
+            and r["config"]["max_update"] == max_update
+            and r["config"]["flags"] == list(TYPE_FLAGS.get(label, ()))
+            and (r["moe_type"] != "stablemoe" or r["config"]["stage1_fraction"] == opts.stage1_fraction)
+        ),
+        key=lambda r: r["seed"],
+    )
+
+
+def handover_section(opts, results) -> List[str]:
+    """StableMoE's stage hand-over, per run type of the main and long studies (see :func:`hand_over`)."""
+    rows = []
+    for study, U in (("main", opts.max_update), ("long", opts.long_update)):
+        for label in ("stablemoe", "stablemoe-refit"):
+            runs = [r for r in _select(results, study, label, U, opts) if r.get("handover")]
+            if not runs:
+                continue
+            h = lambda key: [r["handover"][key] for r in runs]  # noqa: E731
+            rows.append(
+                f"| {label} | {U} | {','.join(str(r['seed']) for r in runs)} "
+                f"| {_mean_spread(h('agree_majority'), 100, '%')} | {_mean_spread(h('agree_backbone'), 100, '%')} "
+                f"| {_mean_spread(h('ceiling'), 100, '%')} "
+                f"| {_mean_spread([r['boundary_change'] for r in runs], 100, '%')} "
+                f"| {_mean_spread([1 - r['handover']['ceiling'] for r in runs], 100, '%')} "
+                f"| {_mean_spread([r['stage2_max_load'] for r in runs])} "
+                f"| {_mean_spread([r['valid_ppl'] for r in runs])} | {_mean_spread([r['test_ppl'] for r in runs])} "
+                f"| {_gap(runs, _select(results, study, 'hash', U, opts))} "
+                f"| {_gap(runs, _select(results, study, 'base', U, opts))} |"
+            )
+    if not rows:
+        return []
+    return [
+        "## Stage hand-over: StableMoE and exact distillation (`stablemoe-refit`, `--distill-refit`)",
+        "",
+        "Read from each run's boundary checkpoint (kept by the study) and its last one. Over the refit window "
+        "(the last half of stage 1): 'agrees w/ majority', the share of tokens whose frozen expert is their id's "
+        "most frequent backbone expert; 'agrees w/ backbone', the share routed by the frozen table as the "
+        "backbone routed them; 'ceiling', the share whose backbone expert is their id's most frequent one (the "
+        "best a token-id router can reach). 'changed at boundary': validation tokens whose expert changes "
+        "across the boundary (the backbone at the boundary against the frozen routing), beside 1 - ceiling. "
+        "'stage-2 load': max over mean load of the frozen routing on the validation split at the end. Gaps: "
+        "valid ppl minus the type's, ± the standard error of the difference (unpaired); negative: StableMoE "
+        "ahead.",
+        "",
+        "| type | updates | seeds | agrees w/ majority | agrees w/ backbone | ceiling | changed at boundary "
+        "| 1 - ceiling | stage-2 load | valid ppl | test ppl | gap to hash | gap to base |",
+        "|---" * 13 + "|",
+        *rows,
+        "",
+    ]
+
+
+def long_section(opts, results) -> List[str]:
+    """The long study: every ``--long-types`` at ``--long-update`` updates, beside their main-study length."""
+    if not any(r["study"] == "long" for r in results):
+        return []
+    lines = [
+        f"## Twice the training: {opts.long_update} updates (StableMoE stage 1 at {100 * opts.stage1_fraction:.0f}%)",
+        "",
+        f"Valid and test perplexity at {opts.long_update} updates, beside the main comparison's {opts.max_update}; "
+        "gaps: valid ppl minus the type's at the same length, ± the standard error of the difference.",
+        "",
+        f"| type | seeds | valid ppl at {opts.max_update} | valid ppl | test ppl | gap to hash | gap to base |",
+        "|---" * 7 + "|",
+    ]
+    for label in opts.long_types:
+        runs = _select(results, "long", label, opts.long_update, opts)
+        if not runs:
+            continue
+        shorter = _select(results, "main", label, opts.max_update, opts)
+        gaps = [
+            "" if label == other else _gap(runs, _select(results, "long", other, opts.long_update, opts))
+            for other in ("hash", "base")
+        ]
+        lines.append(
+            f"| {label} | {','.join(str(r['seed']) for r in runs)} | {_mean_spread([r['valid_ppl'] for r in shorter])} "
+            f"| {_mean_spread([r['valid_ppl'] for r in runs])} | {_mean_spread([r['test_ppl'] for r in runs])} "
+            f"| {gaps[0]} | {gaps[1]} |"
+        )
+    return lines + [""]
 
 
 def parse_options(argv: Sequence[str]) -> argparse.Namespace:

@@ -49,6 +49,18 @@ def _record(opts, run, rng):
             late_share=rng.random(),
             last_fluctuation={"update_pct": [0, 50, 100], "cumulative_share": [0.1, 0.5, 1.0]},
         )
+    if study.keeps_boundary(run):
+        record.update(
+            handover={
+                "agree_majority": rng.random(),
+                "agree_backbone": rng.random(),
+                "ceiling": rng.random(),
+                "tokens": 1000.0,
+                "refit_updates": 15.0,
+            },
+            boundary_change=rng.random(),
+            stage2_max_load=rng.uniform(1, 2),
+        )
     return record
 
 
@@ -80,7 +92,7 @@ def test_report_tables_match_the_records(tmp_path):
         "--out",
         str(tmp_path / "out" / "report.md"),
         "--study",
-        "main,ablations,length",
+        "main,ablations,length,long",
         "--seeds",
         "1,2,3",
         "--max-update",
@@ -89,6 +101,10 @@ def test_report_tables_match_the_records(tmp_path):
         "150",
         "--lengths",
         "100,200,300",
+        "--long-update",
+        "600",
+        "--long-seeds",
+        "1,2",
     ]
     opts = study.parse_options(argv)
     rng = random.Random(0)
@@ -166,5 +182,51 @@ def test_report_tables_match_the_records(tmp_path):
         for t in others:
             ahead = re.search(rf"^\* {t}: (.*)$", text, re.M).group(1)
             assert (str(u) in ahead.split(", ")) == (value["stablemoe"] < value[t])
+
+    # the hand-over of every StableMoE type of the main and long studies, and the long study's gaps
+    def select(label, U, study_name):
+        return sorted(
+            (
+                r
+                for r in records.values()
+                if r["label"] == label and r["config"]["max_update"] == U and r["study"] == study_name
+            ),
+            key=lambda r: r["seed"],
+        )
+
+    def gap(a, b):
+        x, y = [r["valid_ppl"] for r in a], [r["valid_ppl"] for r in b]
+        se = (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
+        return f"{statistics.mean(x) - statistics.mean(y):+.2f} ± {se:.2f}"
+
+    section = text.split("## Stage hand-over", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        (c[0], c[1]): c
+        for c in (
+            [x.strip() for x in line.strip("|").split("|")]
+            for line in section.splitlines()
+            if line.startswith("| stablemoe")
+        )
+    }
+    assert set(rows) == {(t, u) for t in ("stablemoe", "stablemoe-refit") for u in ("300", "600")}
+    for (label, U), cells in rows.items():
+        study_name = "main" if U == "300" else "long"
+        runs = select(label, int(U), study_name)
+        assert cells[2] == ",".join(str(r["seed"]) for r in runs)
+        assert cells[3] == _spread((100 * r["handover"]["agree_majority"] for r in runs), "%")
+        assert cells[5] == _spread((100 * r["handover"]["ceiling"] for r in runs), "%")
+        assert cells[6] == _spread((100 * r["boundary_change"] for r in runs), "%")
+        assert cells[7] == _spread((100 * (1 - r["handover"]["ceiling"]) for r in runs), "%")
+        assert cells[8] == _spread(r["stage2_max_load"] for r in runs)
+        assert cells[9] == _spread(r["valid_ppl"] for r in runs)
+        assert cells[11] == gap(runs, select("hash", int(U), study_name))
+        assert cells[12] == gap(runs, select("base", int(U), study_name))
+    long_rows = _rows(text, "Twice the training")
+    assert set(long_rows) == set(opts.long_types)
+    for label, cells in long_rows.items():
+        runs = select(label, 600, "long")
+        assert cells[2] == _spread(r["valid_ppl"] for r in select(label, 300, "main"))
+        assert cells[3] == _spread(r["valid_ppl"] for r in runs)
+        assert cells[5] == ("" if label == "hash" else gap(runs, select("hash", 600, "long")))
     for plot in ("report_main.png", "report_ablations.png", "report_length.png"):
         assert (tmp_path / "out" / plot).stat().st_size > 0
