@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument(
         "--steady-malloc",
         action="store_true",
@@ -82,6 +83,8 @@ def main() -> None:
     )
     opts = parser.parse_args()
     allocator = steady_malloc(opts.steady_malloc)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     if not hasattr(F, "grouped_mm"):
         sys.exit(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
     print(
@@ -134,6 +137,8 @@ def main() -> None:
                 torch.testing.assert_close(backend(name)(x0), ref, rtol=1e-4, atol=1e-5)
         for fn in cases.values():
             fn()
+        if threads == 1:
+            del cases["side_by_side"]  # on one thread the threads backend runs the experts one after the other
         times: Dict[str, List[float]] = {k: [] for k in cases}
         ratios: Dict[str, List[float]] = {k: [] for k in cases if k != "dense"}
         names = list(ratios)
