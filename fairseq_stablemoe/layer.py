@@ -396,18 +396,14 @@ class StableMoELayer(MoELayer):
     def _hand_over(self, num_updates: int) -> None:
         """At the freeze: refit the table (``distill_refit``), fill and log the hand-over statistics."""
         router, counts = self.distill_router, self.counts
-        if counts is None or counts.refit_counts.sum() == 0:  # nothing counted (e.g. stage 2 from the start)
+        # nothing counted: stage 2 from the start, or a model about to load a checkpoint (fairseq sets the
+        # update count before loading the state, which then brings the frozen router and its table)
+        if counts is None or counts.refit_counts.sum() == 0:
             logger.info(
                 "%s: stage 2 from update %d: distilled router frozen, routing by token id",
                 self.layer_name,
                 num_updates,
             )
-            if self.distill_refit:
-                logger.warning(
-                    "%s: --distill-refit found no counted stage-1 routing (a resume from a checkpoint saved "
-                    "without routing counts?): the distilled router's own table is frozen instead",
-                    self.layer_name,
-                )
             return
         own = router.own_table() if router.routes_by_table else None
         if self.distill_refit:
