@@ -132,26 +132,22 @@ def test_consolidate_names_the_file(tmp_path, kind):
     assert f"{tmp_path / 'x-rank0-of2.pt'} cannot be read: it {words}" in text, text[-3000:]
 
 
-def test_fluctuation_cli_reports_a_corrupt_checkpoint(tmp_path):
+@pytest.mark.parametrize("kind", ["random", "truncated"])
+def test_fluctuation_cli_reports_an_unreadable_checkpoint(tmp_path, kind):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dict.txt").write_text("a 1\n")
-    for name in ("c1.pt", "c2.pt"):
-        (tmp_path / name).write_bytes(b"not a checkpoint")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fairseq_stablemoe.fluctuation",
-            str(tmp_path / "data"),
-            str(tmp_path / "c1.pt"),
-            str(tmp_path / "c2.pt"),
-        ],
-        capture_output=True,
-        text=True,
+    path, words = bad_files(tmp_path)[kind]
+    code, text = run_tool(
+        "-m", "fairseq_stablemoe.fluctuation", tmp_path / "data", path, tmp_path / "checkpoint_1_5.pt"
     )
-    assert out.returncode == 2
-    assert "c1.pt cannot be read: it is not a torch checkpoint" in out.stderr
-    assert "Traceback" not in out.stderr and "weights_only" not in out.stderr
+    assert code == 2 and "Traceback" not in text
+    assert_explains(last_error_line(text), path, words, tmp_path / "checkpoint_1_5.pt")
+    # one rank's file of an expert-parallel run (merged in memory): the same explanation
+    (tmp_path / "run-rank0-of2.pt").write_bytes(path.read_bytes())
+    (tmp_path / "run-rank1-of2.pt").write_bytes(path.read_bytes())
+    code, text = run_tool("-m", "fairseq_stablemoe.fluctuation", tmp_path / "data", tmp_path / "run-rank0-of2.pt", path)
+    assert code == 2 and "Traceback" not in text and "weights_only" not in text
+    assert f"{tmp_path / 'run-rank0-of2.pt'} cannot be read: it {words}" in text, text[-3000:]
 
 
 @pytest.mark.parametrize("kind", ["random", "truncated"])
