@@ -41,7 +41,10 @@ use them, with the logical name (``--path DIR/checkpoint_last.pt``):
   (:mod:`.eval_totals`).
   ``fairseq-generate`` itself never starts a distributed job; here it does
   (``call_main``) when the distributed flags or torchrun's environment are
-  there. ``fairseq-interactive`` decodes every input on every process (each
+  there. On CPU, fairseq's ``call_main`` finds no torchrun job (it sizes it by
+  the CUDA devices); here it gets torchrun's (:func:`_call_main`), so plain
+  ``torchrun ... fairseq-eval-lm|generate|validate|train ... --cpu --user-dir
+  ...`` works as the launcher does. ``fairseq-interactive`` decodes every input on every process (each
   holds only its experts) and prints on rank 0 only. ``fairseq-validate``
   skips the empty filler batches it would otherwise crash on, and its
   closing ``all_gather_list`` works on CPU (fairseq's allocates a CUDA tensor).
@@ -457,7 +460,29 @@ def _wants_distributed(cfg) -> bool:
         return False
     if dt.distributed_init_method is not None:
         return True
-    return dt.distributed_world_size > 1 and all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    torchrun = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    return torchrun and max(dt.distributed_world_size, int(os.environ.get("WORLD_SIZE", "1"))) > 1
+
+
+def _call_main(cfg, main, **kwargs):
+    """fairseq's ``call_main``; on CPU under torchrun, in the job torchrun started.
+
+    fairseq sizes a torchrun job by the CUDA devices (``distributed_world_size`` defaults to their
+    count, and ``device_id = rank % device_count()`` divides by it), so on CPU a plain ``torchrun
+    fairseq-eval-lm|generate|validate|train ... --cpu`` would run W one-process jobs. Here it gets
+    the settings ``python -m fairseq_stablemoe.launch`` adds (:func:`.launch.torchrun_settings`).
+    """
+    from omegaconf import open_dict
+
+    from .launch import torchrun_settings
+
+    dt = cfg.distributed_training
+    if dt.distributed_init_method is None and (cfg.common.cpu or not torch.cuda.is_available()):
+        settings = torchrun_settings(os.environ, cpu=True)
+        with open_dict(dt):
+            for key, value in settings.items():
+                setattr(dt, key, value)
+    return _fairseq["call_main"](cfg, main, **kwargs)
 
 
 def _generate_main(cfg):
@@ -512,10 +537,12 @@ def install() -> None:
             load_model_ensemble_and_task=checkpoint_utils.load_model_ensemble_and_task,
             distributed_main=distributed_utils.distributed_main,
             all_gather_list=distributed_utils.all_gather_list,
+            call_main=distributed_utils.call_main,
         )
         checkpoint_utils.load_model_ensemble_and_task = _load_model_ensemble_and_task
         distributed_utils.distributed_main = _distributed_main
         distributed_utils.all_gather_list = _all_gather_list
+        distributed_utils.call_main = _call_main
     for module in _tool_modules("fairseq_cli.eval_lm"):
         if module.eval_lm is not _eval_lm:
             _fairseq.setdefault("eval_lm", module.eval_lm)

@@ -9,9 +9,11 @@ A first argument ``train`` (the default), ``eval-lm``, ``generate``,
 ``interactive`` or ``validate`` picks the fairseq tool (``fairseq_cli.<tool>``).
 
 fairseq's own detection of torchrun derives the world size from the number of
-CUDA devices (and divides by it for the device id), so with torchrun the
-flags have to be given by hand. Under torchrun (``RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR`` set, ``WORLD_SIZE > 1``) this adds, unless given::
+CUDA devices (and divides by it for the device id), so on CPU it finds no job.
+Under torchrun (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` set, ``WORLD_SIZE >
+1``) this adds, unless given (:func:`torchrun_settings`; the plugin applies the
+same settings to fairseq's own tools run with ``--user-dir`` and ``--cpu``
+under torchrun, see :func:`.distributed_eval._call_main`)::
 
     --distributed-init-method env:// --distributed-world-size $WORLD_SIZE
     --distributed-rank $RANK --distributed-no-spawn --device-id $LOCAL_RANK
@@ -25,7 +27,7 @@ multi-GPU spawning and Slurm support apply).
 import logging
 import os
 import sys
-from typing import List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 #: first argument -> fairseq module whose ``cli_main`` runs
@@ -49,25 +51,34 @@ def given(argv: List[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
+def torchrun_settings(env: Mapping[str, str], cpu: bool) -> Dict[str, Any]:
+    """fairseq's ``distributed_training`` settings of the job torchrun started ({} outside torchrun or for W = 1).
+
+    :mod:`.distributed_eval` applies them to fairseq's config when fairseq itself found no job (on CPU).
+    """
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")) or int(env["WORLD_SIZE"]) <= 1:
+        return {}
+    settings: Dict[str, Any] = {
+        "distributed_init_method": "env://",
+        "distributed_world_size": int(env["WORLD_SIZE"]),
+        "distributed_rank": int(env["RANK"]),
+        "distributed_no_spawn": True,
+        "device_id": int(env.get("LOCAL_RANK", "0")),
+    }
+    if cpu:
+        settings["distributed_backend"] = "gloo"
+    return settings
+
+
 def launch_args(argv: List[str], env: Mapping[str, str]) -> List[str]:
     """The flags to add to ``argv`` (a fairseq-train command line) in environment ``env``."""
     added: List[str] = []
-
-    def add(flag: str, *values: str) -> None:
-        if not given(argv, flag):
-            added.extend([flag, *values])
-
     if not given(argv, "--user-dir"):
         added.extend(["--user-dir", PACKAGE_DIR])
-    torchrun = all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
-    if torchrun and int(env["WORLD_SIZE"]) > 1:
-        add("--distributed-init-method", "env://")
-        add("--distributed-world-size", env["WORLD_SIZE"])
-        add("--distributed-rank", env["RANK"])
-        add("--distributed-no-spawn")
-        add("--device-id", env.get("LOCAL_RANK", "0"))
-        if given(argv, "--cpu"):
-            add("--distributed-backend", "gloo")
+    for key, value in torchrun_settings(env, cpu=given(argv, "--cpu")).items():
+        flag = "--" + key.replace("_", "-")
+        if not given(argv, flag):
+            added.extend([flag] if value is True else [flag, str(value)])
     return added
 
 

@@ -124,24 +124,14 @@ def on_two(tool, *args, ok=True):
     return on_w(2, tool, *args, ok=ok)
 
 
-def on_w(world, tool, *args, ok=True):
-    """``tool`` on ``world`` gloo processes from torchrun."""
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(world),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fairseq_stablemoe.launch",
-            tool,
-            *map(str, args),
-        ],
-        ok=ok,
-    )
+def on_w(world, tool, *args, ok=True, plain=False):
+    """``tool`` on ``world`` gloo processes from torchrun: through ``fairseq_stablemoe.launch`` (which adds
+    the distributed flags), or (``plain``) fairseq's own tool with ``--user-dir`` (the plugin adopts the job)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
+    torchrun += ["--master_port", str(free_port())]
+    if plain:
+        return run([*torchrun, "-m", f"fairseq_cli.{tool.replace('-', '_')}", *map(str, args), "--user-dir", USER_DIR])
+    return run([*torchrun, "-m", "fairseq_stablemoe.launch", tool, *map(str, args)], ok=ok)
 
 
 def on_one(module, *args, ok=True):
@@ -219,7 +209,8 @@ def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm, world, batc
     common = ["--tokens-per-sample", "32", "--batch-size", per_batch, "--max-tokens", "4096", "--gen-subset", "test"]
     common += ["--cpu"]
     path = per_rank_files(tmp / "ckpt", tmp / "one" / "checkpoint_last.pt", world, tmp)
-    many = on_w(world, "eval-lm", data, "--path", path, *common)
+    # 2 batches on 4 processes with fairseq's own fairseq-eval-lm under torchrun, the others through the launcher
+    many = on_w(world, "eval-lm", data, "--path", path, *common, plain=(world, batches) == (4, 2))
     one = reference("eval_lm", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
 
     m = re.search(
@@ -395,7 +386,9 @@ def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt, world, bat
     common += ["--required-batch-size-multiple", "1"]
     path = per_rank_files(mt / "ckpt", mt / "one" / "checkpoint_last.pt", world, mt)
     res_w, res_1 = mt / f"res{world}_{batches}", mt / f"res1_{batches}"
-    many = on_w(world, "generate", mt / "bin", "--path", path, *common, "--results-path", res_w)
+    # 1 batch on 2 processes with fairseq's own fairseq-generate under torchrun, the others through the launcher
+    plain = (world, batches) == (2, 1)
+    many = on_w(world, "generate", mt / "bin", "--path", path, *common, "--results-path", res_w, plain=plain)
     reference("generate", mt / "bin", "--path", mt / "one" / "checkpoint_last.pt", *common, "--results-path", res_1)
 
     files = sorted(res_w.iterdir())
