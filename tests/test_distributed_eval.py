@@ -1,11 +1,14 @@
-"""fairseq-eval-lm, -generate and -validate under torchrun straight from an expert-parallel run's
-per-rank files (2 gloo processes), against one process on the consolidated checkpoint.
+"""fairseq-eval-lm, -generate, -validate, -interactive and fairseq-train's validation under torchrun
+straight from an expert-parallel run's per-rank files (2 and 4 gloo processes), against one process
+on the consolidated checkpoint.
 
-The 2-process runs go through ``python -m fairseq_stablemoe.launch <tool>`` (the distributed flags
-added); the references are fairseq's own tools (``python -m fairseq_cli.<tool>``) on the file that
-``stablemoe-consolidate`` writes. Batch sizes are chosen so that the processes hold different
-numbers of batches (eval-lm's filler batch) and beam search ends at different steps: the
-2-process logs must report forwards on a padding token, or the lockstep was not exercised.
+The multi-process runs go through ``python -m fairseq_stablemoe.launch <tool>`` (the distributed
+flags added), or fairseq's own tool with ``--user-dir`` (the plugin adopts torchrun's job); the
+references are fairseq's own tools (``python -m fairseq_cli.<tool>``) on the file that
+``stablemoe-consolidate`` writes. The test split is cut into 1, 2 or 3 batches, so that some
+processes hold none, or fewer than others (eval-lm's filler batch), and beam search ends at
+different steps: those logs must report forwards on a padding token, or the lockstep was not
+exercised; the summary lines must count the whole split.
 """
 
 import math
