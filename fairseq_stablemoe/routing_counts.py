@@ -203,6 +203,13 @@ class RoutingCounts(nn.Module):
             return None
         return {name: (None if v != v else v) for name, v in zip(HANDOVER_FIELDS, values)}
 
+    def _apply(self, fn, recurse=True):
+        # --fp16/--bf16 cast floating buffers (module.half()): the hand-over keeps float64, on the new device
+        handover = self.handover
+        out = super()._apply(fn, recurse)
+        self.handover = handover.to(device=self.handover.device, dtype=torch.float64)
+        return out
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):

@@ -193,3 +193,14 @@ def test_dummy_batches_are_not_counted():
 def test_refit_needs_a_token_id_router(kind):
     with pytest.raises(ValueError, match="--distill-refit.*--distill-router wordemb"):
         make_layer(distill_router=kind)
+
+
+def test_half_precision_keeps_the_hand_over_exact():
+    layer = make_layer()
+    for u in range(BOUNDARY):
+        train_step(layer, u)
+    layer.set_num_updates(BOUNDARY)
+    before = layer.counts.handover.clone()
+    layer.half()
+    assert layer.counts.handover.dtype == torch.float64 and torch.equal(layer.counts.handover, before)
+    assert layer.state_dict()["counts.handover"].dtype == torch.float64
