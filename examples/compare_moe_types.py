@@ -364,6 +364,8 @@ def same_config(recorded: Optional[Dict[str, object]], expected: Dict[str, objec
     (``--report-only`` reads only the records) the data's fingerprint is not compared."""
     if recorded is None:
         return False
+    if "boundary_checkpoint" not in recorded:  # a run made before the boundary was kept: the same training
+        expected = {k: v for k, v in expected.items() if k != "boundary_checkpoint"}
     if expected.get("data") is None:
         recorded = {k: v for k, v in recorded.items() if k != "data"}
         expected = {k: v for k, v in expected.items() if k != "data"}

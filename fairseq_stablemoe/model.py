@@ -608,7 +608,7 @@ def stablemoe_lm_fork_x1_medium(args):
 
 @register_model_architecture("stablemoe_lm", "stablemoe_lm_medium")
 def stablemoe_lm_medium(args):
-    """Alias of ``stablemoe_lm_fork_x1_medium`` (the name earlier versions used)."""
+    """Alias of ``stablemoe_lm_fork_x1_medium``."""
     stablemoe_lm_fork_x1_medium(args)
 
 
