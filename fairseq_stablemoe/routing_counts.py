@@ -69,8 +69,8 @@ class RoutingCounts(nn.Module):
     Buffers (in the state dict; identical on every process): ``window_counts``
     and ``refit_counts`` ``(V, N)`` int64, ``window_majority`` ``(V,)`` int64
     (each id's majority expert in the last window it appeared in, -1 never),
-    ``handover`` ``(5,)`` float64 (:data:`HANDOVER_FIELDS`, NaN before the
-    boundary).
+    ``handover`` ``(5,)`` float64 (:data:`HANDOVER_FIELDS`; all 0 before the
+    boundary, -1 for a figure that does not apply).
     """
 
     def __init__(self, vocab_size: int, num_experts: int, boundary: int, refit_updates: int, window: int):
@@ -82,7 +82,7 @@ class RoutingCounts(nn.Module):
         self.register_buffer("window_counts", torch.zeros(vocab_size, num_experts, dtype=torch.long))
         self.register_buffer("refit_counts", torch.zeros(vocab_size, num_experts, dtype=torch.long))
         self.register_buffer("window_majority", torch.full((vocab_size,), -1, dtype=torch.long))
-        self.register_buffer("handover", torch.full((len(HANDOVER_FIELDS),), float("nan"), dtype=torch.float64))
+        self.register_buffer("handover", torch.zeros(len(HANDOVER_FIELDS), dtype=torch.float64))
         self._last_counted = -1  # completed updates at the last counted forward (it belongs to the next one)
 
     def in_refit_window(self, num_updates: int) -> bool:
@@ -178,13 +178,13 @@ class RoutingCounts(nn.Module):
         """Fill and return ``handover``: the frozen routing against the refit window's counts.
 
         ``frozen``: ``(V,)`` the frozen token -> expert table (None for a router
-        that reads context: its agreements are NaN); ``own``: the distilled
+        that reads context: its agreements are -1, not applicable); ``own``: the distilled
         router's own table for the majority's ties (None: first index).
         """
         counts = self.refit_counts.double()
         per_id = counts.sum(1)
         tokens = per_id.sum()
-        stats = torch.full_like(self.handover, float("nan"))
+        stats = torch.full_like(self.handover, -1.0)
         stats[3] = tokens
         stats[4] = self.refit_updates
         if tokens > 0:
@@ -197,11 +197,11 @@ class RoutingCounts(nn.Module):
         return stats
 
     def handover_dict(self) -> Optional[Dict[str, float]]:
-        """``handover`` as a dict (None before the boundary)."""
+        """``handover`` as a dict (None before the boundary; None for a figure that does not apply)."""
         values = self.handover.tolist()
-        if values[3] != values[3]:  # NaN: not at the boundary yet
+        if values[3] <= 0:  # no tokens: not at the boundary yet
             return None
-        return {name: (None if v != v else v) for name, v in zip(HANDOVER_FIELDS, values)}
+        return {name: (None if v < 0 else v) for name, v in zip(HANDOVER_FIELDS, values)}
 
     def _apply(self, fn, recurse=True):
         # --fp16/--bf16 cast floating buffers (module.half()): the hand-over keeps float64, on the new device
