@@ -18,3 +18,4 @@ E=(benchmarks/expert_compute.py --threads 1 --steady-malloc --markdown "$PAGE")
 "$PY" "${E[@]}" --tokens 8192 --dim 512 --ffn 2048 --experts 16 64 --repeats 3
 "$PY" benchmarks/all_to_all_share.py --markdown "$PAGE"
 "$PY" benchmarks/train_throughput.py --updates 30 --markdown "$PAGE"
+"$PY" benchmarks/train_throughput.py --counts --updates 60 --rounds 3 --markdown "$PAGE"
