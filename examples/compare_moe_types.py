@@ -25,6 +25,7 @@ the share of validation tokens whose expert changes across the boundary.
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -449,6 +450,9 @@ def run_one(opts, run: Run) -> Optional[Dict[str, object]]:
         "train_seconds": wall_at(records, run.max_update),  # training steps only
         "launch_seconds": sum(sessions),  # whole fairseq-train launches (an interrupted one is not counted)
         "launches": len(sessions),
+        # intra-op threads of the training processes: the thread count changes fp32 reduction orders, so a
+        # run is reproduced bit for bit only with the same count
+        "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
         "valid_curve": valid_curve,
     }
     if run.moe_type != "dense" and len(interval_ckpts) >= 2:
