@@ -21,7 +21,7 @@ setup(
         "sentencepiece",
         "matplotlib",  # stablemoe-fluctuation --plot, examples/compare_moe_types.py
     ],
-    extras_require={"test": ["pytest", "hypothesis", "ruff"]},  # ruff: tests/test_lint.py
+    extras_require={"test": ["pytest", "hypothesis", "ruff"]},  # ruff: scripts/test.sh lints first
     entry_points={
         "console_scripts": [
             "stablemoe-routing-summary=fairseq_stablemoe.routing_summary:cli_main",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything (if needed) and run the test suite; prints the wall time at the end.
+# Install everything (if needed), run `ruff check` and the test suite; prints the wall time at the end.
 #   bash scripts/test.sh                 the whole suite (CI: .ci/run)
 #   bash scripts/test.sh --quick         without the slowest end-to-end runs (pytest -m "not slow";
 #                                        the `slow` marker is registered in pytest.ini)
@@ -16,6 +16,8 @@ for a in "$@"; do
 done
 start=$SECONDS
 status=0
+# lint first (the repository's ruff configuration, pyproject.toml); a finding fails the run
+"$VENV/bin/python" -m ruff check --no-cache "$ROOT" || status=$?
 "$VENV/bin/python" -m pytest -q tests ${args[@]+"${args[@]}"} || status=$?
 elapsed=$((SECONDS - start))
 printf '[test] wall time %dm %02ds (exit status %d)\n' $((elapsed / 60)) $((elapsed % 60)) "$status"
