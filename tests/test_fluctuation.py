@@ -121,9 +121,22 @@ def _fluctuation(data: Path, ckpts, tmp: Path, *extra):
     return out, (json.loads(out_json.read_text()) if out.returncode == 0 else None)
 
 
+@pytest.fixture(scope="module")
+def trained(fluct_data, tmp_path_factory):
+    """``trained(moe_type)``: the checkpoints of one run of that type, trained once for the module."""
+    runs = {}
+
+    def get(moe_type: str) -> list:
+        if moe_type not in runs:
+            runs[moe_type] = _train(fluct_data, tmp_path_factory.mktemp(f"fluct_{moe_type}"), moe_type)
+        return runs[moe_type]
+
+    return get
+
+
 @pytest.mark.parametrize("moe_type", ["stablemoe", "switch", "base"])
-def test_fluctuation_on_real_runs(fluct_data, tmp_path, moe_type):
-    ckpts = _train(fluct_data, tmp_path / "ckpt", moe_type)
+def test_fluctuation_on_real_runs(fluct_data, trained, tmp_path, moe_type):
+    ckpts = trained(moe_type)
     out, result = _fluctuation(fluct_data, ckpts, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [(p["from_update"], p["to_update"]) for p in result["pairs"]] == [(10, 20), (20, 30), (30, 40)]
@@ -136,9 +149,8 @@ def test_fluctuation_on_real_runs(fluct_data, tmp_path, moe_type):
         assert all(p["ratio"] > 0.0 for p in result["pairs"])
 
 
-def test_fluctuation_refuses_mixed_runs_and_single_checkpoints(fluct_data, tmp_path):
-    a = _train(fluct_data, tmp_path / "a", "stablemoe")
-    b = _train(fluct_data, tmp_path / "b", "hash")
+def test_fluctuation_refuses_mixed_runs_and_single_checkpoints(fluct_data, trained, tmp_path):
+    a, b = trained("stablemoe"), trained("switch")
     out, _ = _fluctuation(fluct_data, [a[0], b[1]], tmp_path)
     assert out.returncode != 0 and "same run" in out.stderr
     out, _ = _fluctuation(fluct_data, [a[0]], tmp_path)

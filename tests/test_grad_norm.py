@@ -83,7 +83,46 @@ def build(mode: str, params):
     return optim.build_optimizer(cfg.optimizer, params)
 
 
-def worker(rank: int, port: int, mode: str, overflow: bool, queue) -> None:
+def case(rank: int, mode: str, overflow: bool) -> dict:
+    """One optimizer mode on this process: fairseq's backward and clip_grad_norm, what each saw."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        "bf16" if "bf16" in mode else "fp16" if "fp16" in mode else "", torch.float32
+    )
+    grads = grads_of(rank)
+    if overflow and rank == 1:
+        grads["experts.0.w"][2, 3] = float("inf")
+    params = []
+    for name, shape in SHAPES.items():
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        if name.startswith("experts"):
+            p.expert = True
+            p.expert_replicas = 1
+        params.append(p)
+    opt = build(mode, params)
+    # fairseq's own backward (loss scaling included): d loss / d p = g
+    opt.zero_grad()
+    opt.backward(sum((p * g.to(dtype)).sum() for p, g in zip(params, grads.values())))
+    scale = INIT_SCALE if ("fp16" in mode or mode == "amp") else 1
+    stored = {n: p.grad.detach().double() / scale for n, p in zip(SHAPES, params)}
+    before = [p.detach().clone() for p in params]
+    result = {"rank": rank, "stored": {n: g.tolist() for n, g in stored.items()}}  # plain data through the queue
+    try:
+        norm = opt.clip_grad_norm(0.0 if not overflow else 1.0)
+        result["norm"] = float(norm)
+    except OverflowError as e:
+        result["overflow_error"] = str(e)
+    if overflow and mode == "amp":
+        opt.step()
+        result["unchanged"] = all(torch.equal(b, p.detach()) for b, p in zip(before, params))
+        result["scale"] = float(opt.scaler.get_scale())
+    if getattr(opt, "scaler", None) is not None and mode != "amp":
+        result["scale"] = float(opt.scaler.loss_scale)
+    dist.barrier()
+    return result
+
+
+def worker(rank: int, port: int, queue) -> None:
+    """Every (mode, overflow) case in turn, in one process group (one start-up for the module)."""
     try:
         torch.set_num_threads(1)
         torch.cuda.current_device = lambda: None  # fairseq's flat fp16 copy, keyed as CPU tensors are
@@ -96,69 +135,52 @@ def worker(rank: int, port: int, mode: str, overflow: bool, queue) -> None:
         )
         import fairseq_stablemoe  # noqa: F401  (installs the hooks)
 
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            "bf16" if "bf16" in mode else "fp16" if "fp16" in mode else "", torch.float32
-        )
-        grads = grads_of(rank)
-        if overflow and rank == 1:
-            grads["experts.0.w"][2, 3] = float("inf")
-        params = []
-        for name, shape in SHAPES.items():
-            p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
-            if name.startswith("experts"):
-                p.expert = True
-                p.expert_replicas = 1
-            params.append(p)
-        opt = build(mode, params)
-        # fairseq's own backward (loss scaling included): d loss / d p = g
-        opt.zero_grad()
-        opt.backward(sum((p * g.to(dtype)).sum() for p, g in zip(params, grads.values())))
-        scale = INIT_SCALE if ("fp16" in mode or mode == "amp") else 1
-        stored = {n: p.grad.detach().double() / scale for n, p in zip(SHAPES, params)}
-        before = [p.detach().clone() for p in params]
-        result = {"rank": rank, "stored": {n: g.tolist() for n, g in stored.items()}}  # plain data through the queue
-        try:
-            norm = opt.clip_grad_norm(0.0 if not overflow else 1.0)
-            result["norm"] = float(norm)
-        except OverflowError as e:
-            result["overflow_error"] = str(e)
-        if overflow and mode == "amp":
-            opt.step()
-            result["unchanged"] = all(torch.equal(b, p.detach()) for b, p in zip(before, params))
-            result["scale"] = float(opt.scaler.get_scale())
-        if getattr(opt, "scaler", None) is not None and mode != "amp":
-            result["scale"] = float(opt.scaler.loss_scale)
-        queue.put(result)
-        dist.barrier()
+        results = {}
+        for mode in MODES:
+            for overflow in (False, True):
+                try:
+                    results[mode, overflow] = case(rank, mode, overflow)
+                except Exception as e:  # this case fails; the others still run
+                    results[mode, overflow] = {"rank": rank, "exception": repr(e)}
+        queue.put((rank, results))
         dist.destroy_process_group()
     except BaseException as e:  # report instead of leaving the other process waiting
-        queue.put({"rank": rank, "exception": repr(e)})
+        queue.put((rank, repr(e)))
         raise
 
 
-def run(mode: str, overflow: bool):
+@pytest.fixture(scope="module")
+def all_cases():
+    """``{(mode, overflow): [rank 0's result, rank 1's result]}`` from one 2-process run."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, mode, overflow, queue), daemon=True) for r in range(W)]
+    procs = [ctx.Process(target=worker, args=(r, port, queue), daemon=True) for r in range(W)]
     for p in procs:
         p.start()
     try:
-        results = sorted((queue.get(timeout=120) for _ in range(W)), key=lambda r: r["rank"])
+        got = dict(queue.get(timeout=300) for _ in range(W))
         for p in procs:
             p.join(timeout=60)
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
+    for rank in range(W):
+        assert isinstance(got[rank], dict), got[rank]
+    return {key: [got[r][key] for r in range(W)] for key in got[0]}
+
+
+def run(all_cases, mode: str, overflow: bool):
+    results = all_cases[mode, overflow]
     for r in results:
         assert "exception" not in r, r
     return results
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_norm_covers_every_expert_and_is_identical_on_every_process(mode):
-    results = run(mode, overflow=False)
+def test_norm_covers_every_expert_and_is_identical_on_every_process(all_cases, mode):
+    results = run(all_cases, mode, overflow=False)
 
     def sum_sq(values):
         return float(torch.tensor(values, dtype=torch.float64).square().sum())
@@ -173,8 +195,8 @@ def test_norm_covers_every_expert_and_is_identical_on_every_process(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_inf_in_one_process_experts_reaches_every_process(mode):
-    results = run(mode, overflow=True)
+def test_inf_in_one_process_experts_reaches_every_process(all_cases, mode):
+    results = run(all_cases, mode, overflow=True)
     if mode in ("fp16", "fp16_no_flatten", "memory_efficient_fp16"):
         # fairseq's loss scaler: both processes skip the step and lower the scale together
         for r in results:
