@@ -118,13 +118,14 @@ def test_eval_lm_path_names_the_file_before_loading(tmp_path, kind):
     assert "weights_only" not in text  # nor torch's advice anywhere in the output
 
 
-@pytest.mark.parametrize("kind", ["random", "truncated"])
-def test_consolidate_names_the_file(tmp_path, kind):
-    path, words = bad_files(tmp_path)[kind]
+def test_consolidate_names_the_file(tmp_path):
+    """A random file given whole, a truncated one as one of a per-rank set."""
+    files = bad_files(tmp_path)
+    path, words = files["random"]
     code, text = run_tool("-m", "fairseq_stablemoe.consolidate", path, "--shards", "2")
     assert code == 2 and "Traceback" not in text
     assert_explains(last_error_line(text), path, words, tmp_path / "checkpoint_1_5.pt")
-    # a per-rank file set with one bad file
+    path, words = files["truncated"]
     (tmp_path / "x-rank0-of2.pt").write_bytes(path.read_bytes())
     (tmp_path / "x-rank1-of2.pt").write_bytes(path.read_bytes())
     code, text = run_tool("-m", "fairseq_stablemoe.consolidate", tmp_path / "x.pt")
@@ -132,17 +133,19 @@ def test_consolidate_names_the_file(tmp_path, kind):
     assert f"{tmp_path / 'x-rank0-of2.pt'} cannot be read: it {words}" in text, text[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["random", "truncated"])
-def test_fluctuation_cli_reports_an_unreadable_checkpoint(tmp_path, kind):
+def test_fluctuation_cli_reports_an_unreadable_checkpoint(tmp_path):
+    """A truncated checkpoint given whole, a random one as one rank's file of an expert-parallel run."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dict.txt").write_text("a 1\n")
-    path, words = bad_files(tmp_path)[kind]
+    files = bad_files(tmp_path)
+    path, words = files["truncated"]
     code, text = run_tool(
         "-m", "fairseq_stablemoe.fluctuation", tmp_path / "data", path, tmp_path / "checkpoint_1_5.pt"
     )
     assert code == 2 and "Traceback" not in text
     assert_explains(last_error_line(text), path, words, tmp_path / "checkpoint_1_5.pt")
     # one rank's file of an expert-parallel run (merged in memory): the same explanation
+    path, words = files["random"]
     (tmp_path / "run-rank0-of2.pt").write_bytes(path.read_bytes())
     (tmp_path / "run-rank1-of2.pt").write_bytes(path.read_bytes())
     code, text = run_tool("-m", "fairseq_stablemoe.fluctuation", tmp_path / "data", tmp_path / "run-rank0-of2.pt", path)
