@@ -3,10 +3,14 @@
 Builds a stablemoe_lm and fairseq's own Trainer (legacy_ddp, plain SGD, no
 clipping) from real command-line arguments, loads the common initial weights
 (its shard of the experts), runs a few train steps on its share of a fixed
-global batch and saves its parameters and the per-step logged losses.
+global batch and saves its parameters and the per-step logged losses; for each
+of the comma-separated MoE types in turn, in one process group.
 
-    python ep_equivalence_worker.py DATA_DIR INIT.pt OUT.pt --rank R --world-size W --port P --moe-type T
-        [--num-experts N]
+    python ep_equivalence_worker.py DATA_DIR INIT_DIR OUT_DIR --rank R --world-size W --port P
+        --moe-types T1,T2 [--num-experts N]
+
+Files: ``INIT_DIR/T.pt`` (written by the 1-process run, read by the others) and
+``OUT_DIR/T-rankR.pt``.
 
 Besides the parameters and losses it saves the logged load statistics of every
 update (computed from the global per-expert counts, so they must not depend on W).
@@ -120,29 +124,15 @@ def shard_state(state, shard):
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("data_dir")
-    parser.add_argument("init")
-    parser.add_argument("out")
-    parser.add_argument("--rank", type=int, default=0)
-    parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--moe-type", default="stablemoe")
-    parser.add_argument("--num-experts", type=int, default=NUM_EXPERTS)
-    opts = parser.parse_args()
-
-    if opts.world_size > 1:
-        torch.distributed.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{opts.port}", rank=opts.rank, world_size=opts.world_size
-        )
+def train_one(opts, moe_type: str) -> None:
+    """Build the model and fairseq's Trainer for ``moe_type``, train STEPS steps, save what they gave."""
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.trainer import Trainer
 
     train_parser = options.get_training_parser()
     args = options.parse_args_and_arch(
-        train_parser, model_args(opts.data_dir, opts.world_size, opts.rank, opts.moe_type, opts.num_experts)
+        train_parser, model_args(opts.data_dir, opts.world_size, opts.rank, moe_type, opts.num_experts)
     )
     cfg = convert_namespace_to_omegaconf(args)
     torch.manual_seed(cfg.common.seed)
@@ -150,9 +140,10 @@ def main() -> None:
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
 
-    init = torch.load(opts.init, weights_only=True) if Path(opts.init).exists() else None
+    init_file = Path(opts.init_dir) / f"{moe_type}.pt"
+    init = torch.load(init_file, weights_only=True) if init_file.exists() else None
     if init is None:  # the 1-process run writes the common initial weights
-        torch.save(model.state_dict(), opts.init)
+        torch.save(model.state_dict(), init_file)
     else:
         from fairseq_stablemoe.parallel import ExpertShard
 
@@ -174,8 +165,28 @@ def main() -> None:
             "losses": losses,
             "load_stats": load_stats,
         },
-        opts.out,
+        Path(opts.out_dir) / f"{moe_type}-rank{opts.rank}.pt",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data_dir")
+    parser.add_argument("init_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--moe-types", default="stablemoe")
+    parser.add_argument("--num-experts", type=int, default=NUM_EXPERTS)
+    opts = parser.parse_args()
+
+    if opts.world_size > 1:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{opts.port}", rank=opts.rank, world_size=opts.world_size
+        )
+    for moe_type in opts.moe_types.split(","):
+        train_one(opts, moe_type)
     if opts.world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -41,22 +41,21 @@ def run(cmds, timeout=300):
     return outs
 
 
-def train_both(data_dir, tmp_path, moe_type, world_size, num_experts):
-    """1 process with all experts, then ``world_size`` expert-parallel processes, from one initial file."""
-    init = tmp_path / "init.pt"
-    single = tmp_path / "single.pt"
-    extra = ["--moe-type", moe_type, "--num-experts", str(num_experts)]
-    run([[sys.executable, str(WORKER), str(data_dir), str(init), str(single), *extra]])
+def train_both(data_dir, out, moe_types, world_size, num_experts):
+    """1 process with all experts, then ``world_size`` expert-parallel processes, from one initial file per
+    type; every type in turn in the same processes. ``{type: (initial state, 1-process run, [per rank])}``."""
+    (out / "single").mkdir(parents=True)
+    extra = ["--moe-types", ",".join(moe_types), "--num-experts", str(num_experts)]
+    run([[sys.executable, str(WORKER), str(data_dir), str(out), str(out / "single"), *extra]])
     port = free_port()
-    shards = [tmp_path / f"rank{r}.pt" for r in range(world_size)]
     run(
         [
             [
                 sys.executable,
                 str(WORKER),
                 str(data_dir),
-                str(init),
-                str(shards[r]),
+                str(out),
+                str(out),
                 "--rank",
                 str(r),
                 "--world-size",
@@ -68,9 +67,24 @@ def train_both(data_dir, tmp_path, moe_type, world_size, num_experts):
             for r in range(world_size)
         ]
     )
-    ref = torch.load(single, weights_only=True)
-    parts = [torch.load(s, weights_only=True) for s in shards]
-    return torch.load(init, weights_only=True), ref, parts
+    found = {}
+    for t in moe_types:
+        ref = torch.load(out / "single" / f"{t}-rank0.pt", weights_only=True)
+        parts = [torch.load(out / f"{t}-rank{r}.pt", weights_only=True) for r in range(world_size)]
+        found[t] = torch.load(out / f"{t}.pt", weights_only=True), ref, parts
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_processes(data_dir, tmp_path_factory):
+    """stablemoe, switch and hash: 2 processes x 2 local experts and 1 process x 4 experts."""
+    return train_both(data_dir, tmp_path_factory.mktemp("ep2"), ["stablemoe", "switch", "hash"], 2, 4)
+
+
+@pytest.fixture(scope="module")
+def replicas(data_dir, tmp_path_factory):
+    """stablemoe and switch: 4 processes, 2 experts (2 replicas each), and 1 process x 2 experts."""
+    return train_both(data_dir, tmp_path_factory.mktemp("ep4"), ["stablemoe", "switch"], 4, 2)
 
 
 def assert_same_model(ref, parts, init_state, world_size, num_experts):
@@ -104,8 +118,8 @@ def assert_same_model(ref, parts, init_state, world_size, num_experts):
 
 # base is left out: its balanced assignment is solved per process, as in fairseq's BASE layers
 @pytest.mark.parametrize("moe_type", ["stablemoe", "switch", "hash"])
-def test_two_processes_match_one_process(data_dir, tmp_path, moe_type):
-    init_state, ref, parts = train_both(data_dir, tmp_path, moe_type, 2, 4)
+def test_two_processes_match_one_process(two_processes, moe_type):
+    init_state, ref, parts = two_processes[moe_type]
 
     # logged losses and load statistics (global counts) of every update (stage 1, stage 1, stage 2)
     assert len(ref["losses"]) == 3
@@ -124,10 +138,10 @@ def test_two_processes_match_one_process(data_dir, tmp_path, moe_type):
 
 
 @pytest.mark.parametrize("moe_type", ["stablemoe", "switch"])
-def test_expert_replicas_match_one_process(data_dir, tmp_path, moe_type):
+def test_expert_replicas_match_one_process(replicas, moe_type):
     """4 processes, 2 experts (2 replicas each, SGD): every parameter, loss and load statistic of the
     1-process run on the same global batch."""
-    init_state, ref, parts = train_both(data_dir, tmp_path, moe_type, 4, 2)
+    init_state, ref, parts = replicas[moe_type]
     for part in parts:
         for got, want in zip(part["losses"], ref["losses"]):
             assert got == pytest.approx(want, rel=1e-5)
