@@ -21,6 +21,22 @@ Prints ``case=<name> experts=<N> ms=<median> ratio_vs_dense=<x>``; ``auto`` pick
     python benchmarks/expert_compute.py [--experts 16 64] [--tokens 8192 --dim 512 --ffn 2048]
 
 ``--markdown FILE`` also writes the table of docs/performance.md (one row per N) into FILE.
+
+``--skew S`` measures memory instead: one expert gets the share ``S`` of the T tokens, the
+others split the rest evenly, and ``padded_bmm`` (every busy expert padded to the busiest
+one's count) and ``loop`` run the same forward+backward on them (training: the busy experts
+only are padded). One line per backend and N::
+
+    case=skew backend=<name> experts=<N> largest=<C> padded_rows=<L*C> peak_mb=<x> ratio_vs_loop=<y>
+
+``peak_mb``: on CUDA ``torch.cuda.max_memory_allocated`` over the allocated memory before the
+step (``reset_peak_memory_stats`` first); elsewhere the peak bytes of the storages that the step's
+operators create and that are alive at once (``moe_layer.PeakLiveBytes``, a dispatch mode: the
+activations, gradients and stacked weight copies, not the parameters nor the input). The header line
+names the measure and what ``auto`` picks for these counts (:func:`~fairseq_stablemoe.experts.choose_backend`).
+
+    python benchmarks/expert_compute.py --skew 0.75 --experts 8 --tokens 4096 --dim 256 --ffn 1024 \
+        [--device cuda --dtype fp32]
 """
 
 import argparse
@@ -40,6 +56,101 @@ from markdown import table, write_block  # noqa: E402
 from pairing import paired_rounds  # noqa: E402
 
 from fairseq_stablemoe.experts import Expert, Experts  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def skewed_counts(tokens: int, experts: int, share: float) -> List[int]:
+    """Expert 0 gets ``round(share * tokens)`` tokens, the others split the rest evenly (sums to ``tokens``)."""
+    top = min(tokens, round(share * tokens))
+    rest = tokens - top
+    others = experts - 1
+    return [top] + [rest // others + (1 if i < rest % others else 0) for i in range(others)]
+
+
+def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak memory of ``step()`` (see the module doc: CUDA's allocator, else the live storages it creates)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from moe_layer import PeakLiveBytes  # the layer benchmark's measure (imports the layers: not on CUDA runs)
+
+    tracker = PeakLiveBytes()
+    with tracker:
+        step()
+    return tracker.peak
+
+
+def memory_under_skew(opts) -> None:
+    """``--skew``: the peak memory of ``padded_bmm`` against ``loop`` on the same skewed counts (one line each)."""
+    from fairseq_stablemoe.experts import choose_backend
+
+    device, dtype = torch.device(opts.device), DTYPES[opts.dtype]
+    measure = (
+        "torch.cuda.max_memory_allocated over the memory before the step"
+        if device.type == "cuda"
+        else "peak live bytes of the storages the step's operators create (moe_layer.PeakLiveBytes)"
+    )
+    T, d, f = opts.tokens, opts.dim, opts.ffn
+    rows_out = []
+    print(
+        f"# torch {torch.__version__}, {opts.device} {opts.dtype}, T={T} d={d} f={f}, one expert gets {opts.skew:.0%} "
+        f"of the tokens, forward+backward in training; peak_mb: {measure}",
+        flush=True,
+    )
+    for n in opts.experts:
+        counts = skewed_counts(T, n, opts.skew)
+        torch.manual_seed(0)
+        experts = Experts(n, d, f, 1)
+        for p in experts.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        experts.to(device=device, dtype=dtype)
+        x0 = torch.randn(T, d, device=device, dtype=dtype)
+        g = torch.randn(T, d, device=device, dtype=dtype) / T
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        busy = [c for c in counts if c > 0]
+        auto = choose_backend(device.type, dtype, capability, d, f, busy)
+
+        def step(name: str) -> None:
+            experts.backend = name
+            experts.zero_grad(set_to_none=True)
+            x = x0.detach().requires_grad_()
+            ((experts(x, counts) * g).sum()).backward()
+
+        peaks = {}
+        for name in ("loop", "padded_bmm"):
+            step(name)  # warm-up (CUDA context, cuBLAS workspace, lazy buffers)
+            experts.zero_grad(set_to_none=True)
+            peaks[name] = peak_bytes(lambda: step(name), device)
+        print(f"# experts={n}: counts {counts[0]} + {n - 1} x ~{counts[-1]}; auto picks {auto}", flush=True)
+        padded_rows = len(busy) * max(busy)
+        for name, rows in (("loop", T), ("padded_bmm", padded_rows)):
+            print(
+                f"case=skew backend={name} experts={n} largest={max(busy)} padded_rows={rows} "
+                f"peak_mb={peaks[name] / 2**20:.2f} ratio_vs_loop={peaks[name] / peaks['loop']:.2f}",
+                flush=True,
+            )
+        ratio = peaks["padded_bmm"] / peaks["loop"]
+        rows_out.append(
+            [n, max(busy), padded_rows, *(f"{peaks[k] / 2**20:.1f}" for k in ("loop", "padded_bmm")), f"{ratio:.2f}"]
+            + [f"`{auto}`"]
+        )
+    if opts.markdown:
+        header = (
+            f"torch {torch.__version__}, {opts.device} {opts.dtype}: the experts' forward+backward (training) on T={T} "
+            f"tokens, one expert getting {opts.skew:.0%} of them (d={d}, f={f}); peak MB: {measure}."
+        )
+        titles = ["N", "busiest expert's tokens C", "padded rows L x C", "`loop` peak MB", "`padded_bmm` peak MB"]
+        lines = table([*titles, "padded_bmm / loop", "`auto` picks"], rows_out)
+        write_block(
+            opts.markdown,
+            f"expert_compute skew={opts.skew} {opts.device} {opts.dtype} T={T} d={d} f={f}",
+            [header, "", *lines],
+        )
 
 
 def grouped_case(experts: Experts, counts: List[int]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -75,6 +186,15 @@ def main() -> None:
         help="re-run with glibc's mmap/trim thresholds fixed high (see benchmarks/allocator.py)",
     )
     parser.add_argument(
+        "--skew",
+        type=float,
+        metavar="S",
+        help="measure the peak memory of padded_bmm against loop instead of the times, one expert getting the "
+        "share S (0 < S <= 1) of the tokens (see the module doc)",
+    )
+    parser.add_argument("--device", default="cpu", help="with --skew: the device (cpu or cuda)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="with --skew: the experts' dtype")
+    parser.add_argument(
         "--markdown",
         type=Path,
         metavar="FILE",
@@ -82,9 +202,16 @@ def main() -> None:
         "the same shape (see benchmarks/markdown.py)",
     )
     opts = parser.parse_args()
+    if opts.skew is not None and not 0 < opts.skew <= 1:
+        parser.error(f"--skew {opts.skew}: give the busiest expert's share of the tokens, 0 < S <= 1")
+    if opts.skew is None and (opts.device != "cpu" or opts.dtype != "fp32"):
+        parser.error("--device and --dtype apply to --skew only: the timings run in fp32 on the CPU")
     allocator = steady_malloc(opts.steady_malloc)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.skew is not None:
+        memory_under_skew(opts)
+        return
     if not hasattr(F, "grouped_mm"):
         sys.exit(f"torch {torch.__version__} has no torch.nn.functional.grouped_mm")
     print(

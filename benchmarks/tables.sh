@@ -16,6 +16,7 @@ L=(benchmarks/moe_layer.py --threads 1 --no-fairscale --steady-malloc --cases st
 E=(benchmarks/expert_compute.py --threads 1 --steady-malloc --markdown "$PAGE")
 "$PY" "${E[@]}" --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --repeats 5
 "$PY" "${E[@]}" --tokens 8192 --dim 512 --ffn 2048 --experts 16 64 --repeats 3
+"$PY" "${E[@]}" --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --skew 0.75  # padded_bmm's memory, skewed routing
 "$PY" benchmarks/all_to_all_share.py --markdown "$PAGE"
 "$PY" benchmarks/train_throughput.py --updates 30 --markdown "$PAGE"
 "$PY" benchmarks/train_throughput.py --counts --updates 60 --rounds 3 --markdown "$PAGE"

@@ -24,7 +24,9 @@ for any other model every overridden member calls fairseq's own code:
   record (rank, world size, expert count, run id, update count, the names of
   the optimizer's parameters) that :mod:`.consolidate` and the load checks
   read, then calls fairseq's method, which writes atomically (temporary file,
-  then rename). Every rank creates the save directory first.
+  then rename). Every rank creates the save directory first and, for
+  fairseq's checkpoints (not ``crash.pt``), sums the routing counts over the
+  ranks (:func:`.routing_counts.flush_routing_counts`).
 * ``load_checkpoint``: checks, before anything is loaded, that every rank's
   file exists and holds that rank's experts of the same save, with a clear
   error naming the missing file or the ``stablemoe-consolidate`` command that
@@ -76,6 +78,7 @@ from .checkpoint_files import (
 )
 from .layer import MoELayer
 from .parallel import ExpertShard
+from .routing_counts import flush_routing_counts
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +206,10 @@ def _save_checkpoint(self, filename, extra_state):
                 # a name without the checkpoint suffix (fairseq's crash.pt after a FloatingPointError):
                 # every rank would write the same file at once
                 filename = rank_path(filename, shard.rank, shard.world_size)
+            else:
+                # fairseq's checkpoints (not crash.pt, which one rank may write alone) are saved by every
+                # rank at the same update: sum the routing counts over the ranks (collective) into the state
+                flush_routing_counts(self._model)
     return _fairseq["save_checkpoint"](self, filename, extra_state)
 
 

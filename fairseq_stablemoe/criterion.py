@@ -114,7 +114,7 @@ class StableMoECriterion(FairseqCriterion):
                 if stat in layers[0]:
                     logging_output[key] = sum(s[stat] for s in layers).detach()
             if "stage" in layers[0]:
-                logging_output["moe_stage"] = float(layers[0]["stage"]) * sample_size
+                logging_output["moe_stage"] = (layers[0]["stage"] * sample_size).detach()
         return loss, sample_size, logging_output
 
     @staticmethod

@@ -49,8 +49,11 @@ use them, with the logical name (``--path DIR/checkpoint_last.pt``):
   skips the empty filler batches it would otherwise crash on, and its
   closing ``all_gather_list`` works on CPU (fairseq's allocates a CUDA tensor).
 
-Every collective of this module waits at most ``STABLEMOE_LOCKSTEP_TIMEOUT``
-seconds (default 600) and then stops with an error naming the likely cause.
+Every tensor this module hands to a collective lives on the MoE layers' device (the lockstep) or
+on the device of the process group's collectives (the totals, :func:`.parallel.collective_device`):
+NCCL takes only CUDA tensors. Every lockstep collective waits at most ``STABLEMOE_LOCKSTEP_TIMEOUT``
+seconds (default: 80% of the process group's timeout, at most 480 s, so that it stops before NCCL's
+own 600 s watchdog) and then stops with an error naming the likely cause.
 """
 
 import datetime
@@ -69,16 +72,34 @@ from fairseq.distributed import utils as distributed_utils
 from .checkpoint_files import CheckpointMismatchError, meta_of, rank_files_on_disk, rank_path, read
 from .eval_totals import Totals, generate_totals, swapped
 from .layer import MoELayer
-from .parallel import world_size_and_rank
+from .parallel import collective_device, world_size_and_rank
 from .safe_globals import CheckpointLoadError
+from .torchrun import torchrun_settings
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "STABLEMOE_LOCKSTEP_TIMEOUT"
 
 
+#: the default lockstep timeout's cap (s): under NCCL's default process-group timeout (600 s)
+LOCKSTEP_TIMEOUT_CAP = 480.0
+
+
+def _process_group_timeout() -> float:
+    """The default process group's timeout (s): torch's default for its backend."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_timeout
+
+        return _get_default_timeout(dist.get_backend()).total_seconds()
+    except (ImportError, AttributeError, RuntimeError, ValueError):
+        return 600.0
+
+
 def _timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+    """How long a lockstep collective waits: ``STABLEMOE_LOCKSTEP_TIMEOUT``, else below the group's timeout."""
+    if TIMEOUT_ENV in os.environ:
+        return datetime.timedelta(seconds=float(os.environ[TIMEOUT_ENV]))
+    return datetime.timedelta(seconds=min(LOCKSTEP_TIMEOUT_CAP, 0.8 * _process_group_timeout()))
 
 
 # ----------------------------------------------------------------------------- lockstep
@@ -90,6 +111,7 @@ class Lockstep:
     def __init__(self, layers: Sequence[MoELayer]):
         self.layers = list(layers)
         self.world_size, self.rank = world_size_and_rank()
+        self.device = _fc1_weight(self.layers[0]).device  # NCCL: the collectives' tensors live here
         self.dummy_forwards = 0
         self.rounds = 0
         self._waited = 0
@@ -103,7 +125,7 @@ class Lockstep:
 
     def _agree(self, want: int) -> int:
         """The layer every process runs next (-1: all have finished)."""
-        mine = torch.tensor([want, self._waited], dtype=torch.long)
+        mine = torch.tensor([want, self._waited], dtype=torch.long, device=self.device)
         everyone = [torch.zeros_like(mine) for _ in range(self.world_size)]
         work = dist.all_gather(everyone, mine, async_op=True)
         try:
@@ -116,7 +138,7 @@ class Lockstep:
                 f"(a tool this plugin does not wrap). ({e})"
             ) from e
         self.rounds += 1
-        asks = [(int(t[0]), int(t[1]), r) for r, t in enumerate(everyone)]
+        asks = [(w, waited, r) for r, (w, waited) in enumerate(torch.stack(everyone).tolist())]
         busy = [a for a in asks if a[0] >= 0]
         if not busy:
             return -1
@@ -162,7 +184,7 @@ class Lockstep:
 
     def total_dummy_forwards(self) -> int:
         """All processes' forwards on one padding token (collective)."""
-        t = torch.tensor([self.dummy_forwards], dtype=torch.long)
+        t = torch.tensor([self.dummy_forwards], dtype=torch.long, device=self.device)
         dist.all_reduce(t)
         return int(t.item())
 
@@ -361,10 +383,14 @@ def _distributed_main(i, main, cfg, kwargs):
 
 
 def _all_gather_list(data, group=None, max_size=16384):
+    """fairseq's ``all_gather_list`` by ``all_gather_object``, on CPU and GPU alike.
+
+    fairseq's version packs every process's pickled ``data`` into a ``max_size`` buffer (16 KB by
+    default, a CUDA tensor): fairseq-validate's logging outputs of more than a few batches exceed
+    it, and it fails on CPU. ``all_gather_object`` has no size limit and puts its tensors on the
+    device the group's backend needs.
+    """
     finish_all()  # fairseq-validate gathers its logs after its loop: the others may still run MoE forwards
-    if torch.cuda.is_available():
-        return _fairseq["all_gather_list"](data, group=group, max_size=max_size)
-    # fairseq's version allocates a torch.cuda.ByteTensor, which fails on CPU (gloo)
     group = group if group is not None else distributed_utils.get_global_group()
     out: List[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, data, group=group)
@@ -372,34 +398,48 @@ def _all_gather_list(data, group=None, max_size=16384):
 
 
 class _Tally:
-    """Sum of log-probabilities and token count as ``fairseq_cli.eval_lm.eval_lm`` computes them."""
+    """Sum of log-probabilities and token count as ``fairseq_cli.eval_lm.eval_lm`` computes them.
+
+    The sums stay on the scores' device (no host sync per sentence), and the hypotheses are only
+    read: fairseq's own loop merges the BPE pieces' scores in place after this has read them.
+    """
 
     def __init__(self, dictionary, post_process: Optional[str], remove_bos: bool):
-        self.score_sum, self.count = 0.0, 0
+        self.score_sum: Any = 0.0  # a float64 tensor once a hypothesis is added
+        self.count: Any = 0  # an int64 tensor once a hypothesis is added
         self.remove_bos = remove_bos
-        self.bpe_toks = None
+        self.continues = None  # (V,) bool: the token continues into the next one (a BPE piece)
         if post_process in {"subword_nmt", "@@ "}:
             cont = post_process.rstrip()
-            self.bpe_toks = {i for i in range(len(dictionary)) if dictionary[i].endswith(cont)}
+            self.continues = torch.tensor([dictionary[i].endswith(cont) for i in range(len(dictionary))])
 
     def add(self, hypos) -> None:
         for hypos_i in hypos:
             hypo = hypos_i[0]
             tokens = hypo["tokens"]
             tgt_len = tokens.numel()
-            pos_scores = hypo["positional_scores"].float()
+            scores = hypo["positional_scores"].float()  # may be the hypothesis' own tensor: never written
             if self.remove_bos:
-                tokens, pos_scores = tokens[1:], pos_scores[1:]
-            skipped = 0
-            if self.bpe_toks is not None:
-                for i in range(tgt_len - 1):
-                    if tokens[i].item() in self.bpe_toks:
-                        skipped += 1
-                        pos_scores[i + 1] += pos_scores[i]
-                        pos_scores[i] = 0
-            finite = pos_scores[torch.isfinite(pos_scores)]
-            self.score_sum += float(finite.double().sum())
-            self.count += finite.numel() - skipped
+                tokens, scores = tokens[1:], scores[1:]
+            n, skipped = scores.numel(), None
+            if self.continues is not None and n > 0:
+                # fairseq's loop: for i < tgt_len - 1, a continuing piece i adds its score to i + 1 and
+                # is zeroed (and not counted); a run of pieces ends in the piece after it
+                if self.continues.device != tokens.device:
+                    self.continues = self.continues.to(tokens.device)
+                visited = min(tgt_len - 1, n - 1)
+                cont = torch.zeros(n, dtype=torch.bool, device=scores.device)
+                cont[:visited] = self.continues[tokens[:visited]]
+                ends = ~cont
+                run = torch.cumsum(ends.long(), 0) - ends.long()  # (n,) index of the run each piece is in
+                totals = torch.zeros(n, dtype=scores.dtype, device=scores.device).index_add_(0, run, scores)
+                scores = torch.where(ends, totals[run], torch.zeros_like(scores))
+                skipped = cont.sum()
+            finite = ~torch.isinf(scores)  # fairseq drops the infinite scores (and keeps a NaN)
+            total = torch.where(finite, scores, torch.zeros_like(scores)).double().sum()
+            count = finite.sum() if skipped is None else finite.sum() - skipped
+            self.score_sum = self.score_sum + total
+            self.count = self.count + count
 
 
 def _eval_lm(
@@ -436,11 +476,21 @@ def _eval_lm(
             tally.add(hypos)
             return hypos
 
-    totals = Totals(finish_all)
-    with swapped(names, SequenceScorer=TallyingScorer, StopwatchMeter=totals.timer):
+    # --output-word-stats: eval_lm's `word_stats = dict()` is this dict, merged over the processes when
+    # the shard ends (before eval_lm prints it), so its statistics are the whole split's, as its perplexity
+    word_stats: Dict[str, Any] = {}
+
+    def on_end() -> None:
+        finish_all()
+        if output_word_stats:
+            _merge_word_stats(word_stats, names["WordStat"])
+
+    totals = Totals(on_end)
+    with swapped(names, SequenceScorer=TallyingScorer, StopwatchMeter=totals.timer, dict=lambda: word_stats):
         # the "Evaluated N tokens" line eval_lm prints after its loop reports the totals (see .eval_totals)
         original(models, source_dictionary, totals.wrap(batch_iterator), **kwargs)
-    sums = torch.tensor([tally.score_sum, float(tally.count)], dtype=torch.float64)
+    device = collective_device()
+    sums = torch.stack([torch.as_tensor(x, dtype=torch.float64).to(device) for x in (tally.score_sum, tally.count)])
     dist.all_reduce(sums)
     score_sum, count = sums.tolist()
     loss = -score_sum / count / math.log(2) if count > 0 else 0.0
@@ -454,6 +504,23 @@ def _eval_lm(
     return {"loss": loss, "perplexity": 2**loss}
 
 
+def _merge_word_stats(word_stats: Dict[str, Any], word_stat) -> None:
+    """Make ``word_stats`` (word -> fairseq's ``WordStat``) hold every process's counts (collective)."""
+    fields = ("log_prob", "next_word_prob", "count", "missing_next_words")
+    mine = [(w, s.is_bpe, *(float(getattr(s, f)) for f in fields)) for w, s in word_stats.items()]
+    everyone: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    merged: Dict[str, Any] = {}
+    for stats in everyone:
+        for w, is_bpe, *values in stats:
+            if w not in merged:
+                merged[w] = word_stat(w, is_bpe)
+            for f, v in zip(fields, values):
+                setattr(merged[w], f, getattr(merged[w], f) + (int(v) if f in ("count", "missing_next_words") else v))
+    word_stats.clear()
+    word_stats.update(merged)
+
+
 def _wants_distributed(cfg) -> bool:
     dt = cfg.distributed_training
     if dist.is_available() and dist.is_initialized():
@@ -465,20 +532,19 @@ def _wants_distributed(cfg) -> bool:
 
 
 def _call_main(cfg, main, **kwargs):
-    """fairseq's ``call_main``; on CPU under torchrun, in the job torchrun started.
+    """fairseq's ``call_main``; under torchrun, in the job torchrun started (:mod:`.torchrun`).
 
-    fairseq sizes a torchrun job by the CUDA devices (``distributed_world_size`` defaults to their
-    count, and ``device_id = rank % device_count()`` divides by it), so on CPU a plain ``torchrun
-    fairseq-eval-lm|generate|validate|train ... --cpu`` would run W one-process jobs. Here it gets
-    the settings ``python -m fairseq_stablemoe.launch`` adds (:func:`.launch.torchrun_settings`).
+    fairseq sizes a torchrun job by the CUDA devices a process sees, so on CPU, or with one visible
+    GPU per process, a plain ``torchrun fairseq-eval-lm|generate|validate|train ...`` would run W
+    one-process jobs (and fairseq-generate, which the plugin makes distributed, would call itself
+    without end). Here it gets the settings ``python -m fairseq_stablemoe.launch`` adds.
     """
     from omegaconf import open_dict
 
-    from .launch import torchrun_settings
-
     dt = cfg.distributed_training
-    if dt.distributed_init_method is None and (cfg.common.cpu or not torch.cuda.is_available()):
-        settings = torchrun_settings(os.environ, cpu=True)
+    if dt.distributed_init_method is None:
+        cpu = bool(cfg.common.cpu) or not torch.cuda.is_available()
+        settings = torchrun_settings(os.environ, cpu=cpu, device_count=0 if cpu else torch.cuda.device_count())
         with open_dict(dt):
             for key, value in settings.items():
                 setattr(dt, key, value)

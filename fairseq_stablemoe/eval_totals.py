@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from fairseq.logging.meters import StopwatchMeter
 
+from .parallel import collective_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,12 +70,14 @@ class Totals:
             return
         self.on_end()
         timer = self.timers[0] if self.timers else StopwatchMeter()
-        counts = torch.tensor([self.sentences, int(timer.n)], dtype=torch.long)
+        device = collective_device()
+        counts = torch.tensor([self.sentences, int(timer.n)], dtype=torch.long, device=device)
         dist.all_reduce(counts)
-        longest = torch.tensor([float(timer.sum)], dtype=torch.float64)
+        longest = torch.tensor([float(timer.sum)], dtype=torch.float64, device=device)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        self.total_sentences = int(counts[0])
-        timer.n, timer.sum = int(counts[1]), float(longest)
+        sentences, tokens = counts.tolist()
+        self.total_sentences = sentences
+        timer.n, timer.sum = tokens, float(longest)
         for scorer in self.scorers:
             merge_scorer(scorer, self.world_size)
 
@@ -104,14 +108,16 @@ def merge_scorer(scorer, world_size: int) -> None:
     """Make ``scorer`` (of ``fairseq.scoring``) hold the statistics of every process (collective)."""
     from fairseq.scoring.bleu import Scorer as BleuScorer
 
+    device = collective_device()
+
     if isinstance(scorer, BleuScorer):  # fairseq's BLEU: counts in a ctypes struct
         fields = [name for name, _ in scorer.stat._fields_]
-        values = torch.tensor([int(getattr(scorer.stat, f)) for f in fields], dtype=torch.long)
+        values = torch.tensor([int(getattr(scorer.stat, f)) for f in fields], dtype=torch.long, device=device)
         dist.all_reduce(values)
         for name, value in zip(fields, values.tolist()):
             setattr(scorer.stat, name, value)
     elif hasattr(scorer, "distance") and hasattr(scorer, "ref_length"):  # WER
-        values = torch.tensor([scorer.distance, scorer.ref_length], dtype=torch.long)
+        values = torch.tensor([scorer.distance, scorer.ref_length], dtype=torch.long, device=device)
         dist.all_reduce(values)
         scorer.distance, scorer.ref_length = values.tolist()
     elif isinstance(getattr(scorer, "ref", None), list) and isinstance(getattr(scorer, "pred", None), list):
@@ -158,13 +164,18 @@ class SummaryFilter(logging.Filter):
 
 @contextlib.contextmanager
 def swapped(names: Dict[str, Any], **replacements):
-    """Replace entries of a module's namespace ``names`` (its ``__dict__``) while the block runs."""
-    saved = {k: names[k] for k in replacements}
+    """Replace entries of a module's namespace ``names`` (its ``__dict__``) while the block runs; a name the
+    module does not define (a builtin such as ``dict``) is shadowed for its functions, then removed."""
+    saved = {k: names[k] for k in replacements if k in names}
     names.update(replacements)
     try:
         yield
     finally:
-        names.update(saved)
+        for k in replacements:
+            if k in saved:
+                names[k] = saved[k]
+            else:
+                del names[k]
 
 
 @contextlib.contextmanager

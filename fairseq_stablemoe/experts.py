@@ -23,13 +23,34 @@ call by :meth:`Experts.forward` from :data:`EXPERT_BACKENDS` (as megablocks'
   busy experts in training, all local ones at inference); any device and
   dtype, at the price of the padding's arithmetic.
 
-``auto`` (the default): on CUDA ``grouped_mm`` where torch supports it for the
-dtype (bfloat16 on compute capability 8.0 or more), else ``padded_bmm``; on
-CPU ``loop``, which measured fastest there (docs/performance.md). The
-environment variable ``STABLEMOE_EXPERT_BACKEND`` or :attr:`Experts.backend`
-picks another. Every backend computes what ``loop`` computes (up to the
-rounding of the matrix products; ``tests/test_expert_backends.py``), and an
-expert without tokens gets no gradient on any of them.
+``auto`` (the default) is :func:`choose_backend`, per call, from the device,
+the dtype of the products, the compute capability, ``d`` and ``f`` and the
+python counts (no host sync of its own):
+
+* CPU (and any device but CUDA): ``loop``, which measured fastest there
+  (docs/performance.md).
+* CUDA: ``grouped_mm`` where torch runs it as one fused kernel: bfloat16 (also
+  under autocast), compute capability major 9 or 10 (SM90 Hopper, SM100
+  Blackwell datacenter, their minor versions included), ``d`` and ``f``
+  multiples of 8. Elsewhere (8.0 A100, 8.6, 8.9 L4/L40, 12.0 RTX 50, fp16,
+  fp32) torch's ``grouped_mm`` copies the offsets to the host and runs one
+  product per expert: two host syncs per sublayer in the forward and four in
+  the backward, where the layer makes one per forward. There ``padded_bmm``,
+  unless its padding would more than double the work (``L * max(counts) > 2 *
+  sum(counts)``, ``L`` the experts it pads: skewed routing), then ``loop``.
+  The rule follows torch's ``_grouped_mm_cuda`` (``aten/src/ATen/native/cuda/
+  GroupedBlas.cpp``: the fused CUTLASS path needs bf16 operands and output and
+  ``major == 9 or 10``, else ``_grouped_mm_fallback``); that C++ is not in the
+  installed wheel, so the choice assumes the installed torch keeps that
+  condition (seen on an H200 with torch 2.11: one ``grouped_mm`` call made no
+  host sync in bf16 and one in fp16 and fp32). On ROCm (where torch reports
+  another capability) not ``grouped_mm``.
+
+The environment variable ``STABLEMOE_EXPERT_BACKEND`` or
+:attr:`Experts.backend` picks another, whatever the call. Every backend
+computes what ``loop`` computes (up to the rounding of the matrix products;
+``tests/test_expert_backends.py``), and an expert without tokens gets no
+gradient on any of them.
 """
 
 import os
@@ -192,13 +213,20 @@ class Experts(nn.ModuleList):
                 entry = self._stacks[depth] = (key, params, Stacks(vectors, *_products(x, (w1, b1, w2)), rows))
         return entry[2]
 
-    def backend_for(self, features: torch.Tensor) -> str:
-        """The backend that runs ``features`` (:attr:`backend`, or the ``auto`` choice for its device and dtype)."""
+    def backend_for(self, features: torch.Tensor, counts: Optional[Sequence[int]] = None) -> str:
+        """The backend that runs ``features`` ``(T, d)`` split by ``counts``: :attr:`backend`, or for
+        ``auto`` :func:`choose_backend` with the device's values (the products' dtype under autocast,
+        the CUDA compute capability). ``counts`` (python ints, one per local expert) None: the choice for
+        evenly split tokens (no padding)."""
         if self.backend != "auto":
             return self.backend
-        if features.device.type == "cuda":
-            return "grouped_mm" if grouped_mm_supported(features, self[0][0].fc1.out_features) else "padded_bmm"
-        return "loop"
+        device = features.device
+        capability = None
+        if device.type == "cuda" and not torch.version.hip:
+            capability = torch.cuda.get_device_capability(device)
+        padded = [1] * len(self) if counts is None else [counts[i] for i in self.members(counts)]
+        dtype = _autocast_dtype(features) or features.dtype
+        return choose_backend(device.type, dtype, capability, features.shape[-1], self[0][0].fc1.out_features, padded)
 
     def forward(self, sorted_features: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Run each expert on its contiguous segment of tokens.
@@ -218,7 +246,7 @@ class Experts(nn.ModuleList):
             # the result stays in the autograd graph and every process runs the same
             # all-to-alls in the backward (a detached result would leave the others waiting)
             return sorted_features
-        return EXPERT_BACKENDS[self.backend_for(sorted_features)](self, sorted_features, counts)
+        return EXPERT_BACKENDS[self.backend_for(sorted_features, counts)](self, sorted_features, counts)
 
 
 def run_loop(experts: Experts, sorted_features: torch.Tensor, counts: List[int]) -> torch.Tensor:
@@ -239,20 +267,68 @@ def run_threads(experts: Experts, sorted_features: torch.Tensor, counts: List[in
     return run_experts(experts, torch.split(sorted_features, counts), busy, sorted_features, workers)
 
 
-def grouped_mm_supported(features: torch.Tensor, ffn_dim: int) -> bool:
-    """Whether torch runs ``grouped_mm`` with autograd on ``features``' device, in the dtype of the products.
+#: CUDA compute capability majors on which torch's ``grouped_mm`` runs bf16 as one fused kernel (SM90, SM100)
+FUSED_GROUPED_MM_MAJORS = (9, 10)
+#: on CUDA without that kernel, ``auto`` runs ``loop`` once ``padded_bmm``'s padded rows exceed this many
+#: times the real ones
+MAX_PADDING = 2
 
-    CUDA: bfloat16 (also under autocast) on compute capability 8.0 or more, rows
-    of a multiple of 16 bytes (``d`` and ``f`` multiples of 8); CPU: float32 and bfloat16.
+
+def fused_grouped_mm(dtype: torch.dtype, capability: Optional[Tuple[int, int]], dim: int, ffn_dim: int) -> bool:
+    """Whether torch's ``grouped_mm`` runs products in ``dtype`` on a CUDA device of ``capability`` as one
+    fused kernel (no host sync): bfloat16, capability major 9 or 10, rows of a multiple of 16 bytes (``dim``
+    and ``ffn_dim`` multiples of 8). ``capability`` None: not a CUDA device (or ROCm)."""
+    return (
+        hasattr(F, "grouped_mm")
+        and dtype == torch.bfloat16
+        and capability is not None
+        and capability[0] in FUSED_GROUPED_MM_MAJORS
+        and dim % 8 == 0
+        and ffn_dim % 8 == 0
+    )
+
+
+def choose_backend(
+    device_type: str,
+    dtype: torch.dtype,
+    capability: Optional[Tuple[int, int]],
+    dim: int,
+    ffn_dim: int,
+    counts: Sequence[int],
+) -> str:
+    """The ``auto`` backend (a key of :data:`EXPERT_BACKENDS`; see the module doc).
+
+    Args:
+        device_type: the features' ``device.type``.
+        dtype: the dtype of the products (autocast's where it is on, else the features').
+        capability: the CUDA compute capability ``(major, minor)``; None elsewhere.
+        dim, ffn_dim: ``d`` and ``f`` of the experts' sublayers.
+        counts: the tokens of each expert that ``padded_bmm`` would pad (:meth:`Experts.members`: ``L =
+            len(counts)``), python ints.
+    Returns:
+        ``loop`` off CUDA; on CUDA ``grouped_mm`` where :func:`fused_grouped_mm`, else ``padded_bmm``
+        unless ``L * max(counts) > MAX_PADDING * sum(counts)`` (then ``loop``).
     """
+    if device_type != "cuda":
+        return "loop"
+    if fused_grouped_mm(dtype, capability, dim, ffn_dim):
+        return "grouped_mm"
+    padded_rows = len(counts) * max(counts, default=0)
+    return "loop" if padded_rows > MAX_PADDING * sum(counts) else "padded_bmm"
+
+
+def grouped_mm_supported(features: torch.Tensor, ffn_dim: int) -> bool:
+    """Whether torch runs ``grouped_mm`` on ``features`` ``(T, d)``, in the dtype of the products, without a
+    host sync: on CUDA :func:`fused_grouped_mm` (what ``auto`` picks it for); on CPU float32 and bfloat16
+    (a host kernel: no sync; ``auto`` picks ``loop`` there all the same)."""
     if not hasattr(F, "grouped_mm"):
         return False
     dtype = _autocast_dtype(features) or features.dtype
     if features.device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16)
-    if features.device.type == "cuda":
-        aligned = features.shape[-1] % 8 == 0 and ffn_dim % 8 == 0
-        return dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(features.device) >= (8, 0)
+    if features.device.type == "cuda" and not torch.version.hip:
+        capability = torch.cuda.get_device_capability(features.device)
+        return fused_grouped_mm(dtype, capability, features.shape[-1], ffn_dim)
     return False
 
 

@@ -11,12 +11,13 @@ A first argument ``train`` (the default), ``eval-lm``, ``generate``,
 fairseq's own detection of torchrun derives the world size from the number of
 CUDA devices (and divides by it for the device id), so on CPU it finds no job.
 Under torchrun (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` set, ``WORLD_SIZE >
-1``) this adds, unless given (:func:`torchrun_settings`; the plugin applies the
-same settings to fairseq's own tools run with ``--user-dir`` and ``--cpu``
-under torchrun, see :func:`.distributed_eval._call_main`)::
+1``) this adds, unless given (:func:`.torchrun.torchrun_settings`; the plugin applies
+the same settings to fairseq's own tools run with ``--user-dir`` under torchrun, see
+:func:`.distributed_eval._call_main`)::
 
     --distributed-init-method env:// --distributed-world-size $WORLD_SIZE
-    --distributed-rank $RANK --distributed-no-spawn --device-id $LOCAL_RANK
+    --distributed-rank $RANK --distributed-no-spawn
+    --device-id $LOCAL_RANK               (modulo the CUDA devices the process sees)
     --distributed-backend gloo            (with --cpu only)
 
 and, in every case, ``--user-dir`` of this package if missing. Then it runs
@@ -27,7 +28,9 @@ multi-GPU spawning and Slurm support apply).
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
+
+from .torchrun import torchrun_settings
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 #: first argument -> fairseq module whose ``cli_main`` runs
@@ -51,23 +54,10 @@ def given(argv: List[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def torchrun_settings(env: Mapping[str, str], cpu: bool) -> Dict[str, Any]:
-    """fairseq's ``distributed_training`` settings of the job torchrun started ({} outside torchrun or for W = 1).
+def _cuda_devices() -> int:
+    import torch
 
-    :mod:`.distributed_eval` applies them to fairseq's config when fairseq itself found no job (on CPU).
-    """
-    if not all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")) or int(env["WORLD_SIZE"]) <= 1:
-        return {}
-    settings: Dict[str, Any] = {
-        "distributed_init_method": "env://",
-        "distributed_world_size": int(env["WORLD_SIZE"]),
-        "distributed_rank": int(env["RANK"]),
-        "distributed_no_spawn": True,
-        "device_id": int(env.get("LOCAL_RANK", "0")),
-    }
-    if cpu:
-        settings["distributed_backend"] = "gloo"
-    return settings
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def launch_args(argv: List[str], env: Mapping[str, str]) -> List[str]:
@@ -75,7 +65,8 @@ def launch_args(argv: List[str], env: Mapping[str, str]) -> List[str]:
     added: List[str] = []
     if not given(argv, "--user-dir"):
         added.extend(["--user-dir", PACKAGE_DIR])
-    for key, value in torchrun_settings(env, cpu=given(argv, "--cpu")).items():
+    cpu = given(argv, "--cpu")
+    for key, value in torchrun_settings(env, cpu=cpu, device_count=0 if cpu else _cuda_devices()).items():
         flag = "--" + key.replace("_", "-")
         if not given(argv, flag):
             added.extend([flag] if value is True else [flag, str(value)])

@@ -157,11 +157,8 @@ class MoELayer(nn.Module):
         """Losses that need the global load ``(N,)`` (fp32, all processes) of ``routing.choice``."""
         return {}
 
-    def observe(self, tokens: torch.Tensor, target: torch.Tensor, pad: torch.Tensor, tokens_per_rank) -> None:
-        """Record ``routing.target`` (collective: every process calls it in the same forwards).
-
-        ``tokens_per_rank``: every process's non-pad token count (python ints).
-        """
+    def observe(self, tokens: torch.Tensor, target: torch.Tensor, pad: torch.Tensor) -> None:
+        """Record ``routing.target`` ``(T,)`` of the tokens ``(T,)`` (``pad``: ``(T,)`` bool)."""
 
     @torch.no_grad()
     def assignment(self, features: torch.Tensor, tokens: torch.Tensor, training_routing: bool = True) -> torch.Tensor:
@@ -223,7 +220,7 @@ class MoELayer(nn.Module):
             host = [[int(c) for c in load.tolist()]]
         kept = capacity_split(host, self.capacity_factor)
         if routing.target is not None:
-            self.observe(tok, routing.target, pad, [sum(row) for row in host])
+            self.observe(tok, routing.target, pad)
         with _fp32(h):
             stats = dict(routing.stats, **self.aux_losses(routing, load, valid))
 
@@ -242,7 +239,7 @@ class MoELayer(nn.Module):
             num_tokens=num_tokens,
             global_tokens=load.sum() if shard.is_parallel else num_tokens,  # on one process the same count
             load=load,
-            dropped=torch.tensor(float(sum(host[shard.rank]) - sum(kept[shard.rank]))),
+            dropped=torch.tensor(float(sum(host[shard.rank]) - sum(kept[shard.rank])), device=load.device),
         )
         return output.view_as(features), stats
 
@@ -396,6 +393,8 @@ class StableMoELayer(MoELayer):
     def _hand_over(self, num_updates: int) -> None:
         """At the freeze: refit the table (``distill_refit``), fill and log the hand-over statistics."""
         router, counts = self.distill_router, self.counts
+        if counts is not None:
+            counts.flush()  # the refit window's last counts, summed over processes (a no-op when flushed already)
         # nothing counted: stage 2 from the start, or a model about to load a checkpoint (fairseq sets the
         # update count before loading the state, which then brings the frozen router and its table)
         if counts is None or counts.refit_counts.sum() == 0:
@@ -426,9 +425,9 @@ class StableMoELayer(MoELayer):
             100 * stats["ceiling"],
         )
 
-    def observe(self, tokens: torch.Tensor, target: torch.Tensor, pad: torch.Tensor, tokens_per_rank) -> None:
+    def observe(self, tokens: torch.Tensor, target: torch.Tensor, pad: torch.Tensor) -> None:
         """Count the backbone's stage-1 choices per token id (:class:`.routing_counts.RoutingCounts`)."""
-        self.counts.observe(tokens, target, pad, tokens_per_rank, self.shard, self.num_updates)
+        self.counts.observe(tokens, target, pad, self.shard, self.num_updates)
 
     def route(self, h: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> Routing:
         """Stage 1 (training): backbone; stage 2 and inference: distilled router.
@@ -483,7 +482,7 @@ class StableMoELayer(MoELayer):
         stats: Stats = {
             "agree": backbone_choice.eq(distill_choice).float().dot(valid),
             "nonfinite": nonfinite + nonfinite_distill,
-            "stage": torch.tensor(2.0 if stage2 else 1.0),
+            "stage": torch.tensor(2.0 if stage2 else 1.0, device=scores.device),
         }
         if not self.training:
             stats["backbone_load"] = self._count(backbone_choice, valid)

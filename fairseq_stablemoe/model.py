@@ -162,9 +162,11 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEOptions):
             "block p each (0: before the first block; repeat p to stack layers); replaces --moe-layers"
         },
     )
-    # from other parts of the config: expert parallelism needs legacy_ddp; the routing counts'
-    # logging window is the log interval
+    # from other parts of the config: expert parallelism needs legacy_ddp, no ZeRO sharding of the
+    # optimizer and no BMUF; the routing counts' logging window is the log interval
     ddp_backend: str = II("distributed_training.ddp_backend")
+    zero_sharding: str = II("distributed_training.zero_sharding")
+    use_bmuf: bool = II("optimization.use_bmuf")
     log_interval: int = II("common.log_interval")
 
 
@@ -461,6 +463,18 @@ def validate_moe_args(args, stacks: Sequence[Tuple[str, str, str]], model_name: 
         problems.append(
             f"--ddp-backend {ddp_backend} would average (and at start-up overwrite) the experts, "
             "which differ between processes: use --ddp-backend legacy_ddp"
+        )
+    zero_sharding = safe_getattr(args, "zero_sharding", "none")
+    if world_size > 1 and has_experts and zero_sharding not in (None, "none"):
+        problems.append(
+            f"--zero-sharding {zero_sharding} would overwrite each process's experts with those of the process "
+            "that updates them (fairscale's OSS broadcasts every parameter from its owner), and the experts "
+            "differ between processes: use --zero-sharding none"
+        )
+    if world_size > 1 and has_experts and safe_getattr(args, "use_bmuf", False):
+        problems.append(
+            "--use-bmuf would overwrite the experts, which differ between processes (BMUF broadcasts rank 0's "
+            "parameters after its warm-up and then averages every parameter across processes): drop --use-bmuf"
         )
     if has_experts and layout_problem(args.num_experts, world_size):
         problems.append(layout_problem(args.num_experts, world_size))

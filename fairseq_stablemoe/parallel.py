@@ -127,6 +127,27 @@ class Splits:
         self.per_expert = [sum(col) for col in zip(*self.recv_by_expert)]
 
 
+def collective_device(group=None) -> torch.device:
+    """The device of the tensors that code outside a model hands to ``group``'s collectives.
+
+    The host where the group's backend takes host tensors (gloo), else the process's current CUDA
+    device (NCCL takes only CUDA tensors; fairseq sets each process's device with
+    ``torch.cuda.set_device``): the rule torch's own object collectives follow. Outside a
+    distributed job: the host.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    try:
+        from torch.distributed.distributed_c10d import _get_object_coll_device
+
+        kind = _get_object_coll_device(group)
+    except (ImportError, AttributeError, RuntimeError, ValueError):  # torch's private helper moved
+        kind = "cpu" if "cpu" in str(dist.get_backend(group)) or dist.get_backend(group) == "gloo" else "cuda"
+    if kind == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
 def gather_counts(counts: torch.Tensor, world_size: int) -> torch.Tensor:
     """``(W, K)`` every process's ``(K,)`` count vector (all_gather; no autograd)."""
     if world_size == 1:

@@ -18,18 +18,25 @@ table, and gives:
   routing agrees with it and with the backbone (kept in the checkpoint as
   the buffer ``handover``).
 
-Counting is global and exact: in a forward on ``W`` processes the ``(token id,
-expert)`` codes of every process's non-pad tokens are all-gathered (padded to
-the largest process's token count, which the layer's count exchange already
-brought to the host, so no extra host sync) and every process adds all of
-them, so the tables are identical on every process, a checkpoint of any rank
-holds them whole, and a resume continues them exactly. Counts are int64.
+Counting is exact and costs no collective in the forward: on ``W`` processes
+each forward adds only this process's non-pad tokens to a local ``pending``
+``(V, N)`` table, and the tables are summed over processes (one ``all_reduce``
+of the int64 ``pending`` delta, then added to the totals and zeroed) only
+where they are read: when a logging window ends, when the refit window opens
+and at the stage boundary (:meth:`RoutingCounts.close_window`, reached at the
+same update on every process), and before a checkpoint is written
+(:func:`flush_routing_counts`, called on every rank by :mod:`.checkpointing`).
+Integer sums do not depend on when they are taken, so the totals, the logged
+figures and the refit table are those of counting every token at once; the
+saved buffers are the global totals, identical on every process, so a
+checkpoint of any rank holds them whole and a resume continues them exactly.
+On one process the forward counts straight into the totals. Counts are int64.
 """
 
 import contextlib
 import contextvars
 import logging
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,11 +73,14 @@ class RoutingCounts(nn.Module):
             ``boundary - U + 1 .. boundary``.
         window: updates per logging window (``--log-interval``).
 
-    Buffers (in the state dict; identical on every process): ``window_counts``
-    and ``refit_counts`` ``(V, N)`` int64, ``window_majority`` ``(V,)`` int64
-    (each id's majority expert in the last window it appeared in, -1 never),
-    ``handover`` ``(5,)`` float64 (:data:`HANDOVER_FIELDS`; all 0 before the
-    boundary, -1 for a figure that does not apply).
+    Buffers (in the state dict; global totals, identical on every process):
+    ``window_counts`` and ``refit_counts`` ``(V, N)`` int64, ``window_majority``
+    ``(V,)`` int64 (each id's majority expert in the last window it appeared
+    in, -1 never), ``handover`` ``(5,)`` float64 (:data:`HANDOVER_FIELDS`; all 0
+    before the boundary, -1 for a figure that does not apply). On ``W > 1``
+    processes the totals lag behind the forwards until :meth:`flush`; the
+    not-yet-summed counts of this process are the non-persistent ``pending``
+    ``(V, N)`` int64 (made at the first expert-parallel forward).
     """
 
     def __init__(self, vocab_size: int, num_experts: int, boundary: int, refit_updates: int, window: int):
@@ -83,48 +93,66 @@ class RoutingCounts(nn.Module):
         self.register_buffer("refit_counts", torch.zeros(vocab_size, num_experts, dtype=torch.long))
         self.register_buffer("window_majority", torch.full((vocab_size,), -1, dtype=torch.long))
         self.register_buffer("handover", torch.zeros(len(HANDOVER_FIELDS), dtype=torch.float64))
+        self.register_buffer("pending", None, persistent=False)
         self._last_counted = -1  # completed updates at the last counted forward (it belongs to the next one)
+        # forwards counted into `pending` since the last flush: the same on every process (each counts in the
+        # same forwards), so every process takes the same flushes; and whether they are in the refit window
+        self._pending_forwards = 0
+        self._pending_refit = False
 
     def in_refit_window(self, num_updates: int) -> bool:
         """Whether a forward at ``num_updates`` completed updates belongs to the refit window."""
         return self.boundary - self.refit_updates <= num_updates < self.boundary
 
     @torch.no_grad()
-    def observe(
-        self,
-        tokens: torch.Tensor,
-        choice: torch.Tensor,
-        pad: torch.Tensor,
-        tokens_per_rank: Sequence[int],
-        shard,
-        num_updates: int,
-    ) -> None:
+    def observe(self, tokens: torch.Tensor, choice: torch.Tensor, pad: torch.Tensor, shard, num_updates: int) -> None:
         """Count one stage-1 training forward: ``(T,)`` ids, ``(T,)`` backbone experts, ``(T,)`` bool pad.
 
-        ``tokens_per_rank``: every process's non-pad token count (python ints,
-        from the layer's count exchange); ``shard``: the layer's
-        :class:`.parallel.ExpertShard`; ``num_updates``: completed updates.
-        Collective on ``W`` processes.
+        ``shard``: the layer's :class:`.parallel.ExpertShard`; ``num_updates``:
+        completed updates. No collective: on ``W > 1`` processes this process's
+        tokens go to ``pending``, summed over processes by :meth:`flush`.
         """
-        V, N = self.window_counts.shape
-        sentinel = V * N
-        skip = pad if _COUNTING.get() else torch.ones_like(pad)
-        codes = (tokens * N + choice).masked_fill(skip, sentinel)
+        refit = self.in_refit_window(num_updates)
         if shard.is_parallel:
-            # this process's codes first (the sentinel sorts last), padded to the largest count
-            longest = max(tokens_per_rank)
-            codes = codes.sort().values[:longest]
-            if codes.numel() < longest:
-                codes = torch.cat([codes, codes.new_full((longest - codes.numel(),), sentinel)])
-            parts = [torch.empty_like(codes) for _ in range(shard.world_size)]
-            dist.all_gather(parts, codes)
-            codes = torch.cat(parts)
+            if self._pending_forwards and refit != self._pending_refit:
+                raise RuntimeError(
+                    f"routing counts: a forward at update count {num_updates} would mix counts inside and outside "
+                    f"the refit window (updates {self.boundary - self.refit_updates}..{self.boundary - 1}): call "
+                    f"the layer's set_num_updates({num_updates}) before the update's first forward, on every "
+                    "process (fairseq's train step does)"
+                )
+            if self.pending is None:  # on the buffers' device: all_reduce takes it (NCCL: CUDA tensors only)
+                self.pending = torch.zeros(self.window_counts.shape, dtype=torch.long, device=self.window_counts.device)
+            tables = [self.pending]
+            self._pending_forwards += 1
+            self._pending_refit = refit
+        else:
+            tables = [self.window_counts, self.refit_counts] if refit else [self.window_counts]
         self._last_counted = num_updates
-        weight = codes.ne(sentinel).long()
-        codes = codes.clamp(max=sentinel - 1)
-        self.window_counts.view(-1).index_add_(0, codes, weight)
-        if self.in_refit_window(num_updates):
-            self.refit_counts.view(-1).index_add_(0, codes, weight)
+        if not _COUNTING.get():  # a dummy batch (it still takes part in the flushes above)
+            return
+        codes = tokens * self.window_counts.shape[1] + choice
+        weight = (~pad).long()
+        for table in tables:
+            table.view(-1).index_add_(0, codes, weight)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Add every process's ``pending`` counts to the totals (and zero them).
+
+        Collective (one ``all_reduce`` of ``(V, N)`` int64 on the buffers'
+        device) when a forward was counted since the last flush on ``W > 1``
+        processes; every process has counted the same forwards, so every
+        process takes the same flushes. Otherwise nothing to do.
+        """
+        if not self._pending_forwards:
+            return
+        dist.all_reduce(self.pending)
+        self.window_counts += self.pending
+        if self._pending_refit:
+            self.refit_counts += self.pending
+        self.pending.zero_()
+        self._pending_forwards = 0
 
     @torch.no_grad()
     def close_window(self, num_updates: int) -> Optional[Dict[str, float]]:
@@ -133,12 +161,18 @@ class RoutingCounts(nn.Module):
         Windows end at multiples of ``window`` and at the boundary, once the
         update's forwards are all counted (with ``--update-freq`` fairseq sets
         the count again before each of them: a window never ends inside the
-        update that follows it). Returns
-        ``{"tokens", "agree_ceiling", "churn_tokens", "route_churn"}`` (None if
-        no window ended); ``route_churn`` is None when no token's id appeared
-        before.
+        update that follows it). The counts are flushed (:meth:`flush`) there
+        and where the refit window opens, before anything is decided from
+        them. Returns ``{"tokens", "agree_ceiling", "churn_tokens",
+        "route_churn"}`` (None if no window ended); ``route_churn`` is None
+        when no token's id appeared before.
         """
-        if (num_updates % self.window and num_updates != self.boundary) or self._last_counted >= num_updates:
+        if self._last_counted >= num_updates:
+            return None
+        ends = not num_updates % self.window or num_updates == self.boundary
+        if ends or num_updates == self.boundary - self.refit_updates:
+            self.flush()
+        if not ends:
             return None
         counts = self.window_counts
         per_id = counts.sum(1)
@@ -215,7 +249,8 @@ class RoutingCounts(nn.Module):
     ):
         # a checkpoint saved before the counts existed: keep the empty tables
         for name, buffer in self.named_buffers(recurse=False):
-            state_dict.setdefault(prefix + name, buffer)
+            if name not in self._non_persistent_buffers_set:
+                state_dict.setdefault(prefix + name, buffer)
         shape = state_dict[prefix + "window_counts"].shape
         if shape != self.window_counts.shape:
             error_msgs.append(
@@ -227,10 +262,20 @@ class RoutingCounts(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if self.pending is not None:  # the loaded totals replace what was counted before (the forward count
+            self.pending.zero_()  # stays: every process keeps taking the same flushes)
 
     def extra_repr(self) -> str:
         V, N = self.window_counts.shape
         return f"vocab={V}, experts={N}, boundary={self.boundary}, refit={self.refit_updates}, window={self.window}"
+
+
+def flush_routing_counts(model: nn.Module) -> None:
+    """:meth:`RoutingCounts.flush` every layer's counts, in module order (collective: call it on every process,
+    e.g. before every rank saves its checkpoint, so that the saved totals hold every counted token)."""
+    for module in model.modules():
+        if isinstance(module, RoutingCounts):
+            module.flush()
 
 
 def log_window(stats: Optional[Dict[str, float]]) -> None:

@@ -28,13 +28,27 @@ it relies on, each a small wrapper that calls fairseq's own:
   ``--fp16``/``--bf16``): records where the experts lie in the flat vector
   (``expert_slices``; fairseq's flat copy has no ``expert`` attribute), or
   copies ``expert_replicas`` to the per-parameter copies;
-* ``AMPOptimizer.clip_grad_norm``: torch's ``GradScaler`` decides to skip a
-  step from the process's *own* gradients; when the global norm is not
-  finite, a NaN is written into this process's gradients too, so every
+* ``AMPOptimizer.clip_grad_norm`` (:func:`_amp_clip_grad_norm`, which replaces
+  fairseq's instead of wrapping it, keeping its overflow check and messages): fairseq
+  unscales the gradients with ``scaler.unscale_(self.optimizer)`` (the torch
+  optimizer) but steps with ``scaler.step(self.fp32_optimizer)`` (its fairseq
+  wrapper); torch's ``GradScaler`` keeps its state per optimizer object, so the
+  step divided the gradients by the loss scale a second time. Here they are
+  unscaled once, on the object ``step`` receives (the scaler records it as
+  unscaled and ``step`` does not divide again). The scaler then decides to skip
+  the step from the process's *own* gradients; when the global norm is not
+  finite, its inf flag for this step is set on this process too, so every
   process skips the step and lowers the scale together;
 * ``LegacyDistributedDataParallel.all_reduce_grads``: after fairseq's
   all-reduce of the shared gradients, expert replicas sum their gradients
-  among themselves (:func:`.parallel.reduce_replica_gradients`).
+  among themselves (:func:`.parallel.reduce_replica_gradients`);
+* ``Trainer._log_oom`` (:func:`_log_oom`): on an out-of-memory error fairseq
+  skips the micro-batch (training) or retries the batch (validation) on that
+  process alone; under expert parallelism the MoE layers' collectives would
+  then pair with other calls on the other processes (a hang until the process
+  group's timeout, or wrong split sizes). After fairseq's memory report the
+  process stops with :class:`ExpertParallelOOMError`, which names what to
+  lower; the others stop when their collectives lose it.
 
 Two more, for StableMoE's routing counts (:mod:`.routing_counts`):
 
@@ -56,6 +70,7 @@ import torch
 from fairseq import utils
 from fairseq.distributed.legacy_distributed_data_parallel import LegacyDistributedDataParallel
 from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.optim.amp_optimizer import logger as amp_logger
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.tasks import FairseqTask
 from fairseq.trainer import Trainer
@@ -105,7 +120,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, aggregate_n
         return _fairseq["clip_grad_norm_"](params, max_norm, aggregate_norm_fn)
     shared, experts, every = _split(params)
     if not every:
-        return params[0].new_tensor(0.0) if params else torch.tensor(0.0)
+        return params[0].new_tensor(0.0) if params else torch.tensor(0.0)  # not for a collective: no parameter
     device = every[0].device
     shared_sq = _sum_sq(shared, device)
     if aggregate_norm_fn is not None:  # fairseq's FSDP aggregation of the shared part
@@ -163,14 +178,51 @@ def _build_fp32_params(cls, args, params, flatten=True):
 
 
 def _amp_clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
-    grad_norm = _fairseq["amp_clip_grad_norm"](self, max_norm, aggregate_norm_fn)
+    """fairseq's ``AMPOptimizer.clip_grad_norm``, with the loss scale divided out once.
+
+    The gradients (of ``self.fp32_optimizer.params``) are unscaled on
+    ``self.fp32_optimizer``, the object fairseq's ``step`` hands the scaler, so
+    ``scaler.step`` finds them unscaled; a non-finite (global) norm sets the
+    scaler's inf flag of this step on this process, so ``scaler.step`` skips the
+    update and ``scaler.update`` lowers the scale on every process. Returns the
+    norm (0-dim tensor), as fairseq's does.
+    """
+    scaler = self.scaler
+    scaler.unscale_(self.fp32_optimizer)
+    grad_norm = self.fp32_optimizer.clip_grad_norm(max_norm, aggregate_norm_fn)
     if not torch.isfinite(grad_norm).all():
-        # the scaler skips a step from this process's own gradients: make them agree with the norm
-        for p in self.fp32_optimizer.params:
-            if p.grad is not None and p.grad.numel() > 0:
-                p.grad.view(-1)[:1].fill_(float("nan"))
-                break
+        if scaler.is_enabled():
+            # the scaler found its infs in this process's own gradients: make it agree with the norm
+            # (GradScaler's per-optimizer inf flags, read by its step() and update(); a private accessor)
+            for found_inf in scaler._found_inf_per_device(self.fp32_optimizer).values():
+                found_inf.fill_(1.0)
+        new_loss_scale = self.next_loss_scale
+        if new_loss_scale <= self.min_loss_scale:  # fairseq's own check and messages
+            raise FloatingPointError(
+                f"AMP: Minimum loss scale reached ({self.min_loss_scale}). Your loss is probably exploding. "
+                f"Try restarting training or use fp32. {new_loss_scale}"
+            )
+        amp_logger.info(f"AMP: overflow detected, setting scale to {new_loss_scale}")
     return grad_norm
+
+
+class ExpertParallelOOMError(RuntimeError):
+    """An out-of-memory error under expert parallelism: it cannot be skipped on one process."""
+
+
+def _log_oom(self, exc):
+    _fairseq["log_oom"](self, exc)  # fairseq's message and CUDA memory summary
+    layers = [m for m in self.get_model().modules() if isinstance(m, MoELayer)]
+    if layers and layers[0].shard.is_parallel:
+        # the message avoids fairseq's "out of memory" test, so no handler of fairseq retries on it
+        raise ExpertParallelOOMError(
+            f"rank {self.data_parallel_rank}: an out-of-memory error cannot be skipped under expert parallelism "
+            f"({layers[0].shard.world_size} processes): fairseq would skip or retry the batch on this process "
+            "alone, while every MoE layer's all-to-all needs every process, so the run stops here (the last "
+            "checkpoint stands). Lower --max-tokens (or --batch-size) and raise --update-freq to keep the tokens "
+            "per update; for validation lower --max-tokens-valid (or --batch-size-valid); or use fewer experts "
+            "per process"
+        ) from exc
 
 
 def _all_reduce_grads(self):
@@ -202,10 +254,10 @@ def install() -> None:
     _fairseq.update(
         clip_grad_norm_=utils.clip_grad_norm_,
         build_fp32_params=_FP16OptimizerMixin.__dict__["build_fp32_params"],
-        amp_clip_grad_norm=AMPOptimizer.clip_grad_norm,
         all_reduce_grads=LegacyDistributedDataParallel.all_reduce_grads,
         set_num_updates=Trainer.set_num_updates,
         task_train_step=FairseqTask.train_step,
+        log_oom=Trainer._log_oom,
     )
     utils.clip_grad_norm_ = clip_grad_norm_
     _FP16OptimizerMixin.build_fp32_params = classmethod(_build_fp32_params)
@@ -213,6 +265,7 @@ def install() -> None:
     LegacyDistributedDataParallel.all_reduce_grads = _all_reduce_grads
     Trainer.set_num_updates = _set_num_updates
     FairseqTask.train_step = _task_train_step
+    Trainer._log_oom = _log_oom
 
 
 install()

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (about 8 minutes at most), on a machine with one CUDA GPU:
-#   (a) nvidia-smi, Python, torch and CUDA versions; (b) the environment: fairseq as installed, else
-#   .gpu_site/ (built on a machine with PyPI by scripts/gpu_prepare.sh and carried), else a pip install;
-#   (c) pytest tests/test_cuda.py; (d) benchmarks/moe_layer.py on CUDA in bf16 at the paper's base expert
-#   shape (d=768, f=3072, 3 sublayers, 16384 tokens = its --max-tokens per GPU, N_local 1 4 16; grouped
-#   and loop backends) and at the small-expert shape (T=4096, d=256, f=1024, N=8 32; bf16 and fp32).
-# Results go to $OUT if set, else ./gpu_check_out: summary.txt (what ran, exit codes), versions.txt,
-# test_cuda.txt, bench_*.txt, and performance_gpu.md (the benchmarks' tables, as blocks for
-# docs/performance.md). Every benchmark file names the GPU in its header line.
+# Every GPU check in one command (at most 540 s; each part's time is printed), on a machine with one
+# CUDA GPU:
+#   (a) nvidia-smi, Python, torch and CUDA versions;
+#   (b) the environment: fairseq as installed, else .gpu_site/ beside the repository (built on a
+#       machine with PyPI by scripts/gpu_prepare.sh), else a pip install; fairseq's libbase compiled
+#       against this torch when it is missing (BASE layers, --stage1-assignment balanced);
+#   (c) pytest tests/test_cuda.py: the layer and its backends on CUDA against CPU and the loop, one
+#       host sync per forward (fp32, and bf16 on the grouped path), fairseq-train on one GPU in
+#       fp32/fp16/bf16/amp, BASE layers and the balanced stage 1;
+#   (d) 2 processes on the one GPU with a `cuda:gloo` process group, which refuses host tensors as
+#       NCCL does (NCCL cannot put two processes on one GPU): tests/test_distributed_eval.py (not
+#       the slow cases) with STABLEMOE_TEST_CUDA_GLOO=1: 2-process training across the stage boundary
+#       with the experts split, fairseq-eval-lm, -validate, -generate and -interactive from the
+#       per-rank files against one process on the consolidated file, and the consolidation;
+#   (e) benchmarks/moe_layer.py on CUDA: the layer against a dense FFN in bf16 at the paper's base
+#       expert shape (d=768, f=3072, 3 sublayers, 16384 tokens, N_local 1 4 16) and at the
+#       small-expert shape (T=4096, d=256, f=1024, N=8 32; bf16 and fp32).
+# Results go to $OUT if set, else ./gpu_check_out: summary.txt (what ran, exit codes, seconds),
+# versions.txt, test_cuda.txt, test_two_processes.txt, bench_*.txt, and performance_gpu.md (the
+# benchmarks' tables, as blocks for docs/performance.md). Every benchmark file names the GPU.
 #   bash scripts/gpu_check.sh            PYTHON=python3 (default) picks the interpreter
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,11 +30,11 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$ROOT${PYTHONPAT
 START=$SECONDS
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$RES/summary.txt"; }
 step() {  # step NAME LIMIT_S FILE CMD...: run with a time limit, output to FILE and the terminal
-  local name=$1 limit=$2 file=$3; shift 3
+  local name=$1 limit=$2 file=$3 t0=$SECONDS; shift 3
   log "$name: start (limit ${limit}s) -> $(basename "$file")"
   timeout --kill-after=10 "$limit" "$@" > >(tee "$file") 2>&1
   local rc=$?
-  log "$name: exit $rc$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
+  log "$name: exit $rc$([ $rc -eq 124 ] && echo ' (TIMED OUT)') in $((SECONDS - t0))s"
 }
 
 # (a) versions
@@ -52,30 +63,48 @@ if "$PY" -c "$need" 2>/dev/null; then
   log "env: fairseq installed in $PY"
 elif [ -d "$ROOT/.gpu_site" ]; then
   export PYTHONPATH="$ROOT/.gpu_site:$PYTHONPATH"
-  log "env: fairseq from the carried .gpu_site (scripts/gpu_prepare.sh)"
+  log "env: fairseq from .gpu_site (scripts/gpu_prepare.sh)"
 else
   log "env: fairseq missing and no .gpu_site; trying pip (offline machines fail fast)"
   timeout 300 "$PY" -m pip install -q --retries 0 --timeout 10 --no-build-isolation -e "$ROOT" 2>&1 | tail -5 | tee -a "$RES/summary.txt"
 fi
 if ! "$PY" -c "$need; import fairseq_stablemoe; print('fairseq', fairseq.__version__, fairseq.__file__)" 2>&1 | tee -a "$RES/versions.txt"; then
-  log "STOP: fairseq does not import in $PY. On a machine with PyPI run 'bash scripts/gpu_prepare.sh' (builds .gpu_site/, ~1 min), then call this script with carry=[\".gpu_site\"]"
+  log "STOP: fairseq does not import in $PY. On a machine with PyPI run 'bash scripts/gpu_prepare.sh' (builds .gpu_site/, ~1 min) and copy .gpu_site/ beside the repository here"
   exit 3
 fi
 for p in pytest numpy; do "$PY" -c "import $p" 2>/dev/null || log "warning: $PY lacks $p"; done
+LIBBASE_SRC="$ROOT/.gpu_site/fairseq/clib/libbase/balanced_assignment.cpp"
+if ! "$PY" -c "from fairseq import libbase" 2>/dev/null && [ -f "$LIBBASE_SRC" ]; then
+  log "libbase: compiling fairseq's balanced assignment against this torch"
+  (cd "$ROOT/.gpu_site" && timeout 150 "$PY" - <<'EOF'
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+setup(name="fairseq_libbase", ext_modules=[CppExtension("fairseq.libbase", ["fairseq/clib/libbase/balanced_assignment.cpp"])],
+      cmdclass={"build_ext": BuildExtension}, script_args=["build_ext", "--inplace"])
+EOF
+  ) > "$RES/libbase_build.txt" 2>&1
+  "$PY" -c "from fairseq import libbase; print('libbase', libbase.__file__)" 2>&1 | tail -1 | tee -a "$RES/summary.txt"
+  log "libbase: done"
+fi
 
 # (c) the CUDA tests
-step "pytest tests/test_cuda.py" 330 "$RES/test_cuda.txt" "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py
+step "pytest tests/test_cuda.py" 200 "$RES/test_cuda.txt" "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py
 
-# (d) the layer against a dense FFN (same sublayers), ratios side by side, the device in the header
+# (d) 2 processes on the one GPU, a cuda:gloo process group (host tensors refused, as under NCCL)
+step "2 processes, cuda:gloo: tests/test_distributed_eval.py" 170 "$RES/test_two_processes.txt" \
+  env STABLEMOE_TEST_CUDA_GLOO=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m "not slow" tests/test_distributed_eval.py
+
+# (e) the layer against a dense FFN (same sublayers), ratios side by side, the device in the header
 B=(benchmarks/moe_layer.py --device cuda --cases stage1 stage2 inference --warmup 3 --markdown "$RES/performance_gpu.md")
-step "bench paper shape bf16 (auto backend)" 100 "$RES/bench_paper_bf16.txt" \
-  "$PY" "${B[@]}" --dtype bf16 --sublayers 3 --dim 768 --ffn 3072 --tokens 16384 --experts 1 4 16 --repeats 15
-step "bench paper shape bf16 (loop backend)" 70 "$RES/bench_paper_bf16_loop.txt" \
-  "$PY" "${B[@]}" --dtype bf16 --sublayers 3 --dim 768 --ffn 3072 --tokens 16384 --experts 4 16 --repeats 10 --backend loop
-step "bench small-expert shape bf16" 60 "$RES/bench_small_bf16.txt" \
-  "$PY" "${B[@]}" --dtype bf16 --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --repeats 15
-step "bench small-expert shape fp32" 60 "$RES/bench_small_fp32.txt" \
-  "$PY" "${B[@]}" --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --repeats 15
+step "bench paper shape bf16 (auto backend)" 60 "$RES/bench_paper_bf16.txt" \
+  "$PY" "${B[@]}" --dtype bf16 --sublayers 3 --dim 768 --ffn 3072 --tokens 16384 --experts 1 4 16 --repeats 10
+step "bench small-expert shape bf16" 30 "$RES/bench_small_bf16.txt" \
+  "$PY" "${B[@]}" --dtype bf16 --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --repeats 10
+step "bench small-expert shape fp32" 30 "$RES/bench_small_fp32.txt" \
+  "$PY" "${B[@]}" --tokens 4096 --dim 256 --ffn 1024 --experts 8 32 --repeats 10
 log "done in $((SECONDS - START))s; results in $RES"
-grep -h -E "passed|failed|error" "$RES/test_cuda.txt" | tail -1 | sed 's/^/[gpu_check] tests: /'
+for f in test_cuda test_two_processes; do
+  grep -h -E "passed|failed|error" "$RES/$f.txt" | tail -1 | sed "s/^/[gpu_check] $f: /"
+done
 grep -h -E "^# torch|^case=" "$RES"/bench_*.txt | cut -c1-200

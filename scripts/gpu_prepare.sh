@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with PyPI), before a GPU call: builds .gpu_site/, what the lent GPU machine's
-# python (3.12, torch with CUDA, no registry) lacks to run fairseq: fairseq's Python sources with its
-# two Cython extensions compiled for cp312 (and cp311, to check the folder here), omegaconf,
-# hydra-core, antlr4 and bitarray. fairseq's torch C++ extensions (libbase, libnat) are left out:
-# only --moe-type base / --stage1-assignment balanced need libbase. Then, on the device:
-#   run(command="bash scripts/gpu_check.sh", carry=[".gpu_site"])
+# Run on a machine with PyPI, for a GPU machine without a package registry: builds .gpu_site/,
+# what that machine's python (3.12, torch with CUDA) lacks to run fairseq: fairseq's Python sources
+# with its two Cython extensions compiled for cp312 (and cp311, to check the folder here),
+# omegaconf, hydra-core, antlr4 and bitarray, and the C++ source of fairseq's libbase (BASE layers'
+# auction), which scripts/gpu_check.sh compiles there against that machine's torch. Then copy
+# .gpu_site/ beside the repository on the GPU machine and run `bash scripts/gpu_check.sh` there.
 #   PY312=path  the Python 3.12 to build with (default: python3.12)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,6 +36,8 @@ tar xzf "$TMP"/sdist/fairseq_fixed-*.tar.gz -C "$TMP"
 SRC="$(echo "$TMP"/fairseq_fixed-*/)"
 # fairseq's sources without its examples (17 MB; imported only by example models)
 (cd "$SRC" && tar cf - --exclude=fairseq/examples --exclude='*.cpp' --exclude='*.cu' fairseq fairseq_cli) | tar xf - -C "$DEST"
+# libbase's C++ source: built on the GPU machine (its torch's headers and ABI)
+mkdir -p "$DEST/fairseq/clib/libbase" && cp "$SRC/fairseq/clib/libbase/balanced_assignment.cpp" "$DEST/fairseq/clib/libbase/"
 cat > "$TMP/build_ext.py" <<'EOF'
 import sys
 import numpy

@@ -23,6 +23,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_stablemoe")
 
+# Every Python process the tests start (fairseq's tools, torchrun's and multiprocessing's workers)
+# runs under the device guard (tests/device_guard.py): a collective handed a tensor that the plugin
+# made on the host fails, as it would under NCCL. STABLEMOE_DEVICE_GUARD=0 turns it off.
+os.environ.setdefault("STABLEMOE_DEVICE_GUARD", "1")
+GUARD_SITE = str(REPO / "tests" / "guard_site")
+if GUARD_SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (GUARD_SITE, os.environ.get("PYTHONPATH")) if p)
+
 VOCAB = 200
 SUCCESSOR_PROBS = (0.6, 0.25, 0.1, 0.05)
 CORPUS_SEED = 1234

@@ -88,58 +88,75 @@ def test_criterion_that_ignores_the_auxiliary_losses(data):
     assert train(data, "--criterion", "cross_entropy", "--moe-type", "dense").returncode == 0
 
 
-def test_c10d_with_expert_parallelism_and_experts_not_divisible(data):
-    def two_procs(*extra):
-        env = dict(
-            os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2"
-        )
-        procs = []
-        for rank in range(2):
-            cmd = [
-                sys.executable,
-                "-m",
-                "fairseq_cli.train",
-                str(data),
-                "--user-dir",
-                USER_DIR,
-                "--task",
-                "language_modeling",
-                "--arch",
-                "stablemoe_lm",
-                *TINY,
-                "--criterion",
-                "stablemoe",
-                "--optimizer",
-                "adam",
-                "--lr",
-                "0.001",
-                "--max-update",
-                "2",
-                "--cpu",
-                "--no-save",
-                "--distributed-init-method",
-                "env://",
-                "--distributed-world-size",
-                "2",
-                "--distributed-rank",
-                str(rank),
-                "--distributed-no-spawn",
-                "--device-id",
-                "0",
-                "--distributed-backend",
-                "gloo",
-                *extra,
-            ]
-            procs.append(
-                subprocess.Popen(
-                    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env, RANK=str(rank))
-                )
+def two_procs(data: Path, *extra):
+    """fairseq-train on 2 gloo processes with ``extra``: (exit codes, both outputs)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    procs = []
+    for rank in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "fairseq_cli.train",
+            str(data),
+            "--user-dir",
+            USER_DIR,
+            "--task",
+            "language_modeling",
+            "--arch",
+            "stablemoe_lm",
+            *TINY,
+            "--criterion",
+            "stablemoe",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.001",
+            "--max-update",
+            "2",
+            "--cpu",
+            "--no-save",
+            "--distributed-init-method",
+            "env://",
+            "--distributed-world-size",
+            "2",
+            "--distributed-rank",
+            str(rank),
+            "--distributed-no-spawn",
+            "--device-id",
+            "0",
+            "--distributed-backend",
+            "gloo",
+            *extra,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env, RANK=str(rank))
             )
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-        return [p.returncode for p in procs], "\n".join(outs)
+        )
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], "\n".join(outs)
 
-    codes, text = two_procs("--ddp-backend", "c10d", "--num-experts", "4")
+
+def test_c10d_with_expert_parallelism_and_experts_not_divisible(data):
+    codes, text = two_procs(data, "--ddp-backend", "c10d", "--num-experts", "4")
     assert all(c != 0 for c in codes) and "use --ddp-backend legacy_ddp" in text
-    codes, text = two_procs("--ddp-backend", "legacy_ddp", "--num-experts", "3")
+    codes, text = two_procs(data, "--ddp-backend", "legacy_ddp", "--num-experts", "3")
     assert all(c != 0 for c in codes)
     assert "--num-experts 3 does not fit 2 data-parallel processes" in text
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--zero-sharding", "os"], ["--zero-sharding os would overwrite", "use --zero-sharding none"]),
+        (["--use-bmuf"], ["--use-bmuf would overwrite the experts", "drop --use-bmuf"]),
+    ],
+    ids=["zero_sharding", "bmuf"],
+)
+def test_options_that_overwrite_the_experts_with_expert_parallelism(data, extra, needles):
+    # without the check, both runs train (and end with exit code 0) with experts copied across processes
+    codes, text = two_procs(data, "--ddp-backend", "legacy_ddp", "--num-experts", "4", *extra)
+    assert all(c != 0 for c in codes), text[-2000:]
+    assert '"num_updates": "1"' not in text, "refused only after a training step"
+    for needle in needles:
+        assert needle in text, (needle, text[-2000:])

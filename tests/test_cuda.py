@@ -257,13 +257,16 @@ def reported(caught) -> list:
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
-def syncs_on_cuda(kind: str):
+def syncs_on_cuda(kind: str, dtype=torch.float32, backend: str = "auto"):
     """One forward (after a warm-up forward) and its backward on CUDA: the calls the Python counter of
     ``test_host_syncs`` sees, and what CUDA itself reports as synchronising (sync debug mode)."""
-    layer = build(kind).to(CUDA).train(kind != "inference")
+    layer = build(kind).to(CUDA, dtype).train(kind != "inference")
+    for m in layer.modules():
+        if hasattr(m, "backend_for"):
+            m.backend = backend
     pad, vocab = test_host_syncs.PAD, test_host_syncs.VOCAB
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(6, 3, test_host_syncs.D, generator=g).to(CUDA).requires_grad_()
+    h = torch.randn(6, 3, test_host_syncs.D, generator=g).to(CUDA, dtype).requires_grad_()
     tokens = torch.randint(pad + 1, vocab, (6, 3), generator=g).to(CUDA)
     tokens[4:, 1] = pad
     layer(h, tokens)  # warm-up: CUDA context, cuBLAS handles, the frozen router's table
@@ -295,6 +298,20 @@ def test_one_host_sync_per_forward_on_cuda(kind):
     calls, reported = result["forward"]
     assert calls == ["tolist"], result
     assert len(reported) == 1, result  # CUDA's own report: the one device-to-host copy of the counts
+    if "backward" in result:
+        assert result["backward"] == ([], []), result
+
+
+@pytest.mark.parametrize("kind", ["stage1", "stage2", "inference"])
+def test_one_host_sync_per_forward_in_bf16_on_the_grouped_path(kind):
+    """bf16 on ``grouped_mm`` (where torch fuses it): still the counts' one copy to the host per forward,
+    none in the backward (torch's unfused fallback would copy the offsets in every product)."""
+    if not grouped_mm_runs():
+        pytest.skip("torch runs no fused grouped_mm on this GPU")
+    result = syncs_on_cuda(kind, dtype=torch.bfloat16, backend="grouped_mm")
+    calls, reported = result["forward"]
+    assert calls == ["tolist"], result
+    assert len(reported) == 1, result
     if "backward" in result:
         assert result["backward"] == ([], []), result
 
@@ -359,3 +376,19 @@ def test_fairseq_train_on_one_gpu(markov_data, tmp_path, precision):
     assert resumed and min(resumed) > UPDATES and max(resumed) == RESUMED, sorted(resumed)
     again = [float(r["loss"]) for r in resumed.values()]
     assert all(math.isfinite(x) for x in again) and max(again) < start - 1.0, (start, again)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--moe-type", "base"], ["--stage1-assignment", "balanced"]], ids=["base-layers", "balanced-stage1"]
+)
+def test_balanced_assignment_trains_on_one_gpu(markov_data, tmp_path, flags):
+    """fairseq's libbase auction (BASE layers, StableMoE's balanced stage 1) on CUDA scores: finite losses
+    that fall over 40 updates."""
+    pytest.importorskip("fairseq.libbase", reason="fairseq's libbase extension is not built for this Python")
+    args = gpu_train_args(markov_data.data_dir, tmp_path / "ckpt", "--max-update", "40", "--no-save", *flags)
+    out = run_cli("train", *args, timeout=300)
+    log = losses_by_update(out.stdout + out.stderr)
+    assert log and max(log) == 40, sorted(log)
+    losses = [float(r["loss"]) for _, r in sorted(log.items())]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses

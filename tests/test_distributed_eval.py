@@ -9,9 +9,13 @@ references are fairseq's own tools (``python -m fairseq_cli.<tool>``) on the fil
 processes hold none, or fewer than others (eval-lm's filler batch), and beam search ends at
 different steps: those logs must report forwards on a padding token, or the lockstep was not
 exercised; the summary lines must count the whole split.
+
+``STABLEMOE_TEST_CUDA_GLOO=1`` runs the same tests on a CUDA GPU (``scripts/gpu_check.sh``): every
+process on device 0, the process group ``cuda:gloo``, which refuses host tensors as NCCL does.
 """
 
 import math
+import os
 import random
 import re
 import shutil
@@ -20,6 +24,9 @@ from pathlib import Path
 
 import pytest
 from corpus import binarise, free_port, markov_lines, run_checked
+
+#: where the processes run: CPU processes over gloo, or (on a GPU) a group that takes only CUDA tensors
+DEVICE = ["--distributed-backend", "cuda:gloo"] if os.environ.get("STABLEMOE_TEST_CUDA_GLOO") == "1" else ["--cpu"]
 
 LM = [
     "--task",
@@ -65,7 +72,7 @@ LM = [
     "3",
     "--num-workers",
     "0",
-    "--cpu",
+    *DEVICE,
     "--ddp-backend",
     "legacy_ddp",
 ]
@@ -104,7 +111,7 @@ MT = [
     "1024",
     "--max-update",
     "30",
-    "--cpu",
+    *DEVICE,
     "--ddp-backend",
     "legacy_ddp",
     "--disable-validation",
@@ -166,7 +173,11 @@ def padding_forwards(output: str) -> int:
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_eval_lm")
-    lines = markov_lines(700, 120, seed=0)
+    # words w100 ... w119 as two subword_nmt pieces, "w1@@ 00": eval-lm's --post-process merges them
+    lines = [
+        " ".join(f"w1@@ {w[2:]}" if int(w[1:]) >= 100 else w for w in line.split())
+        for line in markov_lines(700, 120, seed=0)
+    ]
     data = binarise(tmp, {"train": lines[:600], "valid": lines[600:650], "test": lines[650:]})
     log = on_two("train", data, *LM, "--save-dir", tmp / "ckpt")
     (tmp / "train.log").write_text(log)
@@ -210,7 +221,7 @@ def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm, world, batc
     per_batch = math.ceil(blocks / batches)
     assert math.ceil(blocks / per_batch) == batches  # the split is `batches` batches
     common = ["--tokens-per-sample", "32", "--batch-size", per_batch, "--max-tokens", "4096", "--gen-subset", "test"]
-    common += ["--cpu"]
+    common += DEVICE
     path = per_rank_files(tmp / "ckpt", tmp / "one" / "checkpoint_last.pt", world, tmp)
     # 2 batches on 4 processes with fairseq's own fairseq-eval-lm under torchrun, the others through the launcher
     many = on_w(world, "eval-lm", data, "--path", path, *common, plain=(world, batches) == (4, 2))
@@ -234,6 +245,84 @@ def test_eval_lm_per_rank_files_give_the_consolidated_perplexity(lm, world, batc
         assert padding_forwards(many) > 0  # a process with fewer batches served the others' forwards
 
 
+def _gather_logs_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """fairseq's ``all_gather_list`` as fairseq-validate calls it, with the CUDA branch forced on CPU."""
+    import datetime
+    import os
+    import pickle
+
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.is_available = lambda: True  # fairseq's version: its CUDA buffer, made on the host here
+    torch.cuda.ByteTensor = lambda n: torch.empty(n, dtype=torch.uint8)
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+    from fairseq.distributed import utils as distributed_utils
+
+    import fairseq_stablemoe  # noqa: F401  (wraps all_gather_list)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    # 8 batches of a logging output the size of the stablemoe criterion's (~3.7 KB pickled each)
+    logs = [
+        {f"moe{j}_stat{k}": torch.tensor(float(rank * 1000 + b * 10 + j)) for j in range(4) for k in range(12)}
+        for b in range(8)
+    ]
+    assert len(pickle.dumps(logs)) > 16384  # over fairseq's buffer
+    try:
+        got = distributed_utils.all_gather_list(logs)
+        result = [[{k: float(v) for k, v in log.items()} for log in part] for part in got]
+    except ValueError as e:
+        result = str(e)
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.txt").write_text(repr(result))
+
+
+def test_validate_gathers_logs_of_any_size_with_the_cuda_branch_forced(tmp_path):
+    """fairseq-validate gathers every batch's logging output with ``all_gather_list``; fairseq's own
+    (taken whenever CUDA is available) fits 16 KB, about 4 batches of the stablemoe criterion's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_logs_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = eval((tmp_path / f"rank{rank}.txt").read_text())
+        assert isinstance(got, list), got  # not fairseq's "encoded data size ... exceeds max_size"
+        assert len(got) == 2 and all(len(part) == 8 for part in got)
+        for sender, part in enumerate(got):
+            assert [log["moe3_stat11"] for log in part] == [sender * 1000 + b * 10 + 3 for b in range(8)]
+
+
+def word_stats(out: str):
+    """``{word: (count, log_prob, is_bpe, next_word_prob, with_next)}`` of eval-lm's --output-word-stats."""
+    found = {}
+    for m in re.finditer(r"fairseq_cli\.eval_lm \| (\S+)\t(\d+)\t(\S+)\t(True|False)\t(\S+)\t(\d+)$", out, re.M):
+        word, count, log_prob, is_bpe, next_prob, with_next = m.groups()
+        next_prob = float(re.sub(r"^tensor\((.*)\)$", r"\1", next_prob))  # fairseq sums 0-dim tensors there
+        assert word not in found, word
+        found[word] = (int(count), float(log_prob), is_bpe == "True", next_prob, int(with_next))
+    return found
+
+
+def test_eval_lm_word_stats_of_bpe_pieces_match_one_process(lm):
+    """--post-process subword_nmt --output-word-stats: the pieces' scores merged once (fairseq's own loop,
+    after the plugin's tally has read them), and the statistics of the whole split on 2 processes."""
+    data, tmp = lm
+    common = ["--tokens-per-sample", "32", "--max-tokens", "160", "--gen-subset", "test", *DEVICE]
+    common += ["--post-process", "subword_nmt", "--output-word-stats"]
+    two = on_two("eval-lm", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
+    one = on_one("eval_lm", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
+    s1, s2 = word_stats(one), word_stats(two)
+    assert any(v[2] for v in s1.values()) and any(not v[2] for v in s1.values()), "no merged pieces"
+    assert s2.keys() == s1.keys()
+    for word, (count, log_prob, is_bpe, next_prob, with_next) in s1.items():
+        got = s2[word]
+        assert (got[0], got[2], got[4]) == (count, is_bpe, with_next), word
+        assert got[1] == pytest.approx(log_prob, rel=1e-4, abs=1e-3), word
+        assert got[3] == pytest.approx(next_prob, rel=1e-4, abs=1e-3), word
+    ppl = [float(re.findall(r"Perplexity: ([0-9.]+)", out)[-1]) for out in (one, two)]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-3)
+
+
 def valid_loss(out, subset):
     """The last validation loss fairseq prints for ``subset`` (and its words per batch)."""
     found = re.findall(rf"valid on '{subset}' subset \| loss ([0-9.]+) .*?\| wpb ([0-9.]+) \| bsz", out)
@@ -245,7 +334,7 @@ def valid_loss(out, subset):
 def test_validate_per_rank_files_match_the_consolidated_loss(lm, batching):
     """5 batches (one process gets a filler), or the whole split in one batch (one process gets none)."""
     data, tmp = lm
-    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--valid-subset", "test", "--cpu"]
+    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--valid-subset", "test", *DEVICE]
     common += ["--criterion", "cross_entropy", "--required-batch-size-multiple", "1"]
     common += ["--max-tokens", "160"] if batching == "uneven" else ["--max-tokens", "4096", "--batch-size", "64"]
     two = on_two("validate", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
@@ -261,7 +350,7 @@ def test_train_validation_with_a_process_without_valid_batch(lm):
     is that of one process on the consolidated last checkpoint."""
     data, tmp = lm
     log = (tmp / "train.log").read_text()
-    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--valid-subset", "valid", "--cpu"]
+    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--valid-subset", "valid", *DEVICE]
     common += ["--max-tokens", "4096", "--batch-size", "64", "--required-batch-size-multiple", "1"]
     one = on_one("validate", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
     assert eval_lm_blocks(data, split="valid") <= 64  # the valid split is one batch (--batch-size-valid 64)
@@ -271,7 +360,7 @@ def test_train_validation_with_a_process_without_valid_batch(lm):
 
 def test_wrong_files_stop_before_the_first_batch(lm):
     data, tmp = lm
-    common = ["--tokens-per-sample", "32", "--max-tokens", "160", "--gen-subset", "test", "--cpu"]
+    common = ["--tokens-per-sample", "32", "--max-tokens", "160", "--gen-subset", "test", *DEVICE]
     # one process on per-rank files: consolidate first
     out = on_one("eval_lm", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common, ok=False)
     assert f"stablemoe-consolidate {tmp / 'ckpt' / 'checkpoint_last.pt'}" in out
@@ -385,7 +474,7 @@ def test_generate_per_rank_files_give_the_consolidated_hypotheses(mt, world, bat
     consolidated file's hypotheses and scores, and summary lines that count the whole split."""
     per_batch = math.ceil(N_TEST_MT / batches)
     assert math.ceil(N_TEST_MT / per_batch) == batches  # (the split's sentences fit 4096 tokens)
-    common = ["--beam", "4", "--cpu", "--max-tokens", "4096", "--batch-size", per_batch, "--gen-subset", "test"]
+    common = ["--beam", "4", *DEVICE, "--max-tokens", "4096", "--batch-size", per_batch, "--gen-subset", "test"]
     common += ["--required-batch-size-multiple", "1"]
     path = per_rank_files(mt / "ckpt", mt / "one" / "checkpoint_last.pt", world, mt)
     res_w, res_1 = mt / f"res{world}_{batches}", mt / f"res1_{batches}"
@@ -425,7 +514,7 @@ def test_interactive_per_rank_files_print_each_input_once(mt):
     common = [
         "--beam",
         "4",
-        "--cpu",
+        *DEVICE,
         "--source-lang",
         "src",
         "--target-lang",

@@ -356,3 +356,167 @@ def test_kept_stacks_under_autocast_equal_fresh_ones(backend):
     with torch.no_grad():  # the stacks in the products' dtype are not those of a forward without autocast
         torch.testing.assert_close(experts(x, [4, 0, 8]), fresh.float(), rtol=4e-2, atol=1e-1)
     assert experts._stacks[0][0][0] is None
+
+
+# ----------------------------------------------------------------------------- the ``auto`` choice
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+CAPABILITIES = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0)]
+#: CUDA, d=16, f=32, 4 experts of 4 tokens each: (capability, dtype) -> backend, written out from the rule
+#: (torch's fused grouped_mm: bf16 on majors 9 and 10 only; elsewhere padded_bmm, no padding here)
+AUTO_ON_CUDA = {
+    ((8, 0), BF16): "padded_bmm",
+    ((8, 6), BF16): "padded_bmm",
+    ((8, 9), BF16): "padded_bmm",
+    ((9, 0), BF16): "grouped_mm",
+    ((10, 0), BF16): "grouped_mm",
+    ((10, 3), BF16): "grouped_mm",
+    ((12, 0), BF16): "padded_bmm",
+    ((8, 0), FP16): "padded_bmm",
+    ((8, 6), FP16): "padded_bmm",
+    ((8, 9), FP16): "padded_bmm",
+    ((9, 0), FP16): "padded_bmm",
+    ((10, 0), FP16): "padded_bmm",
+    ((10, 3), FP16): "padded_bmm",
+    ((12, 0), FP16): "padded_bmm",
+    ((8, 0), FP32): "padded_bmm",
+    ((8, 6), FP32): "padded_bmm",
+    ((8, 9), FP32): "padded_bmm",
+    ((9, 0), FP32): "padded_bmm",
+    ((10, 0), FP32): "padded_bmm",
+    ((10, 3), FP32): "padded_bmm",
+    ((12, 0), FP32): "padded_bmm",
+}
+
+
+@pytest.mark.parametrize("capability, dtype", list(AUTO_ON_CUDA), ids=lambda v: str(v).replace(" ", ""))
+def test_auto_on_cuda_by_capability_and_dtype(capability, dtype):
+    from fairseq_stablemoe.experts import choose_backend
+
+    assert choose_backend("cuda", dtype, capability, D, F, [4, 4, 4, 4]) == AUTO_ON_CUDA[capability, dtype]
+
+
+#: (d, f) -> backend on an SM90 GPU in bf16 (rows of 16 bytes: d and f multiples of 8)
+ALIGNMENT = {(16, 32): "grouped_mm", (24, 40): "grouped_mm", (12, 32): "padded_bmm", (16, 36): "padded_bmm"}
+
+
+@pytest.mark.parametrize("dim, ffn_dim", list(ALIGNMENT))
+def test_auto_on_cuda_needs_aligned_rows_for_grouped_mm(dim, ffn_dim):
+    from fairseq_stablemoe.experts import choose_backend
+
+    assert choose_backend("cuda", BF16, (9, 0), dim, ffn_dim, [3, 3]) == ALIGNMENT[dim, ffn_dim]
+
+
+#: counts -> backend on CUDA without the fused kernel: padded_bmm pads L experts to the busiest one's
+#: count; written out as L * max against 2 * sum
+SKEW = {
+    (4, 4, 4, 4): "padded_bmm",  # 16 <= 32: no padding at all
+    (7, 1): "padded_bmm",  # 14 <= 16: two experts never pad more than 2x
+    (4, 4, 0, 0): "padded_bmm",  # 16 == 2 * 8: exactly double keeps padded_bmm
+    (6, 2, 1): "padded_bmm",  # 18 == 2 * 9
+    (5, 4, 0, 0): "loop",  # 20 > 18
+    (6, 2, 0): "loop",  # 18 > 16
+    (6, 1, 1): "loop",  # 18 > 16
+    (97, 1, 1, 1): "loop",  # 388 > 200: one expert gets most tokens
+    (12,): "padded_bmm",  # one expert: no padding
+}
+
+
+@pytest.mark.parametrize("counts", list(SKEW), ids=str)
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 0), (12, 0)])
+@pytest.mark.parametrize("dtype", [FP16, FP32])
+def test_auto_on_cuda_avoids_padding_more_than_double(counts, capability, dtype):
+    from fairseq_stablemoe.experts import choose_backend
+
+    assert choose_backend("cuda", dtype, capability, D, F, list(counts)) == SKEW[counts]
+
+
+@pytest.mark.parametrize("counts", [(97, 1, 1, 1), (6, 2, 0)], ids=str)
+def test_auto_runs_fused_grouped_mm_under_any_skew(counts):
+    """``grouped_mm`` runs jagged segments: no padding to avoid."""
+    from fairseq_stablemoe.experts import choose_backend
+
+    assert choose_backend("cuda", BF16, (9, 0), D, F, list(counts)) == "grouped_mm"
+    assert choose_backend("cuda", BF16, (8, 0), D, F, list(counts)) == "loop"
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "mps", "xpu"])
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+@pytest.mark.parametrize("counts", [(4, 4, 4, 4), (97, 1, 1, 1)], ids=str)
+def test_auto_off_cuda_is_loop(device_type, dtype, counts):
+    from fairseq_stablemoe.experts import choose_backend
+
+    assert choose_backend(device_type, dtype, None, D, F, list(counts)) == "loop"
+
+
+def test_auto_without_torch_grouped_mm(monkeypatch):
+    import fairseq_stablemoe.experts as experts_module
+
+    monkeypatch.delattr(experts_module.F, "grouped_mm", raising=False)
+    assert experts_module.choose_backend("cuda", BF16, (9, 0), D, F, [4, 4]) == "padded_bmm"
+
+
+@pytest.mark.parametrize(
+    "training, autocast, counts, passed",
+    [
+        (True, False, [5, 0, 7, 3], [5, 7, 3]),  # in training padded_bmm pads the busy experts only
+        (False, False, [5, 0, 7, 3], [5, 0, 7, 3]),  # at inference all of them (the kept stacks)
+        (True, True, [1, 0, 0, 12], [1, 12]),
+    ],
+)
+def test_forward_asks_choose_backend(training, autocast, counts, passed, monkeypatch):
+    """``auto`` is :func:`choose_backend` with the call's values (here on CPU: no capability), and the forward
+    runs what it returns."""
+    import fairseq_stablemoe.experts as experts_module
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return "padded_bmm"
+
+    monkeypatch.setattr(experts_module, "choose_backend", spy)
+    experts = random_experts(len(counts), 1).train(training)
+    x = torch.randn(sum(counts), D)
+    context = torch.autocast("cpu", dtype=BF16) if autocast else torch.no_grad()
+    with context, OpCount() as ops:
+        experts(x, counts)
+    assert calls == [("cpu", BF16 if autocast else FP32, None, D, F, passed)]
+    assert any("baddbmm" in name for name in ops.ops), sorted(ops.ops)
+
+
+@pytest.mark.parametrize("counts", [[4, 4, 4], [30, 1, 1]], ids=["balanced", "skewed"])
+def test_auto_on_cpu_runs_loop(counts):
+    """On CPU ``auto`` runs the per-expert modules (``loop``): no ``baddbmm`` nor ``grouped_mm``."""
+    experts = random_experts(len(counts), 1)
+    assert experts.backend == "auto" and experts.backend_for(torch.zeros(1, D), counts) == "loop"
+    with torch.no_grad(), OpCount() as ops:
+        experts(torch.randn(sum(counts), D), counts)
+    assert not any("baddbmm" in name or "grouped_mm" in name for name in ops.ops), sorted(ops.ops)
+    assert sum("addmm" in name for name in ops.ops.elements()) == 2 * len(counts)  # fc1, fc2 per expert
+
+
+class CudaFeatures:
+    """Stands for ``(T, d)`` features on a CUDA device (what :meth:`Experts.backend_for` reads of them)."""
+
+    def __init__(self, dtype: torch.dtype, tokens: int = 12):
+        self.device, self.dtype, self.shape = torch.device("cuda", 0), dtype, (tokens, D)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, ids=str)
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+def test_backend_for_asks_the_cuda_capability(capability, dtype, monkeypatch):
+    """``auto`` on CUDA reads the device's compute capability (stubbed here); counts None: even split."""
+
+    def capability_of(device=None):
+        assert torch.device(device) == torch.device("cuda", 0), device  # the features' GPU
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(torch.version, "hip", None)
+    experts = random_experts(4, 1)
+    assert experts.backend_for(CudaFeatures(dtype)) == AUTO_ON_CUDA[capability, dtype]
+    skewed = "grouped_mm" if AUTO_ON_CUDA[capability, dtype] == "grouped_mm" else "loop"
+    assert experts.backend_for(CudaFeatures(dtype, 100), [97, 1, 1, 1]) == skewed
+    experts.backend = "padded_bmm"  # an explicit backend whatever the device
+    assert experts.backend_for(CudaFeatures(dtype, 100), [97, 1, 1, 1]) == "padded_bmm"

@@ -268,3 +268,21 @@ def test_layerdrop_over_moe_layers_is_refused(data):
     for rc, out in results:
         assert rc != 0
         assert "--decoder-layerdrop 0.2 could skip an MoE layer" in out and "use --decoder-layerdrop 0" in out
+
+
+@pytest.mark.parametrize("where, at", [("train", "3"), ("valid", "7")])
+def test_out_of_memory_on_one_process_stops_every_process(data, where, at):
+    """A CUDA out-of-memory error in rank 1's expert forward (a training forward of update 4, or the
+    validation after update 7): fairseq would skip the micro-batch, or retry the validation batch, on
+    that process alone, and the MoE layers' collectives would pair with other calls on rank 0 (a hang,
+    or wrong split sizes). Both processes stop well within the time limit, rank 1 saying why."""
+    results = launch(data, nproc=2, env={"STABLEMOE_TEST_OOM_AT": at, "STABLEMOE_TEST_OOM_IN": where}, timeout=120)
+    for rc, out in results:
+        assert rc != 0, out[-3000:]
+        assert "attempting to recover from OOM" not in out and "retrying batch" not in out, out[-3000:]
+    oom = results[1][1]
+    assert "rank 1: an out-of-memory error cannot be skipped under expert parallelism" in oom, oom[-3000:]
+    assert "Lower --max-tokens" in oom and "--max-tokens-valid" in oom, oom[-3000:]
+    log = results[0][1]  # fairseq logs on rank 0: the updates before the error, none after it
+    last = int(at)
+    assert f'"num_updates": "{last}"' in log and f'"num_updates": "{last + 1}"' not in log, log[-3000:]

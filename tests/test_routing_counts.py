@@ -7,12 +7,24 @@ computes, with plain Python counters, each window's ceiling and churn, the
 refit window's majority map (ties to the distilled router's own choice) and
 the hand-over statistics, then compares them with what the layer logs, saves
 and freezes.
+
+On 2 gloo processes: a stage-1 forward adds no collective for the counts (they
+are summed where they are read, one ``all_reduce`` per window), and the two
+processes' tables, windows, refit table and hand-over equal one process's over
+the union of their tokens, through a checkpoint and resume inside a window.
 """
 
+import datetime
+import functools
+import os
 from collections import Counter, defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from corpus import free_port
 from fairseq.logging import metrics
 
 from fairseq_stablemoe.layer import StableMoELayer
@@ -22,12 +34,12 @@ V, N, PAD, D = 40, 3, 1, 8
 BOUNDARY, REFIT, WINDOW = 9, 4, 3
 
 
-def make_layer(refit=True, **kwargs):
+def make_layer(refit=True, experts=N, **kwargs):
     torch.manual_seed(0)
     return StableMoELayer(
         D,
         16,
-        N,
+        experts,
         1,
         vocab_size=V,
         padding_idx=PAD,
@@ -204,3 +216,213 @@ def test_half_precision_keeps_the_hand_over_exact():
     layer.half()
     assert layer.counts.handover.dtype == torch.float64 and torch.equal(layer.counts.handover, before)
     assert layer.state_dict()["counts.handover"].dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+W2, N2 = 2, 4  # processes; experts (2 per process)
+RESUME_AT = (4, 7)  # checkpoints inside a logging window (4..6), and inside the refit window (5..8) and a window
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+)
+
+
+class Collectives:
+    """Records the ``torch.distributed`` collectives called while ``active``: ``(name, [(shape, dtype)])``
+    of the tensors handed to each (the functions are replaced on the module: callers look them up there)."""
+
+    def __init__(self):
+        self.active = False
+        self.calls = []
+        for name in COLLECTIVES:
+            setattr(dist, name, self._wrap(name, getattr(dist, name)))
+
+    def _wrap(self, name, fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            if self.active:
+                flat = [x for a in (*args, *kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else [a])]
+                self.calls.append((name, [(tuple(t.shape), t.dtype) for t in flat if torch.is_tensor(t)]))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def during(self, fn, *args):
+        """The calls made by ``fn(*args)``."""
+        self.calls, self.active = [], True
+        try:
+            fn(*args)
+        finally:
+            self.active = False
+        return [name for name, _ in self.calls], self.calls
+
+
+def rank_inputs(u, rank):
+    """Rank ``rank``'s batch of update ``u + 1``: ``(h, tokens)``, of a different size on each rank."""
+    g = torch.Generator().manual_seed(1000 * rank + u)
+    T, B = ((10, 3), (7, 2))[rank]
+    tokens = torch.randint(4, V, (T, B), generator=g)
+    tokens[-2:, 0] = PAD
+    return torch.randn(T, B, D, generator=g), tokens
+
+
+def parallel_copy(ref):
+    """The expert-parallel layer (this process's 2 experts) with ``ref``'s routers."""
+    par = make_layer(experts=N2)
+    assert len(par.experts) == N2 // W2
+    par.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("experts.")}, strict=False)
+    return par
+
+
+def recording(layer, windows):
+    """Keep every window ``layer`` closes in ``windows`` (``{num_updates: stats}``)."""
+    close = layer.counts.close_window
+
+    def close_window(num_updates):
+        stats = close(num_updates)
+        if stats is not None:
+            windows[num_updates] = stats
+        return stats
+
+    layer.counts.close_window = close_window
+    return layer
+
+
+def save_and_resume(par, u, rank, tmp):
+    """Save ``par`` through the plugin's checkpoint path (fairseq's writing replaced by a copy of the state),
+    and a fresh layer that loads it, as a resumed run has."""
+    from fairseq_stablemoe import checkpointing
+    from fairseq_stablemoe.checkpoint_files import rank_path
+
+    saved = {}
+    write = checkpointing._fairseq["save_checkpoint"]
+    checkpointing._fairseq["save_checkpoint"] = lambda trainer, filename, extra_state: saved.update(
+        {k: v.clone() for k, v in trainer._model.state_dict().items()}
+    )
+    try:
+        trainer = SimpleNamespace(_model=par, _criterion=torch.nn.Module(), optimizer=None, get_num_updates=lambda: u)
+        checkpointing._save_checkpoint(trainer, rank_path(os.path.join(tmp, "checkpoint_last.pt"), rank, W2), {})
+    finally:
+        checkpointing._fairseq["save_checkpoint"] = write
+    fresh = make_layer(experts=N2)
+    fresh.load_state_dict(saved)
+    return fresh
+
+
+def totals(counts):
+    """``(window, refit)`` totals with every process's pending counts added (without flushing them)."""
+    pending = counts.pending.clone()
+    dist.all_reduce(pending)
+    return counts.window_counts + pending, counts.refit_counts + (pending if counts._pending_refit else 0)
+
+
+def parallel_worker(rank, port, tmp, queue):
+    try:
+        torch.set_num_threads(1)
+        ref = make_layer(experts=N2)  # one process: every rank's tokens
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=W2, timeout=datetime.timedelta(seconds=90))
+        out = {}
+        record = Collectives()
+
+        # the collectives of a stage-1 training update, on a layer of its own
+        probe = parallel_copy(ref)
+        probe.set_num_updates(WINDOW - 1)
+        out["forward"] = record.during(probe, *rank_inputs(0, rank))[0]
+        out["window_end"] = record.during(probe.set_num_updates, WINDOW)[1]
+        out["window_end_again"] = record.during(probe.set_num_updates, WINDOW)[1]
+        out["inside_window"] = record.during(probe.set_num_updates, WINDOW + 1)[1]
+
+        try:  # the probe's results come back even if this part fails
+            # 2 processes against 1 over their tokens, through the boundary and two resumes
+            par = parallel_copy(ref)
+            windows = {"ref": {}, "par": {}}
+            recording(ref, windows["ref"]), recording(par, windows["par"])
+            checks = {}
+            for u in range(BOUNDARY):
+                if u in RESUME_AT:
+                    par = recording(save_and_resume(par, u, rank, tmp), windows["par"])
+                data = [rank_inputs(u, r) for r in range(W2)]
+                for layer in (ref, par):
+                    layer.set_num_updates(u)
+                ref(torch.cat([h.reshape(-1, D) for h, _ in data]), torch.cat([t.reshape(-1) for _, t in data]))
+                par(*data[rank])
+                for layer in (ref, par):
+                    layer.set_num_updates(u + 1)
+                if u + 1 < BOUNDARY:  # nothing lost, nothing counted twice
+                    window, refit = totals(par.counts)
+                    checks[f"window totals {u + 1}"] = torch.equal(window, ref.counts.window_counts)
+                    checks[f"refit totals {u + 1}"] = torch.equal(refit, ref.counts.refit_counts)
+                if (u + 1) % WINDOW == 0 or u + 1 in (BOUNDARY - REFIT, BOUNDARY):  # read here: summed
+                    checks[f"flushed {u + 1}"] = par.counts._pending_forwards == 0 and not par.counts.pending.any()
+                checks[f"majority {u + 1}"] = torch.equal(par.counts.window_majority, ref.counts.window_majority)
+            assert par.distill_router.is_frozen
+            checks["windows"] = windows["par"] == windows["ref"] and len(windows["ref"]) == 3
+            for k, v in ref.state_dict().items():
+                if k.startswith("counts.") or k.endswith("refit_choice"):
+                    checks[k] = torch.equal(par.state_dict()[k], v)
+            checks["handover"] = ref.counts.handover_dict() is not None
+        except Exception as e:  # both processes fail at the same place: report it
+            checks = {repr(e): False}
+        out["checks"] = checks
+        queue.put((rank, out))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:  # report instead of leaving the other process waiting
+        queue.put((rank, repr(e)))
+        raise
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Rank 0's and rank 1's results of :func:`parallel_worker`."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port, tmp = free_port(), str(tmp_path_factory.mktemp("counts"))
+    procs = [ctx.Process(target=parallel_worker, args=(r, port, tmp, queue), daemon=True) for r in range(W2)]
+    for p in procs:
+        p.start()
+    try:
+        # a process stuck in a collective that the other does not reach shows up as a timeout here
+        got = dict(queue.get(timeout=240) for _ in range(W2))
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    for rank in range(W2):
+        assert isinstance(got[rank], dict), got[rank]
+    return [got[r] for r in range(W2)]
+
+
+def test_a_stage1_forward_adds_no_collective_for_the_counts(two_processes):
+    # what the layer itself exchanges in a forward: the per-expert counts (one all_gather), then the tokens
+    # to their experts' processes and the outputs back (one all_to_all each); the old counting added a
+    # second all_gather (of every process's (token id, expert) codes)
+    expected = Counter({"all_gather": 1, "all_to_all_single": 2})
+    for out in two_processes:
+        assert Counter(out["forward"]) == expected
+        # the counts are summed where a window ends: one all_reduce of the (V, N) int64 pending table
+        assert out["window_end"] == [("all_reduce", [((V, N2), torch.int64)])]
+        assert out["window_end_again"] == [] and out["inside_window"] == []
+
+
+def test_two_processes_count_as_one_process_over_their_tokens(two_processes):
+    for rank, out in enumerate(two_processes):
+        failed = [k for k, ok in out["checks"].items() if not ok]
+        assert not failed, f"rank {rank}: {failed}"
+        assert len(out["checks"]) > 3 * BOUNDARY

@@ -8,6 +8,9 @@
   of its expert gradients just before fairseq clips (after the all-reduce).
 * ``STABLEMOE_TEST_FAIRSEQ_NORM=1``: fairseq's own ``clip_grad_norm_``
   (experts left out of the norm), to show the check above is live.
+* ``STABLEMOE_TEST_OOM_AT=K`` and ``STABLEMOE_TEST_OOM_IN=train|valid``: rank 1
+  raises a CUDA out-of-memory error in its first MoE layer's expert forward at
+  update ``K`` (in a training forward, or in the validation after update ``K``).
 * Prints the number of batches of every epoch iterator (train and valid), so
   the test can tell that filler batches occurred.
 
@@ -24,12 +27,16 @@ from fairseq.trainer import Trainer
 
 import fairseq_stablemoe  # noqa: F401  (installs the plugin's hooks)
 from fairseq_stablemoe import training_hooks
+from fairseq_stablemoe.experts import Experts
 from fairseq_stablemoe.launch import cli_main
+from fairseq_stablemoe.layer import MoELayer
 
 _init = Trainer.__init__
 _clip = Trainer.clip_grad_norm
 _next_epoch_itr = iterators.EpochBatchIterator.next_epoch_itr
 INF_AT = int(os.environ.get("STABLEMOE_TEST_INF_AT", "-1"))
+OOM_AT = int(os.environ.get("STABLEMOE_TEST_OOM_AT", "-1"))
+OOM_IN = os.environ.get("STABLEMOE_TEST_OOM_IN", "train")
 
 
 def __init__(self, cfg, *args, **kwargs):
@@ -55,7 +62,29 @@ def next_epoch_itr(self, shuffle=True, *args, **kwargs):
     return itr
 
 
+_experts_forward = Experts.forward
+
+
+def experts_forward(self, sorted_features, counts):
+    layer = self._stablemoe_test_layer
+    training = OOM_IN == "train"
+    if layer.num_updates == OOM_AT and layer.training == training and layer.shard.rank == 1:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test)")
+    return _experts_forward(self, sorted_features, counts)
+
+
+_layer_init = MoELayer.__init__
+
+
+def layer_init(self, *args, **kwargs):
+    _layer_init(self, *args, **kwargs)
+    object.__setattr__(self.experts, "_stablemoe_test_layer", self)  # not a submodule: no cycle
+
+
 Trainer.__init__ = __init__
+if OOM_AT >= 0:
+    Experts.forward = experts_forward
+    MoELayer.__init__ = layer_init
 Trainer.clip_grad_norm = clip_grad_norm
 iterators.EpochBatchIterator.next_epoch_itr = next_epoch_itr
 # fairseq keys its flat --fp16 master copy by torch.cuda.current_device(): make it the
