@@ -111,12 +111,17 @@ class Lockstep:
     def __init__(self, layers: Sequence[MoELayer]):
         self.layers = list(layers)
         self.world_size, self.rank = world_size_and_rank()
-        self.device = _fc1_weight(self.layers[0]).device  # NCCL: the collectives' tensors live here
         self.dummy_forwards = 0
         self.rounds = 0
         self._waited = 0
         self._in_dummy = False
         self._handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    @property
+    def device(self) -> torch.device:
+        """The MoE layers' device at the time of the call, where the lockstep's tensors live (NCCL takes
+        only CUDA tensors); the tools move the model to the GPU after loading it, when this was made."""
+        return _fc1_weight(self.layers[0]).device
 
     def remove(self) -> None:
         for h in self._handles:

@@ -239,7 +239,7 @@ class MoELayer(nn.Module):
             num_tokens=num_tokens,
             global_tokens=load.sum() if shard.is_parallel else num_tokens,  # on one process the same count
             load=load,
-            dropped=torch.tensor(float(sum(host[shard.rank]) - sum(kept[shard.rank])), device=load.device),
+            dropped=load.new_full((), float(sum(host[shard.rank]) - sum(kept[shard.rank]))),  # a fill: no copy
         )
         return output.view_as(features), stats
 
@@ -482,7 +482,7 @@ class StableMoELayer(MoELayer):
         stats: Stats = {
             "agree": backbone_choice.eq(distill_choice).float().dot(valid),
             "nonfinite": nonfinite + nonfinite_distill,
-            "stage": torch.tensor(2.0 if stage2 else 1.0, device=scores.device),
+            "stage": scores.new_full((), 2.0 if stage2 else 1.0, dtype=torch.float32),  # a fill: no copy
         }
         if not self.training:
             stats["backbone_load"] = self._count(backbone_choice, valid)

@@ -156,3 +156,35 @@ def test_static_check_finds_a_device_less_factory_beside_a_collective():
 @pytest.mark.parametrize("path", sorted((REPO / "fairseq_stablemoe").glob("*.py")), ids=lambda p: p.name)
 def test_package_makes_every_collective_tensor_on_a_device(path):
     assert device_less_factories(path.read_text()) == [], f"{path.name}: a factory without device= next to a collective"
+
+
+def test_lockstep_tensors_follow_the_layer_moved_after_loading(monkeypatch):
+    """The tools install the lockstep when fairseq loads the model, then move the model to the GPU: the
+    lockstep's collectives must use the layers' device at the time of the call, not at loading."""
+    import torch
+
+    from fairseq_stablemoe import distributed_eval
+    from fairseq_stablemoe.layer import StableMoELayer
+
+    layer = StableMoELayer(8, 16, 2, 1, vocab_size=20, padding_idx=1, two_stage_updates=0)
+    lock = distributed_eval.Lockstep([layer])
+    lock.remove()
+    seen = []
+
+    class Done:
+        def wait(self, timeout=None):
+            return True
+
+    def all_gather(outputs, tensor, async_op=False):
+        seen.append(tensor.device)
+        for out in outputs:
+            out.copy_(tensor) if out.device == tensor.device else None
+        return Done()
+
+    monkeypatch.setattr(distributed_eval.dist, "all_gather", all_gather)
+    layer.to("meta")  # where a tool would call .cuda(): a device other than the one at loading
+    try:
+        lock._agree(0)
+    except Exception:  # meta tensors hold no values to read back: only the device matters here
+        pass
+    assert seen == [torch.device("meta")]

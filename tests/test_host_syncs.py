@@ -2,7 +2,8 @@
 
 On a GPU every operation that needs a device value on the host (``.item()``,
 ``.tolist()``, ``bool()`` of a tensor, boolean-mask indexing, ``nonzero``,
-output sizes that depend on data) stalls the host until the device catches up.
+output sizes that depend on data) stalls the host until the device catches up,
+and so does ``torch.tensor(python data, device=...)`` (a blocking copy to the device).
 A ``TorchFunctionMode`` counts them here on CPU (the same Python calls run on
 CUDA). The layer needs one: the per-expert counts (split sizes of the experts'
 segments and of the all-to-all), gathered from every process in one collective.
@@ -50,6 +51,8 @@ class HostSyncs(TorchFunctionMode):
             for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
         ):
             self.calls.append("boolean mask indexing")
+        elif name in ("tensor", "as_tensor") and kwargs.get("device") is not None:
+            self.calls.append("host-to-device copy")  # on a GPU this line waits for its copy
         elif (
             name == "repeat_interleave"
             and kwargs.get("output_size") is None
