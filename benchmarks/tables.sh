@@ -20,3 +20,4 @@ E=(benchmarks/expert_compute.py --threads 1 --steady-malloc --markdown "$PAGE")
 "$PY" benchmarks/all_to_all_share.py --markdown "$PAGE"
 "$PY" benchmarks/train_throughput.py --updates 30 --markdown "$PAGE"
 "$PY" benchmarks/train_throughput.py --counts --updates 60 --rounds 3 --markdown "$PAGE"
+"$PY" benchmarks/count_traffic.py --measure --markdown "$PAGE"  # the routing counts' collective traffic per update against W

@@ -12,7 +12,14 @@ routing agrees with the backbone's majority routing, and the ceiling, the
 share of tokens whose backbone expert is their id's majority expert (the best
 any token-id router can reach on them).
 
-    stablemoe-routing-summary DATA_DIR --path CHECKPOINT [--split test] [--json OUT.json]
+For a router that reads the token id alone (StableMoE's ``wordemb`` distilled
+router, hash layers) it also prints each expert's most frequent tokens in the
+split, and ``--table FILE`` writes the whole token-to-expert table of the
+inference routing as TSV: ``layer``, ``token_id``, ``token``, ``expert`` and
+``count`` (the token's non-pad occurrences in the split's model input), one
+row per dictionary entry and MoE layer.
+
+    stablemoe-routing-summary DATA_DIR --path CHECKPOINT [--split test] [--json OUT.json] [--table OUT.tsv]
 """
 
 import argparse
@@ -24,8 +31,27 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .checkpoint_files import num_updates_of
-from .layer import reading_moe_stats
+from .layer import HashLayer, reading_moe_stats
 from .safe_globals import CheckpointLoadError, load_fairseq_state
+
+#: tokens listed per expert in the printed summary
+TOP_TOKENS = 8
+
+
+def token_table(layer, vocab_size: int) -> Optional[torch.Tensor]:
+    """``(V,)`` long: the expert the inference routing gives each token id, for a router that reads the
+    id alone (StableMoE's ``wordemb`` distilled router, hash layers); None for one that reads context."""
+    if isinstance(layer, HashLayer):
+        return layer.token_to_expert.clone()
+    router = getattr(layer, "distill_router", None)
+    if router is None or router.kind != "wordemb":
+        return None
+    device = router.embed_tokens.weight.device
+    ids = torch.arange(vocab_size, device=device)
+    dim = layer.backbone.expert_centroids.shape[1]
+    features = torch.zeros(vocab_size, dim, device=device, dtype=layer.backbone.expert_centroids.dtype)
+    with torch.no_grad():  # the routing fairseq-eval-lm uses (a token-id router: the features do not matter)
+        return layer.assignment(features, ids, training_routing=False)
 
 
 def summarise(
@@ -49,6 +75,9 @@ def summarise(
     device = torch.device("cpu" if cpu or not torch.cuda.is_available() else "cuda")
     model.to(device).eval()
     totals: List[Dict[str, torch.Tensor]] = []
+    vocab = len(task.source_dictionary)
+    pad = task.source_dictionary.pad()
+    occurrences = torch.zeros(vocab, dtype=torch.long)  # non-pad occurrences of each id in the model input
     itr = task.get_batch_iterator(
         dataset=task.dataset(split),
         max_tokens=max_tokens,
@@ -61,7 +90,9 @@ def summarise(
         for sample in itr:
             if not sample:
                 continue
-            _, extra = model.decoder.extract_features(sample["net_input"]["src_tokens"].to(device), None)
+            src = sample["net_input"]["src_tokens"]
+            occurrences += torch.bincount(src[src.ne(pad)].reshape(-1), minlength=vocab)
+            _, extra = model.decoder.extract_features(src.to(device), None)
             for j, stats in enumerate(extra["moe"]):
                 if stats is None:
                     continue
@@ -84,10 +115,26 @@ def summarise(
             entry["agreement"] = float(t["agree"]) / max(n, 1)
         if j < len(handovers) and handovers[j] is not None:
             entry["handover"] = handovers[j]
+        table = token_table(model.decoder.moe_layers[j].moe, vocab) if j < len(model.decoder.moe_layers) else None
+        if table is not None:
+            table = table.cpu()
+            entry["table"] = table.tolist()
+            entry["top_tokens"] = [
+                [
+                    [task.source_dictionary[i], int(occurrences[i])]
+                    for i in sorted(
+                        (i for i in (table == e).nonzero().view(-1).tolist() if occurrences[i] > 0),
+                        key=lambda i: -int(occurrences[i]),
+                    )[:TOP_TOKENS]
+                ]
+                for e in range(len(load))
+            ]
         layers.append(entry)
     moe_type = str(getattr(cfg.model, "moe_type", "stablemoe"))
     two_stage = int(getattr(cfg.model, "two_stage_updates", 0))
     return {
+        "symbols": list(task.source_dictionary.symbols),
+        "counts": occurrences.tolist(),
         "checkpoint": path,
         "split": split,
         "num_updates": num_updates,
@@ -124,6 +171,8 @@ def format_summary(summary: Dict[str, object]) -> str:
                 + ("n/a (context router)" if agree is None else f"{100 * agree:.1f}%")
                 + f"; ceiling {100 * handover['ceiling']:.1f}%"
             )
+        for e, tokens in enumerate(layer.get("top_tokens", [])):
+            lines.append(f"    expert {e}: " + " ".join(f"{tok}({n})" for tok, n in tokens))
     return "\n".join(lines)
 
 
@@ -137,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is there")
     parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument(
+        "--table",
+        help="write the token-to-expert table of the inference routing here (TSV: layer, token_id, token, expert, "
+        "count); needs a router that reads the token id alone (StableMoE's wordemb router, hash layers)",
+    )
     parser.add_argument("--user-dir", help="accepted for symmetry with fairseq; the plugin is imported anyway")
     parser.add_argument(
         "--trust-checkpoint", action="store_true", help="load with weights_only=False (trusted files only)"
@@ -149,11 +203,29 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     import fairseq_stablemoe  # noqa: F401
 
     summary = summarise(args.data_dir, args.path, args.split, args.max_tokens, args.cpu, args.trust_checkpoint)
+    if args.table and not any("table" in layer for layer in summary["layers"]):
+        raise ValueError(
+            f"--table: {args.path}'s MoE layers route by context ({summary['moe_type']}), not by the token id "
+            "alone: there is no token-to-expert table (use a StableMoE checkpoint with --distill-router wordemb, "
+            "or hash layers)"
+        )
     print(format_summary(summary))
+    if args.table:
+        write_table(summary, args.table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump({k: v for k, v in summary.items() if k not in ("symbols", "counts")}, f, indent=2)
     return summary
+
+
+def write_table(summary: Dict[str, object], path: str) -> None:
+    """The token-to-expert tables of ``summary`` as TSV (see the module doc)."""
+    symbols, counts = summary["symbols"], summary["counts"]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("layer\ttoken_id\ttoken\texpert\tcount\n")
+        for layer in summary["layers"]:
+            for i, expert in enumerate(layer.get("table", [])):
+                f.write(f"{layer['layer']}\t{i}\t{symbols[i]}\t{expert}\t{counts[i]}\n")
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> None:

@@ -532,3 +532,16 @@ def test_interactive_per_rank_files_print_each_input_once(mt):
     for sid in one:
         assert two[sid][0] == one[sid][0]
         assert two[sid][1] == pytest.approx(one[sid][1], rel=1e-5, abs=1e-6)
+
+
+def test_lockstep_waits_less_than_the_process_group(monkeypatch):
+    """The lockstep's own timeout (and its message naming the likely cause) comes before the process
+    group's: NCCL's default is 600 s, gloo's 1800 s; STABLEMOE_LOCKSTEP_TIMEOUT overrides it."""
+    from fairseq_stablemoe import distributed_eval
+
+    monkeypatch.delenv(distributed_eval.TIMEOUT_ENV, raising=False)
+    for group_timeout in (600.0, 1800.0, 100.0):
+        monkeypatch.setattr(distributed_eval, "_process_group_timeout", lambda t=group_timeout: t)
+        assert distributed_eval._timeout().total_seconds() < group_timeout
+    monkeypatch.setenv(distributed_eval.TIMEOUT_ENV, "42")
+    assert distributed_eval._timeout().total_seconds() == 42

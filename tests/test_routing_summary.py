@@ -91,6 +91,8 @@ def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
             "--cpu",
             "--json",
             str(tmp_path / "s.json"),
+            "--table",
+            str(tmp_path / "t.tsv"),
         ],
         capture_output=True,
         text=True,
@@ -101,6 +103,30 @@ def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["layers"] == summary["layers"]
     assert f"{100 * summary['layers'][0]['agreement']:.1f}% of tokens" in out.stdout
+
+    # --table: every dictionary entry's expert is the distilled router's arg-max for it (the routing
+    # eval-lm uses), its count the token's non-pad occurrences in the split's model input
+    rows = [line.split("\t") for line in (tmp_path / "t.tsv").read_text().splitlines()]
+    assert rows[0] == ["layer", "token_id", "token", "expert", "count"]
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
+    moe = models[0].decoder.moe_layers[0].moe
+    routed = (moe.distill_router.embed_tokens.weight.float() @ moe.distill_router.centroids.float().t()).argmax(1)
+    task.load_dataset("test")
+    counts = torch.zeros(len(task.dictionary), dtype=torch.long)
+    for i in range(len(task.dataset("test"))):
+        src = task.dataset("test")[i]["source"]
+        counts += torch.bincount(src[src.ne(task.dictionary.pad())], minlength=len(task.dictionary))
+    table = [r for r in rows[1:] if r[0] == "0"]
+    assert [int(r[1]) for r in table] == list(range(len(task.dictionary)))
+    assert [r[2] for r in table] == list(task.dictionary.symbols)
+    assert [int(r[3]) for r in table] == routed.tolist()
+    assert [int(r[4]) for r in table] == counts.tolist() and sum(counts.tolist()) == summary["layers"][0]["tokens"]
+    # the summary's most frequent tokens of each expert
+    for e in range(moe.num_experts):
+        mine = [i for i in range(len(counts)) if routed[i] == e and counts[i] > 0]
+        if mine:
+            top = max(mine, key=lambda i: counts[i])
+            assert f"{task.dictionary[top]}({int(counts[top])})" in out.stdout.split(f"expert {e}: ")[1].split("\n")[0]
 
 
 def test_summary_gives_the_hand_over_kept_in_the_checkpoint(trained_run):
