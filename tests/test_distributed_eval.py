@@ -295,7 +295,7 @@ def test_validate_gathers_logs_of_any_size_with_the_cuda_branch_forced(tmp_path)
 def word_stats(out: str):
     """``{word: (count, log_prob, is_bpe, next_word_prob, with_next)}`` of eval-lm's --output-word-stats."""
     found = {}
-    for m in re.finditer(r"fairseq_cli\.eval_lm \| (\S+)\t(\d+)\t(\S+)\t(True|False)\t(\S+)\t(\d+)$", out, re.M):
+    for m in re.finditer(r"fairseq_cli\.eval_lm(?: \| |:)(\S+)\t(\d+)\t(\S+)\t(True|False)\t(\S+)\t(\d+)$", out, re.M):
         word, count, log_prob, is_bpe, next_prob, with_next = m.groups()
         next_prob = float(re.sub(r"^tensor\((.*)\)$", r"\1", next_prob))  # fairseq sums 0-dim tensors there
         assert word not in found, word
@@ -304,11 +304,12 @@ def word_stats(out: str):
 
 
 def test_eval_lm_word_stats_of_bpe_pieces_match_one_process(lm):
-    """--post-process subword_nmt --output-word-stats: the pieces' scores merged once (fairseq's own loop,
+    """--post-process "@@ " --output-word-stats: the pieces' scores merged once (fairseq's own loop,
     after the plugin's tally has read them), and the statistics of the whole split on 2 processes."""
     data, tmp = lm
     common = ["--tokens-per-sample", "32", "--max-tokens", "160", "--gen-subset", "test", *DEVICE]
-    common += ["--post-process", "subword_nmt", "--output-word-stats"]
+    # "@@ ": fairseq's eval_lm takes "subword_nmt" too, but then looks for pieces ending in "subword_nmt"
+    common += ["--post-process", "@@ ", "--output-word-stats"]
     two = on_two("eval-lm", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
     one = on_one("eval_lm", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
     s1, s2 = word_stats(one), word_stats(two)
@@ -332,11 +333,18 @@ def valid_loss(out, subset):
 
 @pytest.mark.parametrize("batching", ["uneven", "one_batch"])
 def test_validate_per_rank_files_match_the_consolidated_loss(lm, batching):
-    """5 batches (one process gets a filler), or the whole split in one batch (one process gets none)."""
+    """An odd number of batches, 8 or more per process (one process gets a filler; fairseq-validate gathers
+    every batch's logging output), or the whole split in one batch (one process gets none)."""
     data, tmp = lm
-    common = ["--task", "language_modeling", "--tokens-per-sample", "32", "--valid-subset", "test", *DEVICE]
+    # uneven: one block per batch, the block length chosen so that the split has an odd number of blocks
+    length = 32 if batching == "one_batch" else next(t for t in range(32, 16, -1) if eval_lm_blocks(data, t) % 2)
+    common = ["--task", "language_modeling", "--tokens-per-sample", str(length), "--valid-subset", "test", *DEVICE]
     common += ["--criterion", "cross_entropy", "--required-batch-size-multiple", "1"]
-    common += ["--max-tokens", "160"] if batching == "uneven" else ["--max-tokens", "4096", "--batch-size", "64"]
+    if batching == "uneven":
+        assert eval_lm_blocks(data, length) >= 17
+        common += ["--max-tokens", "4096", "--batch-size", "1"]
+    else:
+        common += ["--max-tokens", "4096", "--batch-size", "64"]
     two = on_two("validate", data, "--path", tmp / "ckpt" / "checkpoint_last.pt", *common)
     one = on_one("validate", data, "--path", tmp / "one" / "checkpoint_last.pt", *common)
     if batching == "one_batch":
