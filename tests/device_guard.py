@@ -14,9 +14,11 @@ crashes on GPUs. This guard makes the CPU tests see it:
   with :class:`DeviceRuleError`, naming where the tensor was made, when it is handed a tagged one.
 
 Object collectives (``all_gather_object``, ``broadcast_object_list``) make their own tensors on the
-right device and are not checked. The guard is on in every process that the tests start
+right device and are not checked. The guard is installed in every process that the tests start
 (``tests/guard_site/sitecustomize.py``, with ``STABLEMOE_DEVICE_GUARD=1``; the test session sets
-both), so every multi-process test runs under it. ``STABLEMOE_DEVICE_GUARD=0`` turns it off.
+both) and tags from the moment the process joins a process group of 2 or more processes (a
+one-process run pays nothing), so every multi-process test runs under it.
+``STABLEMOE_DEVICE_GUARD=0`` turns it off.
 """
 
 import functools
@@ -152,6 +154,20 @@ def _explicit_device(func, args: Sequence[Any], kwargs: dict) -> Optional[str]:
     return "host" if isinstance(target, str) and target.split(":")[0] == "cpu" else "device"
 
 
+def _all_made_without_device(args: Sequence[Any], kwargs: dict) -> Optional[str]:
+    """Where the first tensor argument was made, when every tensor argument (also in lists) is tagged."""
+    first = None
+    for group in (args, kwargs.values()):
+        for a in group:
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.Tensor):
+                    site = getattr(t, ATTR, None)
+                    if site is None:
+                        return None
+                    first = first or site
+    return first
+
+
 class DeviceGuardMode(TorchFunctionMode):
     """Tags the tensors the plugin makes on the host (see the module doc)."""
 
@@ -187,12 +203,9 @@ class DeviceGuardMode(TorchFunctionMode):
             if site is not None:
                 _tag(out, site)
             return
-        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        if not inputs:
-            return
-        sites = [made_without_device(a) for a in inputs]
-        if all(sites) and not any(o is args[0] for o in tree_leaves(out) if isinstance(o, torch.Tensor)):
-            _tag(out, sites[0])
+        site = _all_made_without_device(args, kwargs)
+        if site is not None and not any(o is args[0] for o in tree_leaves(out) if isinstance(o, torch.Tensor)):
+            _tag(out, site)
 
 
 def _checked(name: str, collective):
@@ -214,8 +227,28 @@ def _checked(name: str, collective):
 _mode: List[DeviceGuardMode] = []
 
 
+def start_tagging() -> None:
+    """Enter the mode in this thread (idempotent)."""
+    if not _mode:
+        mode = DeviceGuardMode()
+        mode.__enter__()
+        _mode.append(mode)
+
+
+def _tagging_from_init(init):
+    @functools.wraps(init)
+    def init_then_tag(*args, **kwargs):
+        out = init(*args, **kwargs)
+        if dist.get_world_size() > 1:
+            start_tagging()
+        return out
+
+    init_then_tag._stablemoe_guarded = True
+    return init_then_tag
+
+
 def install() -> None:
-    """Wrap the collectives and enter the mode in this thread (idempotent)."""
+    """Wrap the collectives, and tag from the moment this process joins a group of 2 or more (idempotent)."""
     from torch.distributed import distributed_c10d
 
     for name in COLLECTIVES:
@@ -223,10 +256,11 @@ def install() -> None:
             original = getattr(module, name, None)
             if original is not None and not getattr(original, "_stablemoe_guarded", False):
                 setattr(module, name, _checked(name, original))
-    if not _mode:
-        mode = DeviceGuardMode()
-        mode.__enter__()
-        _mode.append(mode)
+    for module in (dist, distributed_c10d):
+        if not getattr(module.init_process_group, "_stablemoe_guarded", False):
+            module.init_process_group = _tagging_from_init(module.init_process_group)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        start_tagging()
 
 
 def enabled() -> bool:
