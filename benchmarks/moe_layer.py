@@ -444,7 +444,7 @@ def measure(opts, n: int) -> Dict[str, object]:
             cases[alone] = (ExpertsAlone(layer.experts, split[name]), train, False)
     runs.update({alone: cases[alone] for alone in EXPERTS_ALONE.values() if alone in cases})
     with precision():
-        backend = stable.experts.backend_for(h)
+        backend = stable.experts.backend_for(h, split["stage1"])  # auto's choice on stage 1's split
     print(
         f"# experts={n}: load max/mean stage 1 {float(load1.max() * n / load1.sum()):.2f}, "
         f"stage 2 {float(load2.max() * n / load2.sum()):.2f}; expert backend used: {backend}",
