@@ -153,7 +153,10 @@ class StableMoELanguageModelConfig(TransformerLanguageModelConfig, MoEOptions):
     )
     moe_layers: int = field(
         default=1,
-        metadata={"help": "number of MoE layers, inserted evenly among the dense decoder layers"},
+        metadata={
+            "help": "number of MoE layers K among the L dense decoder layers, placed as fairseq's BASE layers: "
+            "the i-th (from 0) after dense block ((i+1)*L)//(K+1) - i (K=2, L=4: both after block 1)"
+        },
     )
     moe_layer_positions: Optional[str] = field(
         default=None,

@@ -36,10 +36,12 @@ from .model import (
 @dataclass
 class StableMoETranslationOptions(MoEOptions):
     encoder_moe_layers: int = field(
-        default=1, metadata={"help": "number of MoE layers inserted evenly among the encoder layers"}
+        default=1,
+        metadata={"help": "number of MoE layers among the encoder layers, placed as --moe-layers places them"},
     )
     decoder_moe_layers: int = field(
-        default=1, metadata={"help": "number of MoE layers inserted evenly among the decoder layers"}
+        default=1,
+        metadata={"help": "number of MoE layers among the decoder layers, placed as --moe-layers places them"},
     )
     encoder_moe_layer_positions: Optional[str] = field(
         default=None,
