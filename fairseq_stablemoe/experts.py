@@ -385,7 +385,7 @@ def run_grouped_mm(experts: Experts, sorted_features: torch.Tensor, counts: List
             norm_w, norm_b, b2 = stacks.vectors.index_select(1, expert_of_row).unbind(0)  # (T, d) each
             b1 = stacks.b1.index_select(0, expert_of_row)
         first = experts[members[0]][depth]
-        normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
+        normed = _layer_norm(x, norm_w, norm_b, first.norm.eps)
         hidden = F.grouped_mm(normed.to(stacks.w1.dtype), stacks.w1, offs=offsets) + b1.to(stacks.w1.dtype)
         out = F.grouped_mm(first.activation_fn(hidden), stacks.w2, offs=offsets)
         if out.requires_grad:  # grouped_mm's backward refuses a broadcast gradient (e.g. of out.sum())
@@ -413,12 +413,24 @@ def run_padded_bmm(experts: Experts, sorted_features: torch.Tensor, counts: List
         vectors, w1, b1, w2, _ = experts.stacked(depth, busy, x)
         norm_w, norm_b, b2 = vectors.unsqueeze(2).unbind(0)  # (L, 1, d) each
         first = experts[busy[0]][depth]
-        normed = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=first.norm.eps), norm_w)
+        normed = _layer_norm(x, norm_w, norm_b, first.norm.eps)
         hidden = first.activation_fn(torch.baddbmm(b1.unsqueeze(1), normed.to(w1.dtype), w1))
         return torch.baddbmm(b2.to(hidden.dtype), hidden, w2)
 
     total = _sum_of_updates(len(experts[busy[0]]), padded, residual)
     return total.view(L * C, d).index_select(0, slot)
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm of ``x`` ``(..., d)`` with per-row or per-expert (broadcast) ``weight`` and ``bias``.
+
+    Normalised and scaled in fp32 and rounded once to ``x``'s dtype, as ``nn.LayerNorm``'s fused
+    kernel does: in bf16 a rounding after the normalisation and another after the scaling made every
+    gradient upstream of it about 10x less accurate than the loop's. A no-op cast in fp32 (and under
+    autocast, which runs layer norms in fp32).
+    """
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return torch.addcmul(bias.float(), normed, weight.float()).to(x.dtype)
 
 
 def _sum_of_updates(depth: int, x: torch.Tensor, residual) -> torch.Tensor:

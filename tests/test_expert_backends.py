@@ -520,3 +520,49 @@ def test_backend_for_asks_the_cuda_capability(capability, dtype, monkeypatch):
     assert experts.backend_for(CudaFeatures(dtype, 100), [97, 1, 1, 1]) == skewed
     experts.backend = "padded_bmm"  # an explicit backend whatever the device
     assert experts.backend_for(CudaFeatures(dtype, 100), [97, 1, 1, 1]) == "padded_bmm"
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "padded_bmm",
+        pytest.param(
+            "grouped_mm",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="grouped_mm's bf16 gradients of some experts' fc2 and norm vectors: 3-10x the loop's error "
+                "(the same figures on an H200); cause not found",
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("params", ["autocast", "bf16"], ids=["amp-autocast", "bf16-parameters"])
+def test_grouped_backends_as_accurate_as_the_loop_in_bf16(backend, params):
+    """bf16 parameters (or bf16 autocast): every gradient within twice the loop's error against fp32 (plus
+    0.01), the criterion of the GPU test. A LayerNorm rounded twice (after normalising, after scaling) made
+    padded_bmm's gradients about 10x less accurate than the loop's."""
+    import copy
+
+    counts = [37, 0, 70, 21]
+    experts = random_experts(len(counts), 3)
+    g = torch.Generator().manual_seed(4)
+    x, grad = (torch.randn(sum(counts), D, generator=g) for _ in range(2))
+    if params == "bf16":
+        experts, x, grad = experts.to(torch.bfloat16), x.to(torch.bfloat16), grad.to(torch.bfloat16)
+    results = {}
+    for name in ("loop", backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params == "autocast"):
+            results[name] = run(experts, name, x, counts, grad)
+    exact = run(copy.deepcopy(experts).float(), "loop", x.float(), counts, grad.float())
+    worse = []
+    for name, want in exact[2].items():
+        if want is not None:
+            e_got, e_loop = _rel_err(results[backend][2][name], want), _rel_err(results["loop"][2][name], want)
+            if not e_got <= 2 * e_loop + 1e-2:
+                worse.append((name, round(e_got, 4), round(e_loop, 4)))
+    assert _rel_err(results[backend][0], exact[0]) <= 2 * _rel_err(results["loop"][0], exact[0]) + 1e-2
+    assert not worse, worse
