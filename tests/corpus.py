@@ -66,3 +66,28 @@ def run_checked(cmd, ok: bool = True, env=None, timeout: int = 300) -> str:
     else:
         assert out.returncode != 0, out.stdout[-3000:]
     return out.stdout
+
+
+def run_processes(target, world: int, *extra, timeout: float = 300) -> Dict[int, object]:
+    """``target(rank, port, *extra, queue)`` on ``world`` spawned processes; ``{rank: what it put}``.
+
+    Each process puts ``(rank, result)`` on the queue (a failing one its error's repr). A process stuck in
+    a collective that another does not reach shows up as a timeout here.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *extra, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(queue.get(timeout=timeout) for _ in range(world))
+        for p in procs:
+            p.join(timeout=60)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    return got

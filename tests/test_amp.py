@@ -16,8 +16,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from corpus import free_port
+from corpus import run_processes
 
 W = 2
 LR = 0.5
@@ -146,20 +145,7 @@ def worker(rank: int, port: int, queue) -> None:
 
 
 def test_overflow_in_one_process_experts_skips_the_update_on_every_process():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, queue), daemon=True) for r in range(W)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(queue.get(timeout=300) for _ in range(W))
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+    got = run_processes(worker, W)
     for rank in range(W):
         r = got[rank]
         assert isinstance(r, dict), r

@@ -7,8 +7,7 @@ import random
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from corpus import free_port
+from corpus import run_processes
 
 W = 2
 #: the sentences each process scores: one process has none (a shard without a batch), or both some
@@ -81,20 +80,7 @@ def test_merged_score_is_the_one_process_score():
         feed(one, kind, sentences())
         want[kind] = one.result_string()
         assert " 0.00" not in want[kind].split(",")[0]  # a real score, not an empty one
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, queue), daemon=True) for r in range(W)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(queue.get(timeout=120) for _ in range(W))
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+    got = run_processes(worker, W, timeout=120)
     for rank in range(W):
         assert isinstance(got[rank], dict), got[rank]
         for (name, kind), score in got[rank].items():

@@ -20,8 +20,7 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from corpus import free_port
+from corpus import run_processes
 
 W = 2
 MODES = ["fp32", "fp16", "fp16_no_flatten", "memory_efficient_fp16", "bf16", "memory_efficient_bf16", "amp"]
@@ -152,20 +151,7 @@ def worker(rank: int, port: int, queue) -> None:
 @pytest.fixture(scope="module")
 def all_cases():
     """``{(mode, overflow): [rank 0's result, rank 1's result]}`` from one 2-process run."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, queue), daemon=True) for r in range(W)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(queue.get(timeout=300) for _ in range(W))
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+    got = run_processes(worker, W)
     for rank in range(W):
         assert isinstance(got[rank], dict), got[rank]
     return {key: [got[r][key] for r in range(W)] for key in got[0]}

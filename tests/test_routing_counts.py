@@ -23,8 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from corpus import free_port
+from corpus import run_processes
 from fairseq.logging import metrics
 
 from fairseq_stablemoe.layer import StableMoELayer
@@ -389,21 +388,7 @@ def parallel_worker(rank, port, tmp, queue):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Rank 0's and rank 1's results of :func:`parallel_worker`."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port, tmp = free_port(), str(tmp_path_factory.mktemp("counts"))
-    procs = [ctx.Process(target=parallel_worker, args=(r, port, tmp, queue), daemon=True) for r in range(W2)]
-    for p in procs:
-        p.start()
-    try:
-        # a process stuck in a collective that the other does not reach shows up as a timeout here
-        got = dict(queue.get(timeout=240) for _ in range(W2))
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
+    got = run_processes(parallel_worker, W2, str(tmp_path_factory.mktemp("counts")), timeout=240)
     for rank in range(W2):
         assert isinstance(got[rank], dict), got[rank]
     return [got[r] for r in range(W2)]
