@@ -21,13 +21,13 @@ setup(
         "sentencepiece",
         "matplotlib",  # stablemoe-fluctuation --plot, examples/compare_moe_types.py
     ],
-    extras_require={"test": ["pytest", "hypothesis", "ruff"]},  # ruff: scripts/test.sh lints first
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff"]},  # ruff: scripts/test.sh lints first
     entry_points={
         "console_scripts": [
-            "stablemoe-routing-summary=fairseq_stablemoe.routing_summary:cli_main",
-            "stablemoe-fluctuation=fairseq_stablemoe.fluctuation:cli_main",
-            "stablemoe-consolidate=fairseq_stablemoe.consolidate:cli_main",
-            "stablemoe-train=fairseq_stablemoe.launch:cli_main",
+            "stablemoe-routing-summary=fairseq_stablemoe.cli.routing_summary:cli_main",
+            "stablemoe-fluctuation=fairseq_stablemoe.cli.fluctuation:cli_main",
+            "stablemoe-consolidate=fairseq_stablemoe.cli.consolidate:cli_main",
+            "stablemoe-train=fairseq_stablemoe.cli.train:cli_main",
         ],
     },
 )

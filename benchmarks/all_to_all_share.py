@@ -69,7 +69,7 @@ def _worker(rank: int, opts, port: int) -> None:
     dist_fn = dist.all_to_all_single
     dist.all_to_all_single = timer.wrap(dist_fn)  # fairseq's All2All calls it in forward and backward
 
-    from fairseq_stablemoe.layer import StableMoELayer
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     torch.manual_seed(rank)
     layer = StableMoELayer(opts.dim, opts.ffn, opts.experts, 1, vocab_size=1000, padding_idx=1, two_stage_updates=1).to(

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import sys
-from fairseq_stablemoe import consolidate
+from fairseq_stablemoe.cli import consolidate
 base = consolidate.peak_memory_mib()
 consolidate.cli_main(sys.argv[1:])
 print("PEAK", consolidate.peak_memory_mib() - base)
@@ -35,7 +35,7 @@ print("PEAK", consolidate.peak_memory_mib() - base)
 
 
 def synthetic(shared_mib: float, expert_mib: float, experts: int):
-    from fairseq_stablemoe.checkpoint_files import META_KEY
+    from fairseq_stablemoe.checkpoints.rank_files import META_KEY
 
     def tensor(mib):  # fp32 parameters
         return torch.randn(max(1, int(mib * 2**20 / 4 / 256)), 256)
@@ -86,7 +86,7 @@ def main():
         torch.save(synthetic(args.shared_mib, args.expert_mib, args.experts), one)
         run = os.path.join(tmp, "run", "ckpt.pt")
         subprocess.run(
-            [sys.executable, "-m", "fairseq_stablemoe.consolidate", one, "--shards", str(args.world), "-o", run],
+            [sys.executable, "-m", "fairseq_stablemoe.cli.consolidate", one, "--shards", str(args.world), "-o", run],
             cwd=ROOT,
             check=True,
             capture_output=True,

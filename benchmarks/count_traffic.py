@@ -1,6 +1,6 @@
 """Collective traffic of StableMoE's routing counts per update and MoE layer, against the process count W.
 
-The counts (:mod:`fairseq_stablemoe.routing_counts`) used to all-gather every process's
+The counts (:mod:`fairseq_stablemoe.modules.routing_counts`) used to all-gather every process's
 ``(token id, expert)`` codes in every stage-1 training forward; they now count each process's own
 tokens locally and sum the ``(V, N)`` int64 tables over the processes (one ``all_reduce``) only
 where they are read: at the end of each logging window, where the refit window opens, at the stage
@@ -97,8 +97,8 @@ def _worker(rank, port, opts, queue):
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
-        from fairseq_stablemoe.layer import StableMoELayer
-        from fairseq_stablemoe.routing_counts import flush_routing_counts
+        from fairseq_stablemoe.modules.routing_counts import flush_routing_counts
+        from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
         V, N, D, W = opts.measure_vocab, 4, 16, 2
         torch.manual_seed(0)

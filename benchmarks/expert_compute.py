@@ -6,11 +6,11 @@ dense FFN on all T tokens as the reference (each case paired with an adjacent de
 run, median of the paired ratios, as ``moe_layer.py``):
 
 * ``side_by_side``: the ``threads`` backend, the experts in worker threads
-  (:mod:`fairseq_stablemoe.expert_threads`);
+  (:mod:`fairseq_stablemoe.modules.expert_threads`);
 * ``one_after_other``: the ``loop`` backend (the plugin's CPU default), each GEMM on
   all intra-op threads;
 * ``grouped_mm`` / ``padded_bmm``: the plugin's grouped backends, which stack the
-  experts' weights on every call (``fairseq_stablemoe.experts``);
+  experts' weights on every call (``fairseq_stablemoe.modules.experts``);
 * ``grouped_mm_prestacked``: ``torch.nn.functional.grouped_mm`` over weights stacked
   ``(N, d, f)`` once, outside the timing: the best case for grouped products on this
   device (stored stacked weights would need another checkpoint layout).
@@ -33,7 +33,7 @@ only are padded). One line per backend and N::
 step (``reset_peak_memory_stats`` first); elsewhere the peak bytes of the storages that the step's
 operators create and that are alive at once (``moe_layer.PeakLiveBytes``, a dispatch mode: the
 activations, gradients and stacked weight copies, not the parameters nor the input). The header line
-names the measure and what ``auto`` picks for these counts (:func:`~fairseq_stablemoe.experts.choose_backend`).
+names the measure and what ``auto`` picks for these counts (:func:`~fairseq_stablemoe.modules.experts.choose_backend`).
 
     python benchmarks/expert_compute.py --skew 0.75 --experts 8 --tokens 4096 --dim 256 --ffn 1024 \
         [--device cuda --dtype fp32]
@@ -55,7 +55,7 @@ from allocator import steady_malloc  # noqa: E402
 from markdown import table, write_block  # noqa: E402
 from pairing import paired_rounds  # noqa: E402
 
-from fairseq_stablemoe.experts import Expert, Experts  # noqa: E402
+from fairseq_stablemoe.modules.experts import Expert, Experts  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -87,7 +87,7 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 
 def memory_under_skew(opts) -> None:
     """``--skew``: the peak memory of ``padded_bmm`` against ``loop`` on the same skewed counts (one line each)."""
-    from fairseq_stablemoe.experts import choose_backend
+    from fairseq_stablemoe.modules.experts import choose_backend
 
     device, dtype = torch.device(opts.device), DTYPES[opts.dtype]
     measure = (

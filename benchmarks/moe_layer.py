@@ -38,7 +38,7 @@ worker threads run in the counting thread), next to the dense FFN's
 (``dense_ops``). ``kernels`` leaves out the operators that only make a view
 (``view``, ``t``, ``transpose``, ``slice``, ...): on a GPU, about the kernel
 launches. The expert backend is ``--backend`` (default ``auto``: see
-:mod:`fairseq_stablemoe.experts`).
+:mod:`fairseq_stablemoe.modules.experts`).
 
 ``--device cuda`` runs the same on a GPU (timings after ``torch.cuda.synchronize``;
 the header names the device).
@@ -89,8 +89,9 @@ from allocator import steady_malloc  # noqa: E402
 from markdown import table, write_block  # noqa: E402
 from pairing import paired_rounds  # noqa: E402
 
-from fairseq_stablemoe.experts import Expert  # noqa: E402
-from fairseq_stablemoe.layer import BaseLayer, DenseFFNLayer, HashLayer, StableMoELayer, SwitchLayer  # noqa: E402
+from fairseq_stablemoe.modules.baseline_layers import BaseLayer, DenseFFNLayer, HashLayer, SwitchLayer  # noqa: E402
+from fairseq_stablemoe.modules.experts import Expert  # noqa: E402
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer  # noqa: E402
 
 PAD = 1
 VOCAB = 8000
@@ -572,7 +573,7 @@ def main() -> None:
         "--backend",
         default="auto",
         choices=["auto", "loop", "threads", "grouped_mm", "padded_bmm"],
-        help="the experts' backend (fairseq_stablemoe.experts.EXPERT_BACKENDS)",
+        help="the experts' backend (fairseq_stablemoe.modules.experts.EXPERT_BACKENDS)",
     )
     parser.add_argument(
         "--cases",

@@ -312,7 +312,7 @@ def fluctuation(opts, checkpoints: Sequence[Path], out_json: Path) -> Dict[str, 
     cmd = [
         sys.executable,
         "-m",
-        "fairseq_stablemoe.fluctuation",
+        "fairseq_stablemoe.cli.fluctuation",
         str(opts.data),
         *map(str, checkpoints),
         "--split",
@@ -480,7 +480,7 @@ def routing_summary(opts, checkpoint: Path, out_json: Path) -> Dict[str, object]
     cmd = [
         sys.executable,
         "-m",
-        "fairseq_stablemoe.routing_summary",
+        "fairseq_stablemoe.cli.routing_summary",
         str(opts.data),
         "--path",
         str(checkpoint),

@@ -75,7 +75,7 @@ for STAGE in 1 2; do
     echo "  stage $STAGE: $(echo "$LINE" | grep -oE "num_updates=[0-9]+|($KEYS)=[0-9.]+" | paste -sd' ' -)"
   fi
 done
-"$VENV/bin/python" -m fairseq_stablemoe.routing_summary "$DATA" --path "$SAVE/checkpoint_last.pt" --split test --cpu \
+"$VENV/bin/python" -m fairseq_stablemoe.cli.routing_summary "$DATA" --path "$SAVE/checkpoint_last.pt" --split test --cpu \
   --json "$WORK/routing_summary.json" > /dev/null 2>&1
 "$VENV/bin/python" - "$WORK/routing_summary.json" <<'PY'
 import json, sys

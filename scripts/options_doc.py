@@ -3,7 +3,8 @@
 The options come from the dataclasses that declare them: ``MoEOptions`` (both models),
 ``StableMoELanguageModelConfig`` (the options the language model adds, and the fairseq options
 it gives its own default), ``StableMoETranslationOptions`` and ``StableMoECriterionConfig``;
-the architectures from fairseq's registry and their functions' docstrings.
+the architectures from fairseq's registry and their functions' docstrings; the console tools' arguments
+from their parsers (``build_parser()``).
 
     python scripts/options_doc.py            # rewrite docs/options.md
     python scripts/options_doc.py --check    # exit 1 if docs/options.md differs from the code
@@ -28,9 +29,10 @@ def _plugin():
     from fairseq.models import ARCH_MODEL_INV_REGISTRY
     from fairseq.models.transformer_lm import TransformerLanguageModelConfig
 
-    from fairseq_stablemoe.criterion import StableMoECriterionConfig
-    from fairseq_stablemoe.model import MoEOptions, StableMoELanguageModelConfig
-    from fairseq_stablemoe.translation import StableMoETranslationOptions
+    from fairseq_stablemoe.criterions.stablemoe import StableMoECriterionConfig
+    from fairseq_stablemoe.models.stablemoe_lm import StableMoELanguageModelConfig
+    from fairseq_stablemoe.models.stablemoe_transformer import StableMoETranslationOptions
+    from fairseq_stablemoe.modules.options import MoEOptions
 
     return (
         MoEOptions,
@@ -107,6 +109,49 @@ def _architectures(registry, model: str) -> List[str]:
     return rows
 
 
+def _tools():
+    from fairseq_stablemoe.cli import consolidate, fluctuation, routing_summary
+
+    return [("stablemoe-consolidate", consolidate), ("stablemoe-fluctuation", fluctuation),
+            ("stablemoe-routing-summary", routing_summary)]  # fmt: skip
+
+
+def _tool_table(parser: argparse.ArgumentParser) -> List[str]:
+    """The arguments of one console tool's parser, in its order."""
+    rows = ["| argument | default | what it does |", "|---|---|---|"]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.metavar or action.dest}`"
+        if action.option_strings and action.nargs != 0:
+            name += f" {action.metavar or action.dest.upper()}"
+        if action.nargs in ("*", "+") and not action.option_strings:
+            name += " ..."
+        if action.nargs == 0:
+            default = "off (a flag)"
+        elif action.required or (not action.option_strings and action.default is None):
+            default = "required"
+        else:
+            default = "unset" if action.default is None else f"`{action.default}`"
+        rows.append(f"| {name} | {default} | {_cell(action.help or '')} |")
+    return rows
+
+
+def _tools_section() -> List[str]:
+    lines = [
+        "## Console tools",
+        "",
+        "`stablemoe-train [TOOL] ARGS...` takes fairseq's own arguments: TOOL is `train` (the default), "
+        "`eval-lm`, `generate`, `interactive` or `validate`, run as `fairseq-<tool>` with `--user-dir` of this "
+        "package and, under torchrun, its distributed flags (`docs/expert_parallel.md`).",
+        "",
+    ]
+    for name, module in _tools():
+        parser = module.build_parser()
+        lines += [f"### `{name}`", "", _cell(parser.description or ""), "", *_tool_table(parser), ""]
+    return lines
+
+
 def render() -> str:
     moe, lm, fairseq_lm, translation, criterion, registry = _plugin()
     shared = {f.name for f in dataclasses.fields(moe)}
@@ -170,6 +215,7 @@ def render() -> str:
         "",
         *_table([f for f in _fields(criterion) if not _interpolated(f)]),
         "",
+        *_tools_section(),
     ]
     return "\n".join(lines)
 

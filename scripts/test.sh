@@ -5,6 +5,9 @@
 #                                        the `slow` marker is registered in pytest.ini)
 #   bash scripts/test.sh ARGS...         ARGS go to pytest (e.g. -p no:cacheprovider, -x, -k NAME)
 #   VENV=path                            use another virtual environment (default: .venv here)
+#   TEST_WORKERS=N                       pytest-xdist processes (default: auto, one per core; 0: none).
+#                                        Each test module runs whole on one worker (--dist loadfile), so
+#                                        its module-scoped fixtures are built once
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -18,7 +21,10 @@ start=$SECONDS
 status=0
 # lint first (the repository's ruff configuration, pyproject.toml); a finding fails the run
 "$VENV/bin/python" -m ruff check --no-cache "$ROOT" || status=$?
-"$VENV/bin/python" -m pytest -q tests ${args[@]+"${args[@]}"} || status=$?
+workers="${TEST_WORKERS:-auto}"
+xdist=(-n "$workers")
+[ "$workers" = 0 ] || xdist+=(--dist loadfile)
+"$VENV/bin/python" -m pytest -q "${xdist[@]}" tests ${args[@]+"${args[@]}"} || status=$?
 elapsed=$((SECONDS - start))
 printf '[test] wall time %dm %02ds (exit status %d)\n' $((elapsed / 60)) $((elapsed % 60)) "$status"
 exit "$status"

@@ -12,13 +12,15 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_stablemoe")
@@ -184,13 +186,34 @@ class Corpus:
     dict_size: int  # the language model's vocabulary: word types + 4 specials, padded to a multiple of 8
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``DIR/name``, made by ``build(DIR/name)`` once per test run, whichever pytest-xdist worker asks first.
+
+    ``DIR`` is the run's base temporary folder, which every worker of the run shares (a file lock
+    orders them); a later run builds afresh.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    target, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if target.exists():
+                shutil.rmtree(target)  # a build that failed part-way
+            target.mkdir()
+            build(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def markov_data(tmp_path_factory) -> Corpus:
-    tmp = tmp_path_factory.mktemp("markov_corpus")
-    lines = markov_sentences(3400, seed=CORPUS_SEED)
-    data = preprocess(
-        tmp / "text", {"train": lines[:3000], "valid": lines[3000:3200], "test": lines[3200:]}, tmp / "bin"
-    )
+    def build(tmp: Path) -> None:
+        lines = markov_sentences(3400, seed=CORPUS_SEED)
+        splits = {"train": lines[:3000], "valid": lines[3000:3200], "test": lines[3200:]}
+        preprocess(tmp / "text", splits, tmp / "bin")
+
+    tmp = built_once(tmp_path_factory, "markov_corpus", build)
+    data = tmp / "bin"
     from fairseq.data import Dictionary
 
     dictionary = Dictionary.load(str(data / "dict.txt"))
@@ -212,11 +235,16 @@ class TrainedRun:
 def trained_run(markov_data, tmp_path_factory) -> TrainedRun:
     """fairseq-train across the stage boundary: updates 1..BOUNDARY in stage 1, the rest in
     stage 2, an interval checkpoint every SAVE_EVERY updates."""
-    save = tmp_path_factory.mktemp("trained_run") / "ckpt"
-    out = run_cli("train", *train_args(markov_data.data_dir, save, "--max-update", str(MAX_UPDATE)))
+
+    def build(tmp: Path) -> None:
+        out = run_cli("train", *train_args(markov_data.data_dir, tmp / "ckpt", "--max-update", str(MAX_UPDATE)))
+        (tmp / "train.log").write_text(out.stdout + out.stderr)
+
+    tmp = built_once(tmp_path_factory, "trained_run", build)
+    save = tmp / "ckpt"
     ckpts = {}
     for p in save.glob("checkpoint_*_*.pt"):
         m = re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", p.name)
         if m:
             ckpts[int(m.group(1))] = p
-    return TrainedRun(corpus=markov_data, save_dir=save, log=out.stdout + out.stderr, checkpoints=ckpts)
+    return TrainedRun(corpus=markov_data, save_dir=save, log=(tmp / "train.log").read_text(), checkpoints=ckpts)

@@ -51,10 +51,29 @@ def markov_corpus(tmp: Path, n_train: int, n_valid: int, vocab: int, seed: int, 
     return binarise(tmp, {"train": lines[:n_train], "valid": lines[n_train:]})
 
 
+#: pytest-xdist worker gwK takes its ports from the K-th block of this range, below Linux's ephemeral ports
+#: (32768 and up, where the kernel's own choices would collide with another worker's)
+PORT_BLOCKS = range(12000, 32000, 2500)
+_next_port = None
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no other test of this run uses: free now, and in a block of ports of its xdist worker's own."""
+    global _next_port
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    block = int(worker[2:]) % len(PORT_BLOCKS) if worker[2:].isdigit() else 0
+    start = PORT_BLOCKS[block]
+    if _next_port is None:
+        _next_port = start + random.Random(os.getpid()).randrange(2000)
+    for _ in range(2500):
+        port, _next_port = _next_port, start + (_next_port + 1 - start) % 2500
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + 2499}")
 
 
 def run_checked(cmd, ok: bool = True, env=None, timeout: int = 300) -> str:

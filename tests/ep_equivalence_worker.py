@@ -145,7 +145,7 @@ def train_one(opts, moe_type: str) -> None:
     if init is None:  # the 1-process run writes the common initial weights
         torch.save(model.state_dict(), init_file)
     else:
-        from fairseq_stablemoe.parallel import ExpertShard
+        from fairseq_stablemoe.distributed.expert_parallel import ExpertShard
 
         model.load_state_dict(shard_state(init, ExpertShard(opts.world_size, opts.rank, opts.num_experts)))
 

@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_MODEL, USER_DIR, markov_sentences, preprocess, run_cli
 
 import fairseq_stablemoe  # noqa: F401
-from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
+from fairseq_stablemoe.modules.moe_layer import reading_moe_stats
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
 
 def train_cmd(data: Path, save: Path, *extra: str):
@@ -150,7 +151,7 @@ def test_eval_lm_with_another_dictionary(trained_run, other_dictionary):
 
 
 def test_hub_loading_with_another_dictionary(trained_run, other_dictionary):
-    from fairseq_stablemoe.model import StableMoELanguageModel
+    from fairseq_stablemoe.models.stablemoe_lm import StableMoELanguageModel
 
     with pytest.raises(ValueError, match="dictionary") as err:
         StableMoELanguageModel.from_pretrained(

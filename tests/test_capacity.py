@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from fairseq_stablemoe.dispatch import capacity_split
-from fairseq_stablemoe.layer import HashLayer
+from fairseq_stablemoe.modules.baseline_layers import HashLayer
+from fairseq_stablemoe.modules.dispatch import capacity_split
 
 PAD = 1
 

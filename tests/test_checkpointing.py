@@ -26,9 +26,9 @@ import pytest
 import torch
 from corpus import free_port, markov_corpus, run_checked
 
-from fairseq_stablemoe import consolidate
-from fairseq_stablemoe.checkpoint_files import META_KEY
-from fairseq_stablemoe.launch import PACKAGE_DIR, launch_args
+from fairseq_stablemoe.checkpoints.rank_files import META_KEY
+from fairseq_stablemoe.cli import consolidate
+from fairseq_stablemoe.cli.train import PACKAGE_DIR, launch_args
 
 TWO_STAGE = 3
 TINY = [

@@ -7,8 +7,9 @@ import weakref
 import pytest
 import torch
 
-from fairseq_stablemoe import consolidate
-from fairseq_stablemoe.checkpoint_files import META_KEY
+from fairseq_stablemoe.checkpoints import consolidation
+from fairseq_stablemoe.checkpoints.rank_files import META_KEY
+from fairseq_stablemoe.cli import consolidate
 
 N = 4
 LAYERS = ("decoder.layers.1.moe.", "decoder.layers.3.moe.")
@@ -71,7 +72,7 @@ class WatchedIO:
 
     def __init__(self, monkeypatch):
         self.alive, self.most, self.reads, self.tensors, self.written, self.saved = [], 0, [], [], [], []
-        real_load, real_save = consolidate.load_file, consolidate.save
+        real_load, real_save = consolidation.load_file, consolidate.save
 
         def load(path):
             gc.collect()
@@ -92,7 +93,7 @@ class WatchedIO:
             real_save(state, path, force)
             self.written.extend(weakref.ref(t) for t in tensors_of(state))
 
-        monkeypatch.setattr(consolidate, "load_file", load)
+        monkeypatch.setattr(consolidation, "load_file", load)
         monkeypatch.setattr(consolidate, "save", save)
 
 

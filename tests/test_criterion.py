@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import torch
 from test_paper_settings import build_tiny_lm
 
-from fairseq_stablemoe.criterion import StableMoECriterion
-from fairseq_stablemoe.layer import reading_moe_stats
+from fairseq_stablemoe.criterions.stablemoe import StableMoECriterion
+from fairseq_stablemoe.modules.moe_layer import reading_moe_stats
 
 
 def test_validation_logs_the_routing_statistics_that_plain_inference_skips(tmp_path):

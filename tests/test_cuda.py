@@ -39,7 +39,7 @@ def exact_fp32_matmul():
 
 def grouped_mm_runs() -> bool:
     """Whether torch runs ``grouped_mm`` here in bf16 (the condition under which ``auto`` picks it)."""
-    from fairseq_stablemoe.experts import grouped_mm_supported
+    from fairseq_stablemoe.modules.experts import grouped_mm_supported
 
     return grouped_mm_supported(torch.zeros(1, D, device=CUDA, dtype=torch.bfloat16), F)
 
@@ -231,7 +231,7 @@ def test_grouped_op_count_does_not_grow_with_experts_on_cuda(backend, dtype, mon
     kernel launches) with 16 local experts as with 4."""
     from test_expert_backends import PAD, VOCAB
 
-    from fairseq_stablemoe.layer import StableMoELayer
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     if backend == "grouped_mm" and not grouped_mm_runs():
         pytest.skip("torch does not run grouped_mm in bf16 on this GPU")

@@ -48,7 +48,7 @@ def starve(layer) -> None:
 def worker(rank: int, port: int, case: str, queue) -> None:
     try:
         torch.set_num_threads(1)
-        from fairseq_stablemoe.layer import StableMoELayer
+        from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
         torch.manual_seed(0)
         ref = StableMoELayer(D, F, N, 2, vocab_size=VOCAB, padding_idx=PAD, two_stage_updates=100)

@@ -163,11 +163,11 @@ def test_lockstep_tensors_follow_the_layer_moved_after_loading(monkeypatch):
     lockstep's collectives must use the layers' device at the time of the call, not at loading."""
     import torch
 
-    from fairseq_stablemoe import distributed_eval
-    from fairseq_stablemoe.layer import StableMoELayer
+    from fairseq_stablemoe.fairseq_hooks import eval_lockstep
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     layer = StableMoELayer(8, 16, 2, 1, vocab_size=20, padding_idx=1, two_stage_updates=0)
-    lock = distributed_eval.Lockstep([layer])
+    lock = eval_lockstep.Lockstep([layer])
     lock.remove()
     seen = []
 
@@ -181,7 +181,7 @@ def test_lockstep_tensors_follow_the_layer_moved_after_loading(monkeypatch):
             out.copy_(tensor) if out.device == tensor.device else None
         return Done()
 
-    monkeypatch.setattr(distributed_eval.dist, "all_gather", all_gather)
+    monkeypatch.setattr(eval_lockstep.dist, "all_gather", all_gather)
     layer.to("meta")  # where a tool would call .cuda(): a device other than the one at loading
     try:
         lock._agree(0)

@@ -161,7 +161,7 @@ def reference(module, *args):
 
 
 def consolidate(*args):
-    return run([sys.executable, "-m", "fairseq_stablemoe.consolidate", *map(str, args)])
+    return run([sys.executable, "-m", "fairseq_stablemoe.cli.consolidate", *map(str, args)])
 
 
 def padding_forwards(output: str) -> int:
@@ -545,11 +545,11 @@ def test_interactive_per_rank_files_print_each_input_once(mt):
 def test_lockstep_waits_less_than_the_process_group(monkeypatch):
     """The lockstep's own timeout (and its message naming the likely cause) comes before the process
     group's: NCCL's default is 600 s, gloo's 1800 s; STABLEMOE_LOCKSTEP_TIMEOUT overrides it."""
-    from fairseq_stablemoe import distributed_eval
+    from fairseq_stablemoe.fairseq_hooks import eval_lockstep
 
-    monkeypatch.delenv(distributed_eval.TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(eval_lockstep.TIMEOUT_ENV, raising=False)
     for group_timeout in (600.0, 1800.0, 100.0):
-        monkeypatch.setattr(distributed_eval, "_process_group_timeout", lambda t=group_timeout: t)
-        assert distributed_eval._timeout().total_seconds() < group_timeout
-    monkeypatch.setenv(distributed_eval.TIMEOUT_ENV, "42")
-    assert distributed_eval._timeout().total_seconds() == 42
+        monkeypatch.setattr(eval_lockstep, "_process_group_timeout", lambda t=group_timeout: t)
+        assert eval_lockstep._timeout().total_seconds() < group_timeout
+    monkeypatch.setenv(eval_lockstep.TIMEOUT_ENV, "42")
+    assert eval_lockstep._timeout().total_seconds() == 42

@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXTERNAL = {
     "torchrun": {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port"},
     "srun": {"--nodes", "--ntasks-per-node", "--gpus-per-node"},
+    "pip": {"--force-reinstall", "--no-build-isolation", "--no-deps", "--index-url", "--extra-index-url"},
+    "python -m venv": {"--system-site-packages"},
     # the paper authors' fairseq fork, which docs/method.md compares with
     "the paper's code": {"--assignment-algorithm"},
 }
@@ -100,7 +102,7 @@ def _fairseq_options() -> Set[str]:
 
 @pytest.fixture(scope="module")
 def known_options() -> Set[str]:
-    from fairseq_stablemoe import consolidate, fluctuation, routing_summary
+    from fairseq_stablemoe.cli import consolidate, fluctuation, routing_summary
 
     known = _fairseq_options()
     for module in (consolidate, fluctuation, routing_summary):
@@ -135,3 +137,25 @@ def test_named_options_exist(page, known_options):
     named = set(OPTION.findall((REPO / page).read_text()))
     unknown = sorted(named - known_options)
     assert not unknown, f"{page} names options that no command here has: {unknown}"
+
+
+def test_troubleshooting_lists_every_refusal_in_the_code(tmp_path):
+    refusals_doc = _load(REPO / "scripts" / "refusals_doc.py", "refusals_doc")
+    page = (REPO / "docs" / "troubleshooting.md").read_text()
+    assert page == refusals_doc.render(page), "docs/troubleshooting.md is stale: run python scripts/refusals_doc.py"
+    # the reader finds each form of refusal: a raise, an f-string with a module constant, a collected problem
+    planted = tmp_path / "pkg"
+    planted.mkdir()
+    (planted / "m.py").write_text(
+        'HINT = "use --x 2"\n'
+        "def f(args, problems):\n"
+        '    problems.append(f"--x must be even (got {args.x}): {HINT}")\n'
+        '    raise RuntimeError("stop " "here")\n'
+        "    raise ValueError(problems[0])  # not a literal message: left out\n"
+    )
+    found = [(r["kind"], r["message"]) for r in refusals_doc.refusals(planted)]
+    assert found == [("ValueError", "--x must be even (got {args.x}): use --x 2"), ("RuntimeError", "stop here")]
+    messages = [r["message"] for r in refusals_doc.refusals()]
+    assert len(messages) > 60 and any(m.startswith("--ddp-backend {ddp_backend} would average") for m in messages)
+    for message in messages:
+        assert message.replace("`", "'") in page, message

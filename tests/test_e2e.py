@@ -334,7 +334,7 @@ def test_interactive_greedy_matches_full_forward(trained_run, loaded):
 
 @pytest.fixture(scope="module")
 def hub(trained_run):
-    from fairseq_stablemoe.model import StableMoELanguageModel
+    from fairseq_stablemoe.models.stablemoe_lm import StableMoELanguageModel
 
     return StableMoELanguageModel.from_pretrained(
         str(trained_run.save_dir),

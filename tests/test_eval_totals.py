@@ -54,7 +54,7 @@ def kinds():
 
 def worker(rank: int, port: int, queue) -> None:
     try:
-        from fairseq_stablemoe.eval_totals import merge_scorer
+        from fairseq_stablemoe.fairseq_hooks.eval_totals import merge_scorer
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=W, timeout=datetime.timedelta(seconds=60))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fairseq_stablemoe.experts import EXPERT_BACKENDS, Experts
+from fairseq_stablemoe.modules.experts import EXPERT_BACKENDS, Experts
 
 GROUPED = ["grouped_mm", "padded_bmm", "threads"]  # threads: the loop's work in worker threads
 D, F, PAD, VOCAB = 16, 32, 1, 50
@@ -113,7 +113,8 @@ def test_experts_under_autocast(backend):
 
 
 def layer_of(kind: str):
-    from fairseq_stablemoe.layer import HashLayer, StableMoELayer, SwitchLayer
+    from fairseq_stablemoe.modules.baseline_layers import HashLayer, SwitchLayer
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     torch.manual_seed(0)
     if kind == "switch":
@@ -184,7 +185,7 @@ def test_layer_equal_loop(backend, mode, updates, training):
 
 @pytest.mark.parametrize("backend", GROUPED)
 def test_checkpoint_layout_unchanged(backend, monkeypatch):
-    from fairseq_stablemoe.layer import StableMoELayer
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     monkeypatch.setenv("STABLEMOE_EXPERT_BACKEND", backend)
     torch.manual_seed(0)
@@ -218,7 +219,7 @@ def test_unknown_backend_is_refused(monkeypatch):
 @pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
 def test_grouped_op_count_does_not_grow_with_experts(backend, monkeypatch):
     """One thread, so that every operator runs in this thread's dispatch mode."""
-    from fairseq_stablemoe.layer import StableMoELayer
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     monkeypatch.setenv("STABLEMOE_EXPERT_BACKEND", backend)
     threads = torch.get_num_threads()
@@ -391,7 +392,7 @@ AUTO_ON_CUDA = {
 
 @pytest.mark.parametrize("capability, dtype", list(AUTO_ON_CUDA), ids=lambda v: str(v).replace(" ", ""))
 def test_auto_on_cuda_by_capability_and_dtype(capability, dtype):
-    from fairseq_stablemoe.experts import choose_backend
+    from fairseq_stablemoe.modules.experts import choose_backend
 
     assert choose_backend("cuda", dtype, capability, D, F, [4, 4, 4, 4]) == AUTO_ON_CUDA[capability, dtype]
 
@@ -402,7 +403,7 @@ ALIGNMENT = {(16, 32): "grouped_mm", (24, 40): "grouped_mm", (12, 32): "padded_b
 
 @pytest.mark.parametrize("dim, ffn_dim", list(ALIGNMENT))
 def test_auto_on_cuda_needs_aligned_rows_for_grouped_mm(dim, ffn_dim):
-    from fairseq_stablemoe.experts import choose_backend
+    from fairseq_stablemoe.modules.experts import choose_backend
 
     assert choose_backend("cuda", BF16, (9, 0), dim, ffn_dim, [3, 3]) == ALIGNMENT[dim, ffn_dim]
 
@@ -426,7 +427,7 @@ SKEW = {
 @pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 0), (12, 0)])
 @pytest.mark.parametrize("dtype", [FP16, FP32])
 def test_auto_on_cuda_avoids_padding_more_than_double(counts, capability, dtype):
-    from fairseq_stablemoe.experts import choose_backend
+    from fairseq_stablemoe.modules.experts import choose_backend
 
     assert choose_backend("cuda", dtype, capability, D, F, list(counts)) == SKEW[counts]
 
@@ -434,7 +435,7 @@ def test_auto_on_cuda_avoids_padding_more_than_double(counts, capability, dtype)
 @pytest.mark.parametrize("counts", [(97, 1, 1, 1), (6, 2, 0)], ids=str)
 def test_auto_runs_fused_grouped_mm_under_any_skew(counts):
     """``grouped_mm`` runs jagged segments: no padding to avoid."""
-    from fairseq_stablemoe.experts import choose_backend
+    from fairseq_stablemoe.modules.experts import choose_backend
 
     assert choose_backend("cuda", BF16, (9, 0), D, F, list(counts)) == "grouped_mm"
     assert choose_backend("cuda", BF16, (8, 0), D, F, list(counts)) == "loop"
@@ -444,13 +445,13 @@ def test_auto_runs_fused_grouped_mm_under_any_skew(counts):
 @pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
 @pytest.mark.parametrize("counts", [(4, 4, 4, 4), (97, 1, 1, 1)], ids=str)
 def test_auto_off_cuda_is_loop(device_type, dtype, counts):
-    from fairseq_stablemoe.experts import choose_backend
+    from fairseq_stablemoe.modules.experts import choose_backend
 
     assert choose_backend(device_type, dtype, None, D, F, list(counts)) == "loop"
 
 
 def test_auto_without_torch_grouped_mm(monkeypatch):
-    import fairseq_stablemoe.experts as experts_module
+    import fairseq_stablemoe.modules.experts as experts_module
 
     monkeypatch.delattr(experts_module.F, "grouped_mm", raising=False)
     assert experts_module.choose_backend("cuda", BF16, (9, 0), D, F, [4, 4]) == "padded_bmm"
@@ -467,7 +468,7 @@ def test_auto_without_torch_grouped_mm(monkeypatch):
 def test_forward_asks_choose_backend(training, autocast, counts, passed, monkeypatch):
     """``auto`` is :func:`choose_backend` with the call's values (here on CPU: no capability), and the forward
     runs what it returns."""
-    import fairseq_stablemoe.experts as experts_module
+    import fairseq_stablemoe.modules.experts as experts_module
 
     calls = []
 

@@ -16,7 +16,7 @@ import torch
 from corpus import free_port
 from fairseq.data import Dictionary
 
-from fairseq_stablemoe.parallel import ExpertShard
+from fairseq_stablemoe.distributed.expert_parallel import ExpertShard
 
 WORKER = Path(__file__).with_name("ep_equivalence_worker.py")
 

@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-from fairseq_stablemoe import expert_threads
-from fairseq_stablemoe.experts import Experts
-from fairseq_stablemoe.layer import StableMoELayer
-from fairseq_stablemoe.parallel import scale_expert_gradients
+from fairseq_stablemoe.distributed.expert_parallel import scale_expert_gradients
+from fairseq_stablemoe.modules import expert_threads
+from fairseq_stablemoe.modules.experts import Experts
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
 D, F = 16, 48
 COUNTS = [5, 0, 9, 1, 0, 7, 3]  # two experts get no token

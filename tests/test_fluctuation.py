@@ -9,7 +9,7 @@ import pytest
 import torch
 from corpus import markov_corpus
 
-from fairseq_stablemoe.fluctuation import CheckpointRouting, analyse
+from fairseq_stablemoe.cli.fluctuation import CheckpointRouting, analyse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def _fluctuation(data: Path, ckpts, tmp: Path, *extra):
     cmd = [
         sys.executable,
         "-m",
-        "fairseq_stablemoe.fluctuation",
+        "fairseq_stablemoe.cli.fluctuation",
         str(data),
         *map(str, ckpts),
         "--split",

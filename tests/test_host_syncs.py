@@ -63,7 +63,8 @@ class HostSyncs(TorchFunctionMode):
 
 
 def build(kind: str):
-    from fairseq_stablemoe.layer import HashLayer, StableMoELayer, SwitchLayer
+    from fairseq_stablemoe.modules.baseline_layers import HashLayer, SwitchLayer
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     torch.manual_seed(0)
     if kind == "capacity":  # stage 1 with tokens over capacity

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
+from fairseq_stablemoe.modules.moe_layer import reading_moe_stats
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
 PAD = 1
 VOCAB = 12
@@ -283,7 +284,8 @@ def test_frozen_router_routes_with_snapshot_even_if_parameters_drift():
 def test_routing_stays_fp32_under_autocast(kind):
     """Under --amp (autocast) the experts run in half precision, but routing affinities, gates
     and auxiliary losses are computed in fp32: equal to the forward without autocast."""
-    from fairseq_stablemoe.layer import StableMoELayer, SwitchLayer
+    from fairseq_stablemoe.modules.baseline_layers import SwitchLayer
+    from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
     torch.manual_seed(0)
     if kind == "switch":

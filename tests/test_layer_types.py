@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fairseq_stablemoe.layer import BaseLayer, HashLayer, SwitchLayer, hash_symbols
+from fairseq_stablemoe.modules.baseline_layers import BaseLayer, HashLayer, SwitchLayer, hash_symbols
 
 PAD = 1
 

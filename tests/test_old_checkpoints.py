@@ -37,7 +37,7 @@ def test_a_one_process_checkpoint_gives_the_saved_model():
 def test_a_per_rank_pair_consolidates_to_the_saved_model(tmp_path):
     for r in range(2):
         shutil.copy(FIXTURE / f"two-rank{r}-of2.pt", tmp_path / f"two-rank{r}-of2.pt")
-    run_checked([sys.executable, "-m", "fairseq_stablemoe.consolidate", str(tmp_path / "two.pt")])
+    run_checked([sys.executable, "-m", "fairseq_stablemoe.cli.consolidate", str(tmp_path / "two.pt")])
     expected = torch.load(FIXTURE / "expected.pt", weights_only=True)
     got = log_probs(tmp_path / "two.pt", expected["tokens"])
     torch.testing.assert_close(got, expected["two"], rtol=0, atol=1e-5)

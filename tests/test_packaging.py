@@ -121,7 +121,7 @@ def test_plain_install_brings_the_plotting_library(monkeypatch):
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys, tmp_path):
     import pytest
 
-    from fairseq_stablemoe import fluctuation
+    from fairseq_stablemoe.cli import fluctuation
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(SystemExit) as exit_info:

@@ -12,12 +12,8 @@ from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.utils import import_user_module
 
-from fairseq_stablemoe.model import (
-    MoEDecoderLayer,
-    StableMoELanguageModel,
-    moe_layer_positions,
-    resolved_moe_positions,
-)
+from fairseq_stablemoe.models.moe_stack import MoEDecoderLayer, moe_layer_positions, resolved_moe_positions
+from fairseq_stablemoe.models.stablemoe_lm import StableMoELanguageModel
 
 import_user_module(argparse.Namespace(user_dir=USER_DIR))
 

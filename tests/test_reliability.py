@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairseq_stablemoe.layer import StableMoELayer, SwitchLayer
+from fairseq_stablemoe.modules.baseline_layers import SwitchLayer
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
 PAD = 1
 VOCAB = 20
@@ -149,7 +150,7 @@ def test_collapse_warns_once_naming_the_layer(caplog):
     h = torch.randn(16, 4)
     h[:, 0] = h[:, 0].abs() + 1
     tokens = torch.randint(2, VOCAB, (16,))
-    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe.health"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe.modules.health"):
         for step in range(10):
             layer.set_num_updates(0)
             layer(h, tokens)
@@ -161,7 +162,7 @@ def test_collapse_warns_once_naming_the_layer(caplog):
     caplog.clear()
     balanced = _layer(4)
     balanced.collapse.patience = 3
-    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe.health"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_stablemoe.modules.health"):
         for step in range(10):
             balanced.set_num_updates(0)
             balanced(torch.randn(64, 4), torch.randint(2, VOCAB, (64,)))

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from fairseq_stablemoe.layer import StableMoELayer, reading_moe_stats
-from fairseq_stablemoe.router import chosen_affinity, finite_affinities
+from fairseq_stablemoe.modules.moe_layer import reading_moe_stats
+from fairseq_stablemoe.modules.router import chosen_affinity, finite_affinities
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
 PAD, VOCAB, N, D, T = 1, 23, 5, 6, 40
 

@@ -17,8 +17,8 @@ import torch
 from conftest import BOUNDARY, run_cli, train_args
 from scipy.optimize import linear_sum_assignment
 
-from fairseq_stablemoe.layer import StableMoELayer
-from fairseq_stablemoe.router import CNN_WINDOW, DistilledRouter
+from fairseq_stablemoe.modules.router import CNN_WINDOW, DistilledRouter
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
 PAD = 1
 VOCAB = 30
@@ -205,7 +205,7 @@ def test_trained_across_the_boundary_the_router_stays_frozen_and_resumes(markov_
             [
                 sys.executable,
                 "-m",
-                "fairseq_stablemoe.fluctuation",
+                "fairseq_stablemoe.cli.fluctuation",
                 str(markov_data.data_dir),
                 *[str(save / f"checkpoint_1_{u}.pt") for u in (15, 30, 45)],
                 str(save / "checkpoint_last.pt"),

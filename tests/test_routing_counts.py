@@ -26,8 +26,8 @@ import torch.distributed as dist
 from corpus import run_processes
 from fairseq.logging import metrics
 
-from fairseq_stablemoe.layer import StableMoELayer
-from fairseq_stablemoe.routing_counts import not_counted
+from fairseq_stablemoe.modules.routing_counts import not_counted
+from fairseq_stablemoe.modules.stablemoe_layer import StableMoELayer
 
 V, N, PAD, D = 40, 3, 1, 8
 BOUNDARY, REFIT, WINDOW = 9, 4, 3
@@ -303,8 +303,8 @@ def recording(layer, windows):
 def save_and_resume(par, u, rank, tmp):
     """Save ``par`` through the plugin's checkpoint path (fairseq's writing replaced by a copy of the state),
     and a fresh layer that loads it, as a resumed run has."""
-    from fairseq_stablemoe import checkpointing
-    from fairseq_stablemoe.checkpoint_files import rank_path
+    from fairseq_stablemoe.checkpoints.rank_files import rank_path
+    from fairseq_stablemoe.fairseq_hooks import trainer_checkpoints as checkpointing
 
     saved = {}
     write = checkpointing._fairseq["save_checkpoint"]

@@ -14,7 +14,7 @@ import torch
 from conftest import BOUNDARY, REPO
 from fairseq import checkpoint_utils
 
-from fairseq_stablemoe.routing_summary import format_summary, summarise
+from fairseq_stablemoe.cli.routing_summary import format_summary, summarise
 
 
 def _direct(data_dir, path):
@@ -82,7 +82,7 @@ def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
         [
             sys.executable,
             "-m",
-            "fairseq_stablemoe.routing_summary",
+            "fairseq_stablemoe.cli.routing_summary",
             str(data),
             "--path",
             str(path),

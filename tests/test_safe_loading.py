@@ -12,7 +12,7 @@ import torch
 from corpus import markov_corpus
 
 import fairseq_stablemoe  # noqa: F401
-from fairseq_stablemoe.safe_globals import CheckpointLoadError, load_checkpoint_file
+from fairseq_stablemoe.checkpoints.reading import CheckpointLoadError, load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_stablemoe")
@@ -122,13 +122,13 @@ def test_consolidate_names_the_file(tmp_path):
     """A random file given whole, a truncated one as one of a per-rank set."""
     files = bad_files(tmp_path)
     path, words = files["random"]
-    code, text = run_tool("-m", "fairseq_stablemoe.consolidate", path, "--shards", "2")
+    code, text = run_tool("-m", "fairseq_stablemoe.cli.consolidate", path, "--shards", "2")
     assert code == 2 and "Traceback" not in text
     assert_explains(last_error_line(text), path, words, tmp_path / "checkpoint_1_5.pt")
     path, words = files["truncated"]
     (tmp_path / "x-rank0-of2.pt").write_bytes(path.read_bytes())
     (tmp_path / "x-rank1-of2.pt").write_bytes(path.read_bytes())
-    code, text = run_tool("-m", "fairseq_stablemoe.consolidate", tmp_path / "x.pt")
+    code, text = run_tool("-m", "fairseq_stablemoe.cli.consolidate", tmp_path / "x.pt")
     assert code == 2 and "Traceback" not in text and "weights_only" not in text
     assert f"{tmp_path / 'x-rank0-of2.pt'} cannot be read: it {words}" in text, text[-3000:]
 
@@ -140,7 +140,7 @@ def test_fluctuation_cli_reports_an_unreadable_checkpoint(tmp_path):
     files = bad_files(tmp_path)
     path, words = files["truncated"]
     code, text = run_tool(
-        "-m", "fairseq_stablemoe.fluctuation", tmp_path / "data", path, tmp_path / "checkpoint_1_5.pt"
+        "-m", "fairseq_stablemoe.cli.fluctuation", tmp_path / "data", path, tmp_path / "checkpoint_1_5.pt"
     )
     assert code == 2 and "Traceback" not in text
     assert_explains(last_error_line(text), path, words, tmp_path / "checkpoint_1_5.pt")
@@ -148,7 +148,9 @@ def test_fluctuation_cli_reports_an_unreadable_checkpoint(tmp_path):
     path, words = files["random"]
     (tmp_path / "run-rank0-of2.pt").write_bytes(path.read_bytes())
     (tmp_path / "run-rank1-of2.pt").write_bytes(path.read_bytes())
-    code, text = run_tool("-m", "fairseq_stablemoe.fluctuation", tmp_path / "data", tmp_path / "run-rank0-of2.pt", path)
+    code, text = run_tool(
+        "-m", "fairseq_stablemoe.cli.fluctuation", tmp_path / "data", tmp_path / "run-rank0-of2.pt", path
+    )
     assert code == 2 and "Traceback" not in text and "weights_only" not in text
     assert f"{tmp_path / 'run-rank0-of2.pt'} cannot be read: it {words}" in text, text[-3000:]
 

@@ -7,16 +7,19 @@ end. Here fairseq's ``distributed_main`` is replaced by a recorder: every tool m
 in torchrun's job (``env://``, its world size and rank, the one visible device).
 """
 
+import os
+
 import pytest
 import torch
 from fairseq import options
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.distributed import utils as distributed_utils
 
-from fairseq_stablemoe import distributed_eval
-from fairseq_stablemoe.torchrun import torchrun_settings
+import fairseq_stablemoe
+from fairseq_stablemoe.distributed.torchrun import torchrun_settings
+from fairseq_stablemoe.fairseq_hooks import eval_tools
 
-USER_DIR = distributed_eval.__file__.rsplit("/", 1)[0]
+USER_DIR = os.path.dirname(fairseq_stablemoe.__file__)
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29512"}
 
 
@@ -84,7 +87,7 @@ def test_every_tool_joins_the_torchrun_job_with_one_gpu_per_process(one_gpu_per_
 
 def test_generate_starts_the_torchrun_job_once(one_gpu_per_process):
     cfg = parse("generate", "--task", "translation")
-    distributed_eval._generate_main(cfg)  # before: call_main ran it again as a one-process job, forever
+    eval_tools._generate_main(cfg)  # before: call_main ran it again as a one-process job, forever
     ((device_id, dt),) = one_gpu_per_process
     assert (dt.distributed_init_method, dt.distributed_world_size, dt.distributed_rank) == ("env://", 4, 3)
     assert device_id == 0

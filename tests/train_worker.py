@@ -26,10 +26,10 @@ from fairseq.data import iterators
 from fairseq.trainer import Trainer
 
 import fairseq_stablemoe  # noqa: F401  (installs the plugin's hooks)
-from fairseq_stablemoe import training_hooks
-from fairseq_stablemoe.experts import Experts
-from fairseq_stablemoe.launch import cli_main
-from fairseq_stablemoe.layer import MoELayer
+from fairseq_stablemoe.cli.train import cli_main
+from fairseq_stablemoe.fairseq_hooks import trainer_step as training_hooks
+from fairseq_stablemoe.modules.experts import Experts
+from fairseq_stablemoe.modules.moe_layer import MoELayer
 
 _init = Trainer.__init__
 _clip = Trainer.clip_grad_norm

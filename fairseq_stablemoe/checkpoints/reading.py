@@ -8,11 +8,13 @@ containers, ``typing.Any`` and fairseq's ``_TensorPlaceholder``. Without this,
 
 import argparse
 import collections
+import glob
 import os
 import pickle
+import re
 import typing
 import zipfile
-from typing import List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -120,7 +122,7 @@ def load_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False) -
         FileNotFoundError: no such file.
         CheckpointLoadError: the file is truncated, not a torch checkpoint, from an incompatible torch,
             or needs types outside the allow-list; the message names the file, says which, and names
-            the last readable checkpoint beside it (:func:`.checkpoint_files.last_readable_beside`).
+            the last readable checkpoint beside it (:func:`last_readable_beside`).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -139,7 +141,6 @@ def load_checkpoint_file(path: str, trusted: bool = False, mmap: bool = False) -
             ) from None
     except Exception as e:  # torch raises many kinds on a damaged file (EOFError, RuntimeError, IndexError ...)
         error = e
-    from .checkpoint_files import last_readable_beside
 
     message = f"checkpoint {path} cannot be read: it {why_unreadable(path, error)}"
     good = last_readable_beside(path)
@@ -164,3 +165,69 @@ def finish_fairseq_state(state: dict, path: str) -> dict:
     if state.get("cfg") is not None:
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
     return checkpoint_utils._upgrade_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- names and update counts
+
+#: a per-rank file's name (:mod:`.rank_files`)
+RANK_FILE = re.compile(r"^(?P<stem>.*)-rank(?P<rank>\d+)-of(?P<world>\d+)\.pt$")
+
+
+def parse_rank_path(path: str) -> Optional[Tuple[str, int, int]]:
+    """``(base, rank, world_size)`` of a per-rank file name, None for any other name."""
+    m = RANK_FILE.match(path)
+    if m is None:
+        return None
+    return m.group("stem") + ".pt", int(m.group("rank")), int(m.group("world"))
+
+
+def num_updates_of(state: Dict[str, Any]) -> int:
+    """The update count a fairseq checkpoint was saved at."""
+    history = state.get("optimizer_history") or [{}]
+    return int(history[-1].get("num_updates", 0))
+
+
+# ----------------------------------------------------------------------------- unreadable files
+
+
+def unreadable(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read (:func:`.reading.why_unreadable`), None if it can (or is absent)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        raw_load(path, trusted=False, mmap=True)
+    except Exception as e:
+        return why_unreadable(path, e)
+    return None
+
+
+def readable_updates(path: str) -> Optional[int]:
+    """The update count of a checkpoint that can be read, None for a truncated or corrupt file."""
+    try:
+        return num_updates_of(raw_load(path, trusted=False, mmap=True))
+    except Exception:
+        return None
+
+
+def _readable_beside(filename: str) -> Dict[int, str]:
+    """The readable checkpoints in ``filename``'s directory with its -rankR-ofW tag (or none), by update count."""
+    directory = os.path.dirname(filename)  # "" (the current directory): names without "./"
+    parsed = parse_rank_path(filename)
+    tag = parsed[1:] if parsed is not None else None
+    found: Dict[int, str] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "checkpoint*.pt"))):
+        if os.path.abspath(path) == os.path.abspath(filename):
+            continue
+        other = parse_rank_path(path)
+        if (other[1:] if other is not None else None) != tag:
+            continue
+        updates = readable_updates(path)
+        if updates is not None and updates not in found:
+            found[updates] = path
+    return found
+
+
+def last_readable_beside(filename: str) -> Optional[Tuple[str, int]]:
+    """``(path, update count)`` of the newest readable checkpoint beside ``filename`` (same rank tag), or None."""
+    found = _readable_beside(filename)
+    return (found[max(found)], max(found)) if found else None

@@ -1,15 +1,15 @@
 """Per-rank checkpoint files of expert-parallel runs: names, records, reading and checks.
 
 An expert-parallel run on ``W`` processes saves ``NAME-rank{r}-of{W}.pt`` on every rank ``r``
-(:mod:`.checkpointing` makes fairseq's Trainer do so). Why not fairseq's ``-rank-{r}`` (BASE layers)
+(:mod:`fairseq_hooks.trainer_checkpoints` makes fairseq's Trainer do so). Why not fairseq's ``-rank-{r}`` (BASE layers)
 or ``-shard{r}`` (FSDP): the name records the number of processes, so a file set written for W
 processes is never read by a job of another size (the error names ``stablemoe-consolidate ...
 --shards W``), and ``stablemoe-consolidate`` finds a run's files from any one of them.
 
 Every file of a MoE model carries a record in ``extra_state[META_KEY]`` (:func:`meta_of`): rank,
 world size, expert count, run id, update count and the names behind the optimizer's indices.
-This module has what the training patch (:mod:`.checkpointing`), the evaluation tools
-(:mod:`.distributed_eval`), :mod:`.consolidate` and :mod:`.fluctuation` share: the names, one
+This module has what the training patch (:mod:`fairseq_hooks.trainer_checkpoints`), the evaluation tools
+(:mod:`fairseq_hooks.eval_tools`), :mod:`.consolidation` and :mod:`cli.fluctuation` share: the names, one
 reader (:func:`read`), the record, and the checks made before a load. It does not import
 fairseq's Trainer.
 """
@@ -18,12 +18,19 @@ import glob
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 
-from .parallel import ExpertShard
-from .safe_globals import CheckpointLoadError, load_checkpoint_file, raw_load, why_unreadable
+from ..distributed.expert_parallel import ExpertShard
+from .reading import (
+    CheckpointLoadError,
+    _readable_beside,
+    load_checkpoint_file,
+    parse_rank_path,
+    readable_updates,
+    unreadable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +39,6 @@ META_KEY = "stablemoe_experts"
 META_FORMAT = 1
 #: ``<layer prefix>experts.<i>.<rest>`` in a model state dict
 EXPERT_KEY = re.compile(r"^(?P<layer>.*\.experts\.)(?P<idx>\d+)(?P<rest>\..+)$")
-RANK_FILE = re.compile(r"^(?P<stem>.*)-rank(?P<rank>\d+)-of(?P<world>\d+)\.pt$")
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -53,14 +59,6 @@ def rank_path(base: str, rank: int, world_size: int) -> str:
     return base[:-3] + shard_tag(rank, world_size) + ".pt"
 
 
-def parse_rank_path(path: str) -> Optional[Tuple[str, int, int]]:
-    """``(base, rank, world_size)`` of a per-rank file name, None for any other name."""
-    m = RANK_FILE.match(path)
-    if m is None:
-        return None
-    return m.group("stem") + ".pt", int(m.group("rank")), int(m.group("world"))
-
-
 def rank_files_on_disk(base: str) -> Dict[int, List[str]]:
     """The per-rank files of ``base`` that exist, by the world size in their names."""
     found: Dict[int, List[str]] = {}
@@ -75,7 +73,7 @@ def rank_files_on_disk(base: str) -> Dict[int, List[str]]:
 
 
 def read(path: str, mmap: bool = False) -> Dict[str, Any]:
-    """A checkpoint on the CPU, through the plugin's one reader (:func:`.safe_globals.load_checkpoint_file`:
+    """A checkpoint on the CPU, through the plugin's one reader (:func:`.reading.load_checkpoint_file`:
     ``weights_only`` with the allow-list; an unreadable file raises ``CheckpointLoadError`` saying why).
 
     ``mmap=True`` leaves the tensors on disk until touched (for records and names); a file in
@@ -87,12 +85,6 @@ def read(path: str, mmap: bool = False) -> Dict[str, Any]:
 def meta_of(state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     extra = state.get("extra_state") or {}
     return extra.get(META_KEY) if isinstance(extra, dict) else None
-
-
-def num_updates_of(state: Dict[str, Any]) -> int:
-    """The update count a fairseq checkpoint was saved at."""
-    history = state.get("optimizer_history") or [{}]
-    return int(history[-1].get("num_updates", 0))
 
 
 def experts_per_layer(model_state: Dict[str, Any]) -> Dict[str, int]:
@@ -251,52 +243,6 @@ def check_before_load(filename: str, shard: ExpertShard, prefixes: List[str]) ->
             f"the per-rank checkpoint files are from different runs or updates ({listing}): all ranks must "
             "resume from the files of one save"
         )
-
-
-# ----------------------------------------------------------------------------- unreadable files
-
-
-def unreadable(path: str) -> Optional[str]:
-    """Why ``path`` cannot be read (:func:`.safe_globals.why_unreadable`), None if it can (or is absent)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        raw_load(path, trusted=False, mmap=True)
-    except Exception as e:
-        return why_unreadable(path, e)
-    return None
-
-
-def readable_updates(path: str) -> Optional[int]:
-    """The update count of a checkpoint that can be read, None for a truncated or corrupt file."""
-    try:
-        return num_updates_of(raw_load(path, trusted=False, mmap=True))
-    except Exception:
-        return None
-
-
-def _readable_beside(filename: str) -> Dict[int, str]:
-    """The readable checkpoints in ``filename``'s directory with its -rankR-ofW tag (or none), by update count."""
-    directory = os.path.dirname(filename)  # "" (the current directory): names without "./"
-    parsed = parse_rank_path(filename)
-    tag = parsed[1:] if parsed is not None else None
-    found: Dict[int, str] = {}
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "checkpoint*.pt"))):
-        if os.path.abspath(path) == os.path.abspath(filename):
-            continue
-        other = parse_rank_path(path)
-        if (other[1:] if other is not None else None) != tag:
-            continue
-        updates = readable_updates(path)
-        if updates is not None and updates not in found:
-            found[updates] = path
-    return found
-
-
-def last_readable_beside(filename: str) -> Optional[Tuple[str, int]]:
-    """``(path, update count)`` of the newest readable checkpoint beside ``filename`` (same rank tag), or None."""
-    found = _readable_beside(filename)
-    return (found[max(found)], max(found)) if found else None
 
 
 def newest_intact(filename: str, shard: ExpertShard) -> Optional[str]:

@@ -26,11 +26,16 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoint_files import num_updates_of, parse_rank_path
-from .consolidate import ConsolidateError, merge_files, shard_paths
-from .safe_globals import CheckpointLoadError, finish_fairseq_state, load_fairseq_state
+from ..checkpoints.consolidation import ConsolidateError, merge_files, shard_paths
+from ..checkpoints.reading import (
+    CheckpointLoadError,
+    finish_fairseq_state,
+    load_fairseq_state,
+    num_updates_of,
+    parse_rank_path,
+)
 
-logger = logging.getLogger("fairseq_stablemoe.fluctuation")
+logger = logging.getLogger(__name__)
 
 REQUIRED_SAME = ("arch", "moe_type", "num_experts", "moe_layers", "decoder_layers", "decoder_embed_dim")
 
@@ -259,16 +264,20 @@ def measure(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="stablemoe-fluctuation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="stablemoe-fluctuation",
+        description="Routing fluctuation across the checkpoints of one run: the share of tokens whose expert "
+        "changed between consecutive checkpoints, and each token's last fluctuation step (the paper's Figure 2).",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("data_dir", help="binarised data directory (with dict.txt)")
     parser.add_argument("checkpoints", nargs="+", help="checkpoints of one run, any order")
-    parser.add_argument("--split", default="valid")
+    parser.add_argument("--split", default="valid", help="the split of DATA_DIR whose tokens are routed")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG plot here")
-    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch of the forwards")
     parser.add_argument("--inference-routing", action="store_true", help="route as at inference (distilled router)")
-    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is there")
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",

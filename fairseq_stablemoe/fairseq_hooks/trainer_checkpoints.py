@@ -8,7 +8,7 @@ experts everywhere. fairseq's own BASE layers solve the same problem with
 per-rank files; this module does the same for the plugin's MoE layers.
 
 What :func:`install` changes, on :class:`fairseq.trainer.Trainer`, **only when
-the trainer's model has MoE layers with experts** (:class:`.layer.MoELayer`);
+the trainer's model has MoE layers with experts** (:class:`modules.moe_layer.MoELayer`);
 for any other model every overridden member calls fairseq's own code:
 
 * ``should_save_checkpoint_on_current_rank``: ``True`` on every rank of an
@@ -22,11 +22,11 @@ for any other model every overridden member calls fairseq's own code:
   per rank unchanged.
 * ``save_checkpoint``: adds a small ``extra_state["stablemoe_experts"]``
   record (rank, world size, expert count, run id, update count, the names of
-  the optimizer's parameters) that :mod:`.consolidate` and the load checks
+  the optimizer's parameters) that :mod:`checkpoints.consolidation` and the load checks
   read, then calls fairseq's method, which writes atomically (temporary file,
   then rename). Every rank creates the save directory first and, for
   fairseq's checkpoints (not ``crash.pt``), sums the routing counts over the
-  ranks (:func:`.routing_counts.flush_routing_counts`).
+  ranks (:func:`modules.routing_counts.flush_routing_counts`).
 * ``load_checkpoint``: checks, before anything is loaded, that every rank's
   file exists and holds that rank's experts of the same save, with a clear
   error naming the missing file or the ``stablemoe-consolidate`` command that
@@ -37,11 +37,11 @@ for any other model every overridden member calls fairseq's own code:
   count and the frozen-router flag (a buffer of the model) are then restored
   by fairseq's own code on every rank.
 
-The file names, the record and the checks live in :mod:`.checkpoint_files`; this
+The file names, the record and the checks live in :mod:`checkpoints.rank_files`; this
 module is only the patch. It stays a patch because fairseq turns on per-rank
 saving only for ``--base-layers``, and setting that option would make fairseq
 insert its own BASE layers. fairseq's evaluation tools (eval-lm, generate,
-interactive, validate) reach the same files through :mod:`.distributed_eval`.
+interactive, validate) reach the same files through :mod:`.eval_tools`.
 
 One-process runs of a MoE model keep fairseq's file names and loading; they
 get the record and the checks (e.g. resuming per-rank files on one process
@@ -67,18 +67,18 @@ import torch
 import torch.distributed as dist
 from fairseq.trainer import Trainer
 
-from .checkpoint_files import (
+from ..checkpoints.rank_files import (
     META_FORMAT,
     META_KEY,
     check_before_load,
     fall_back_if_unreadable,
-    parse_rank_path,
     rank_path,
     shard_tag,
 )
-from .layer import MoELayer
-from .parallel import ExpertShard
-from .routing_counts import flush_routing_counts
+from ..checkpoints.reading import parse_rank_path
+from ..distributed.expert_parallel import ExpertShard
+from ..modules.moe_layer import MoELayer
+from ..modules.routing_counts import flush_routing_counts
 
 logger = logging.getLogger(__name__)
 

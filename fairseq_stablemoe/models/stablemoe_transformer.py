@@ -21,16 +21,16 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerEncoder, TransformerModel, base_architecture
 from fairseq.utils import safe_getattr
 
-from .model import (
+from ..modules.options import MoEOptions
+from .moe_stack import (
     MoEDecoderLayer,
-    MoEOptions,
-    StableMoEDecoder,
     build_moe_layer,
     check_moe_state_dict,
     insert_moe_layers,
     resolved_moe_positions,
     validate_moe_args,
 )
+from .stablemoe_lm import StableMoEDecoder
 
 
 @dataclass

@@ -41,7 +41,7 @@ it relies on, each a small wrapper that calls fairseq's own:
   process skips the step and lowers the scale together;
 * ``LegacyDistributedDataParallel.all_reduce_grads``: after fairseq's
   all-reduce of the shared gradients, expert replicas sum their gradients
-  among themselves (:func:`.parallel.reduce_replica_gradients`);
+  among themselves (:func:`distributed.expert_parallel.reduce_replica_gradients`);
 * ``Trainer._log_oom`` (:func:`_log_oom`): on an out-of-memory error fairseq
   skips the micro-batch (training) or retries the batch (validation) on that
   process alone; under expert parallelism the MoE layers' collectives would
@@ -50,7 +50,7 @@ it relies on, each a small wrapper that calls fairseq's own:
   process stops with :class:`ExpertParallelOOMError`, which names what to
   lower; the others stop when their collectives lose it.
 
-Two more, for StableMoE's routing counts (:mod:`.routing_counts`):
+Two more, for StableMoE's routing counts (:mod:`modules.routing_counts`):
 
 * ``Trainer.set_num_updates``: fairseq passes the update count to the model
   only at the start of the next step; here the plugin's models also get it
@@ -60,7 +60,7 @@ Two more, for StableMoE's routing counts (:mod:`.routing_counts`):
   the checkpoint of the boundary update;
 * ``FairseqTask.train_step``: fairseq's dummy batch (a process with no batch
   left repeats its first one with the loss zeroed, ``ignore_grad``) runs
-  inside :func:`.routing_counts.not_counted`, so the counts hold only real
+  inside :func:`modules.routing_counts.not_counted`, so the counts hold only real
   tokens, as the logged statistics do.
 """
 
@@ -75,9 +75,9 @@ from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from fairseq.tasks import FairseqTask
 from fairseq.trainer import Trainer
 
-from .layer import MoELayer
-from .parallel import all_reduce_sum, reduce_replica_gradients
-from .routing_counts import not_counted
+from ..distributed.expert_parallel import all_reduce_sum, reduce_replica_gradients
+from ..modules.moe_layer import MoELayer
+from ..modules.routing_counts import not_counted
 
 _fairseq = {}
 

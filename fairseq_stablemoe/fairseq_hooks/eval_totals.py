@@ -4,13 +4,13 @@ On ``W`` processes fairseq shards a split by batches (``ShardedIterator`` pads t
 with empty filler batches, which the tools skip), and each process prints the summary of its own
 shard: a process with no batch at all stops in fairseq-generate's ``num_sentences /
 gen_timer.sum`` (``ZeroDivisionError``), and the others print their share as if it were the
-split. :mod:`.distributed_eval` runs those tools' own code inside :func:`swapped`, which replaces
+split. :mod:`.eval_tools` runs those tools' own code inside :func:`swapped`, which replaces
 a few names of the tool's module for the duration of the call (fairseq is not patched):
 
 * the batch loop's iterable is wrapped (:class:`ShardIterator`): it counts the sentences of the
   real batches (as fairseq-generate counts them) and, when the shard is exhausted (the tool's loop
   ends, before its summary), calls :meth:`Totals.end`. That first lets the tool's ``on_end``
-  run (the lockstep's :meth:`~.distributed_eval.Lockstep.finish`: a process with fewer batches
+  run (the lockstep's :meth:`~.eval_lockstep.Lockstep.finish`: a process with fewer batches
   serves the others' MoE forwards until every process is done), then all-reduces the counts;
 * ``StopwatchMeter`` (:meth:`Totals.timer`): the tool's timer; at the end its ``n`` is the total
   over all processes (tokens) and its ``sum`` the longest process's time (they decode side by
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from fairseq.logging.meters import StopwatchMeter
 
-from .parallel import collective_device
+from ..distributed.expert_parallel import collective_device
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .checkpoint_files import num_updates_of
-from .layer import HashLayer, reading_moe_stats
-from .safe_globals import CheckpointLoadError, load_fairseq_state
+from ..checkpoints.reading import CheckpointLoadError, load_fairseq_state, num_updates_of
+from ..modules.baseline_layers import HashLayer
+from ..modules.moe_layer import reading_moe_stats
 
 #: tokens listed per expert in the printed summary
 TOP_TOKENS = 8
@@ -178,12 +178,17 @@ def format_summary(summary: Dict[str, object]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="stablemoe-routing-summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="stablemoe-routing-summary",
+        description="What a trained checkpoint's MoE layers do on a split: each expert's load, the agreement "
+        "of the inference routing with the backbone router, the stage-boundary hand-over and each expert's "
+        "most frequent tokens.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("data_dir")
+    parser.add_argument("data_dir", help="binarised data directory (with dict.txt)")
     parser.add_argument("--path", required=True, help="checkpoint")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--split", default="test", help="the split of DATA_DIR to route")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens per batch of the forwards")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is there")
     parser.add_argument("--json", help="also write the summary here")
     parser.add_argument(

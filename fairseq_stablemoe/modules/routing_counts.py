@@ -25,7 +25,7 @@ of the int64 ``pending`` delta, then added to the totals and zeroed) only
 where they are read: when a logging window ends, when the refit window opens
 and at the stage boundary (:meth:`RoutingCounts.close_window`, reached at the
 same update on every process), and before a checkpoint is written
-(:func:`flush_routing_counts`, called on every rank by :mod:`.checkpointing`).
+(:func:`flush_routing_counts`, called on every rank by :mod:`fairseq_hooks.trainer_checkpoints`).
 Integer sums do not depend on when they are taken, so the totals, the logged
 figures and the refit table are those of counting every token at once; the
 saved buffers are the global totals, identical on every process, so a
@@ -51,7 +51,7 @@ _COUNTING = contextvars.ContextVar("stablemoe_counting", default=True)
 @contextlib.contextmanager
 def not_counted():
     """Forwards run inside are not counted (fairseq's dummy batches: a process with no batch left
-    runs its first batch again with the loss zeroed; see :mod:`.training_hooks`)."""
+    runs its first batch again with the loss zeroed; see :mod:`fairseq_hooks.trainer_step`)."""
     token = _COUNTING.set(False)
     try:
         yield
@@ -108,7 +108,7 @@ class RoutingCounts(nn.Module):
     def observe(self, tokens: torch.Tensor, choice: torch.Tensor, pad: torch.Tensor, shard, num_updates: int) -> None:
         """Count one stage-1 training forward: ``(T,)`` ids, ``(T,)`` backbone experts, ``(T,)`` bool pad.
 
-        ``shard``: the layer's :class:`.parallel.ExpertShard`; ``num_updates``:
+        ``shard``: the layer's :class:`distributed.expert_parallel.ExpertShard`; ``num_updates``:
         completed updates. No collective: on ``W > 1`` processes this process's
         tokens go to ``pending``, summed over processes by :meth:`flush`.
         """

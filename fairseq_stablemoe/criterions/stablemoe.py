@@ -23,7 +23,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
-from .layer import reading_moe_stats
+from ..modules.moe_layer import reading_moe_stats
 
 
 @dataclass

@@ -5,11 +5,11 @@ from typing import Optional
 
 import torch
 
+from .options import option_default
+
 logger = logging.getLogger(__name__)
 
 #: the defaults of ``--collapse-share`` and ``--collapse-updates``
-DEFAULT_SHARE = 0.8
-DEFAULT_PATIENCE = 100
 
 
 class CollapseMonitor:
@@ -21,7 +21,12 @@ class CollapseMonitor:
     and reads the last load.
     """
 
-    def __init__(self, layer_name: str, share: float = DEFAULT_SHARE, patience: int = DEFAULT_PATIENCE):
+    def __init__(
+        self,
+        layer_name: str,
+        share: float = option_default("collapse_share"),
+        patience: int = option_default("collapse_updates"),
+    ):
         self.layer_name = layer_name
         self.share = share
         self.patience = patience

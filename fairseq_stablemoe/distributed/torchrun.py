@@ -6,7 +6,7 @@ and ``device_id = rank % device_count()``. So on CPU (no device), and on GPUs wi
 device per process (``CUDA_VISIBLE_DEVICES`` set per rank, as many clusters do), a plain
 ``torchrun fairseq-<tool>`` runs W independent one-process jobs. :func:`torchrun_settings` gives the
 job's settings from torchrun's environment instead; ``stablemoe-train``
-(:mod:`.launch`) adds them as flags, and :mod:`.distributed_eval` applies them when fairseq's own
+(:mod:`cli.train`) adds them as flags, and :mod:`fairseq_hooks.eval_tools` applies them when fairseq's own
 tools run with ``--user-dir``.
 """
 

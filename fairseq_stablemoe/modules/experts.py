@@ -126,7 +126,7 @@ class Experts(nn.ModuleList):
     gradient is its own buffer: no full-size gradient per expert from slicing a
     stacked weight. Every parameter carries ``expert = True`` so that fairseq's
     ``legacy_ddp`` does not all-reduce it, and ``expert_replicas`` (how many
-    processes hold a copy) for the global gradient norm (:mod:`.training_hooks`).
+    processes hold a copy) for the global gradient norm (:mod:`fairseq_hooks.trainer_step`).
 
     Initialisation does not depend on the process layout: local expert ``i`` is
     global expert ``g = first_expert + i`` and is initialised from its own
