@@ -37,7 +37,7 @@ use them, with the logical name (``--path DIR/checkpoint_last.pt``):
   as fairseq shards it); with ``--results-path`` each process writes
   ``generate-SUBSET-rank{r}-of{W}.txt``. Their summary lines (``Evaluated N
   tokens``, ``Translated N sentences``, the BLEU line) give totals over all
-  processes, and a process with no batch no longer divides by zero
+  processes, and a process with no batch does not divide by zero
   (:mod:`.eval_totals`).
   ``fairseq-generate`` itself never starts a distributed job; here it does
   (``call_main``) when the distributed flags or torchrun's environment are

@@ -6,10 +6,10 @@ worker threads (at most one per intra-op thread; largest expert first, each
 worker taking the next expert when it is free), each running whole experts
 with ``torch.get_num_threads() // workers`` threads of its own; the operators
 release the GIL while they compute. Each worker writes its experts' results
-into one output buffer. It is not the default: on the 2-core CPU measured,
-the experts one after the other, each product on all threads, were as fast or
-faster at every shape measured (docs/performance.md); pick it with
-``STABLEMOE_EXPERT_BACKEND=threads`` where it measures faster.
+into one output buffer. It is not the default: on a 2-core CPU the experts one after the other, each
+product on all threads, are as fast or faster at every shape of
+docs/performance.md's tables; pick it with ``STABLEMOE_EXPERT_BACKEND=threads``
+where it measures faster.
 
 What each expert computes is what the sequential loop computes: its own
 ``Expert.update`` on its own tokens, with the same number of intra-op threads

@@ -27,8 +27,8 @@ call by :meth:`Experts.forward` from :data:`EXPERT_BACKENDS` (as megablocks'
 the dtype of the products, the compute capability, ``d`` and ``f`` and the
 python counts (no host sync of its own):
 
-* CPU (and any device but CUDA): ``loop``, which measured fastest there
-  (docs/performance.md).
+* CPU (and any device but CUDA): ``loop``, the fastest on CPU in
+  docs/performance.md's tables.
 * CUDA: ``grouped_mm`` where torch runs it as one fused kernel: bfloat16 (also
   under autocast), compute capability major 9 or 10 (SM90 Hopper, SM100
   Blackwell datacenter, their minor versions included), ``d`` and ``f``
