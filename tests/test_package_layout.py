@@ -117,3 +117,29 @@ def test_every_folder_is_a_known_layer():
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_over_600_lines(path):
     assert len(path.read_text().splitlines()) <= 600
+
+
+def test_layer_constructors_take_their_defaults_from_the_options():
+    """Every constructor parameter named after an MoE option defaults to the option's default (the dataclass
+    is the one place a default is written: a literal beside it would drift when it changes)."""
+    import inspect
+
+    from fairseq_stablemoe.modules.health import CollapseMonitor
+    from fairseq_stablemoe.modules.moe_layer import MoELayer
+    from fairseq_stablemoe.modules.moe_types import MOE_LAYERS
+    from fairseq_stablemoe.modules.options import MoEOptions, option_default
+
+    options = {f for f in MoEOptions.__dataclass_fields__}
+    aliases = {"share": "collapse_share", "patience": "collapse_updates", "routing_counts": "no_routing_counts"}
+    checked = 0
+    for cls in [MoELayer, CollapseMonitor, *MOE_LAYERS.values()]:
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            option = aliases.get(name, name)
+            if option not in options or param.default is inspect.Parameter.empty:
+                continue
+            want = option_default(option)
+            if name == "routing_counts":
+                want = not want
+            assert param.default == want, f"{cls.__name__}({name}={param.default!r}): --{option} defaults to {want!r}"
+            checked += 1
+    assert checked >= 12
