@@ -9,7 +9,8 @@ for ``--world`` processes, then runs in a fresh process each:
 
 For each it prints the process's peak resident memory above that of a process that only imported
 the tool (``extra_mib``), next to the largest input file and the largest output file. Streaming
-means ``extra_mib`` stays near ``largest input + largest output``, not the whole model.
+keeps ``extra_mib`` below ``largest input + largest output`` rather than the whole model's size;
+docs/consolidation.md's table reads about 130 MiB over the larger of the two.
 
     python benchmarks/consolidate_memory.py --shared-mib 64 --expert-mib 32 --experts 16 --world 4 --to 2
 """

@@ -1,12 +1,12 @@
 """Collective traffic of StableMoE's routing counts per update and MoE layer, against the process count W.
 
-The counts (:mod:`fairseq_stablemoe.modules.routing_counts`) used to all-gather every process's
-``(token id, expert)`` codes in every stage-1 training forward; they now count each process's own
-tokens locally and sum the ``(V, N)`` int64 tables over the processes (one ``all_reduce``) only
-where they are read: at the end of each logging window, where the refit window opens, at the stage
-boundary and before each checkpoint. Per MoE layer and process, with ``T`` tokens per process and
-forward (the largest process's), ``F`` forwards per update (``--update-freq``), ``w`` updates per
-window (``--log-interval``)::
+The counts (:mod:`fairseq_stablemoe.modules.routing_counts`) count each process's own tokens
+locally and sum the ``(V, N)`` int64 tables over the processes (one ``all_reduce``) only where they
+are read (``new``), rather than all-gathering every process's ``(token id, expert)`` codes in every
+stage-1 training forward (``old``). The sums happen at the end of each logging window, where the
+refit window opens, at the stage boundary and before each checkpoint. Per MoE layer and process,
+with ``T`` tokens per process and forward (the largest process's), ``F`` forwards per update
+(``--update-freq``), ``w`` updates per window (``--log-interval``)::
 
     old = 8 * W * T * F          bytes received per update (all_gather of W x T int64 codes; 0 on W = 1)
     new = 8 * V * N / w          bytes handed to all_reduce per update (0 on W = 1)

@@ -16,7 +16,7 @@ run, median of the paired ratios, as ``moe_layer.py``):
   device (stored stacked weights would need another checkpoint layout).
 
 Prints ``case=<name> experts=<N> ms=<median> ratio_vs_dense=<x>``; ``auto`` picks
-``loop`` on CPU because it measured fastest here (docs/performance.md).
+``loop`` on CPU, the fastest there in docs/performance.md's tables.
 
     python benchmarks/expert_compute.py [--experts 16 64] [--tokens 8192 --dim 512 --ffn 2048]
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates every table of docs/performance.md (each benchmark replaces its own block of the page;
-# see benchmarks/markdown.py). About 15 minutes on a quiet 2-core CPU. The layer and the experts run on
-# one intra-op thread (--threads 1), which keeps their ratios steadier on a machine shared with other work.
+# Regenerates every CPU table of docs/performance.md (each benchmark replaces its own block of the page;
+# see benchmarks/markdown.py). About 15 minutes on an idle 2-core CPU. The layer and the experts run on
+# one intra-op thread (--threads 1), which keeps their ratios steadier when other processes load the CPU.
+# The GPU tables come from scripts/gpu_check.sh.
 #   bash benchmarks/tables.sh [PAGE]      PYTHON=python picks the interpreter (default: .venv/bin/python)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

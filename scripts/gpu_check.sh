@@ -7,15 +7,15 @@
 #       against this torch when it is missing (BASE layers, --stage1-assignment balanced);
 #   (c) pytest tests/test_cuda.py: the layer and its backends on CUDA against CPU and the loop, one
 #       host sync per forward (fp32, and bf16 on the grouped path), fairseq-train on one GPU in
-#       fp32/fp16/bf16/amp, BASE layers and the balanced stage 1;
+#       fp32/fp16/amp (fairseq's --bf16 implies --tpu), BASE layers and the balanced stage 1;
 #   (d) 2 processes on the one GPU with a `cuda:gloo` process group, which refuses host tensors as
 #       NCCL does (NCCL cannot put two processes on one GPU): tests/test_distributed_eval.py (its
 #       2-process cases, not the slow ones) with STABLEMOE_TEST_CUDA_GLOO=1: 2-process training across the stage boundary
 #       with the experts split, fairseq-eval-lm, -validate, -generate and -interactive from the
 #       per-rank files against one process on the consolidated file, and the consolidation;
-#   (e) benchmarks/moe_layer.py on CUDA: the layer against a dense FFN in bf16 at the paper's base
-#       expert shape (d=768, f=3072, 3 sublayers, 16384 tokens, N_local 1 4 16) and at the
-#       small-expert shape in fp32 (T=4096, d=256, f=1024, N=8 32).
+#   (e) benchmarks/moe_layer.py on CUDA: the layer against a dense FFN, in bf16 at the paper's base
+#       expert shape (d=768, f=3072, 3 sublayers, 16384 tokens, N_local 1 4 16) and in fp32 at the
+#       small-expert shape (T=4096, d=256, f=1024, N=8 32).
 # Results go to $OUT if set, else ./gpu_check_out: summary.txt (what ran, exit codes, seconds),
 # versions.txt, test_cuda.txt, test_two_processes.txt, bench_*.txt, and performance_gpu.md (the
 # benchmarks' tables, as blocks for docs/performance.md). Every benchmark file names the GPU.
@@ -69,7 +69,7 @@ else
   timeout 300 "$PY" -m pip install -q --retries 0 --timeout 10 --no-build-isolation -e "$ROOT" 2>&1 | tail -5 | tee -a "$RES/summary.txt"
 fi
 if ! "$PY" -c "$need; import fairseq_stablemoe; print('fairseq', fairseq.__version__, fairseq.__file__)" 2>&1 | tee -a "$RES/versions.txt"; then
-  log "STOP: fairseq does not import in $PY. On a machine with PyPI run 'bash scripts/gpu_prepare.sh' (builds .gpu_site/, ~1 min) and copy .gpu_site/ beside the repository here"
+  log "STOP: fairseq does not import in $PY. On a machine with PyPI run 'bash scripts/gpu_prepare.sh' (builds .gpu_site/, ~1 min) and copy .gpu_site/ beside the repository on this machine"
   exit 3
 fi
 for p in pytest numpy; do "$PY" -c "import $p" 2>/dev/null || log "warning: $PY lacks $p"; done

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Run on a machine with PyPI, for a GPU machine without a package registry: builds .gpu_site/,
-# what that machine's python (3.12, torch with CUDA) lacks to run fairseq: fairseq's Python sources
-# with its two Cython extensions compiled for cp312 (and cp311, to check the folder here),
-# omegaconf, hydra-core, antlr4 and bitarray, and the C++ source of fairseq's libbase (BASE layers'
-# auction), which scripts/gpu_check.sh compiles there against that machine's torch. Then copy
-# .gpu_site/ beside the repository on the GPU machine and run `bash scripts/gpu_check.sh` there.
+# For a GPU machine without a package registry whose python (3.12, with a CUDA torch) lacks fairseq.
+# Run on a machine with PyPI and this repository's .venv (Python 3.11); builds .gpu_site/:
+#   - fairseq's Python sources with its two Cython extensions compiled for cp312 (and for cp311, so
+#     that the import check at the end can run with .venv's python);
+#   - omegaconf, hydra-core, antlr4 and bitarray;
+#   - the C++ source of fairseq's libbase (BASE layers' auction), which scripts/gpu_check.sh compiles
+#     on the GPU machine against its torch.
+# Copy .gpu_site/ beside the repository on the GPU machine and run `bash scripts/gpu_check.sh` there.
 #   PY312=path  the Python 3.12 to build with (default: python3.12)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,8 +1,9 @@
 """On one CUDA GPU: the layer against the same layer on CPU, the grouped backends against the loop,
-the ``auto`` choice, host syncs, and ``fairseq-train`` in fp32, ``--fp16``, ``--bf16`` and ``--amp``.
+the ``auto`` choice, host syncs, and ``fairseq-train`` in fp32, ``--fp16`` and ``--amp`` (fairseq's
+``--bf16`` implies ``--tpu``; bf16 on a GPU is tested as the experts' backends under autocast).
 
-Every test is skipped where torch sees no GPU (``scripts/gpu_check.sh`` runs this file on a lent
-one). The references are independent of the code under test: the CPU run of a copy of the same
+Every test is skipped where torch sees no GPU; ``scripts/gpu_check.sh`` runs this file on a machine
+with one. The references are independent of the code under test: the CPU run of a copy of the same
 layer, the per-expert ``loop`` backend, CUDA's own synchronisation report
 (``torch.cuda.set_sync_debug_mode``), and the training loss of the run itself.
 """
