@@ -30,7 +30,12 @@ case "${STABLEMOE_TORCH:-cpu}" in
     else
       "$PIP" install -q "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
     fi ;;
-  cuda) "$PIP" install -q "torch==$TORCH_VERSION" ;;
+  cuda)
+    # an installed CPU build (2.13.0+cpu) satisfies torch==2.13.0: remove it so that pip fetches PyPI's build
+    if "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)" 2>/dev/null; then
+      "$PIP" uninstall -q -y torch
+    fi
+    "$PIP" install -q "torch==$TORCH_VERSION" ;;
   keep) "$VENV/bin/python" -c "import torch" || { echo "[install] STABLEMOE_TORCH=keep, but $VENV has no torch: install one, or use STABLEMOE_TORCH=cpu or cuda" >&2; exit 2; } ;;
   *) echo "[install] STABLEMOE_TORCH=${STABLEMOE_TORCH}: use cpu (the default), cuda or keep" >&2; exit 2 ;;
 esac
