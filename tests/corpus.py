@@ -77,14 +77,19 @@ def free_port() -> int:
 
 
 def run_checked(cmd, ok: bool = True, env=None, timeout: int = 300) -> str:
-    """Run ``cmd`` (one thread per process); its combined output, after checking its exit status."""
+    """Run ``cmd`` (one thread per process); its output, after checking its exit status.
+
+    The output is stdout, then stderr: captured apart, so that a warning or a log line on stderr never
+    lands inside a line a tool prints on stdout (as it can when both go to one pipe from several processes).
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    text = out.stdout + ("\n" if out.stdout and not out.stdout.endswith("\n") else "") + out.stderr
     if ok:
-        assert out.returncode == 0, out.stdout[-5000:]
+        assert out.returncode == 0, text[-5000:]
     else:
-        assert out.returncode != 0, out.stdout[-3000:]
-    return out.stdout
+        assert out.returncode != 0, text[-3000:]
+    return text
 
 
 def run_processes(target, world: int, *extra, timeout: float = 300) -> Dict[int, object]:
