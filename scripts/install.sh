@@ -5,7 +5,7 @@
 #   STABLEMOE_TORCH=cpu    (default) torch 2.13.0's CPU build (2.13.0+cpu, from PyTorch's CPU index;
 #                          on macOS the plain wheel, which is a CPU build)
 #   STABLEMOE_TORCH=cuda   torch 2.13.0 as PyPI serves it, the CUDA build on Linux (another CUDA version:
-#                          also set PIP_INDEX_URL=https://download.pytorch.org/whl/cu128, say)
+#                          install it from PyTorch's index into the venv first, then use keep; docs/gpu.md)
 #   STABLEMOE_TORCH=keep   install no torch: use the one already in the environment (a cluster's or a
 #                          container's build; torch >= 1.13)
 set -euo pipefail
