@@ -24,7 +24,8 @@ status=0
 workers="${TEST_WORKERS:-auto}"
 xdist=(-n "$workers")
 [ "$workers" = 0 ] || xdist+=(--dist loadfile)
-"$VENV/bin/python" -m pytest -q "${xdist[@]}" tests ${args[@]+"${args[@]}"} || status=$?
+# --durations: the slowest tests, for keeping the suite's time in check
+"$VENV/bin/python" -m pytest -q "${xdist[@]}" --durations=15 tests ${args[@]+"${args[@]}"} || status=$?
 elapsed=$((SECONDS - start))
 printf '[test] wall time %dm %02ds (exit status %d)\n' $((elapsed / 60)) $((elapsed % 60)) "$status"
 exit "$status"
