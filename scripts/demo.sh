@@ -56,7 +56,9 @@ step "5/5 summary"
 VALID_PPL=$(grep -o "Perplexity: [0-9.]*" "$WORK/eval_valid.log" | tail -1 | cut -d' ' -f2)
 TEST_PPL=$(grep -o "Perplexity: [0-9.]*" "$WORK/eval_test.log" | tail -1 | cut -d' ' -f2)
 VOCAB=$(wc -l < "$DATA/dict.txt")
-LAST=$(grep -oE "num_updates=[0-9]+" "$WORK/train.log" | tail -1 | cut -d= -f2)
+# the last update count logged: train_inner lines (num_updates=N) or the epoch's summary (| num_updates N |),
+# which also covers a last update that falls between two --log-interval lines
+LAST=$(grep -oE "num_updates[= ][0-9]+" "$WORK/train.log" | grep -oE "[0-9]+$" | sort -n | tail -1)
 echo "vocabulary: $VOCAB sentencepiece pieces (+4 specials)"
 if [ "${LAST:-0}" -ge "$MAX_UPDATE" ]; then
   echo "schedule: all $MAX_UPDATE updates, stage 2 from update $TWO_STAGE"
