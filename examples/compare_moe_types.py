@@ -2130,6 +2130,7 @@ def _per_update(runs: Sequence[Dict[str, object]], points) -> List[tuple]:
 
 def write_report(opts, records: List[Dict[str, object]], argv: Sequence[str]) -> None:
     """The report (``--out``), its JSON (every record, with its path under ``"record"``) and its figures."""
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
     Report(opts, records, argv).write()
 
 
