@@ -59,20 +59,8 @@ def build_on_meta(arch: str, vocab: int, tokens_per_sample: int, overrides: Dict
 
     args = argparse.Namespace(tokens_per_sample=tokens_per_sample, max_target_positions=None, **overrides)
     ARCH_CONFIG_REGISTRY[arch](args)
-    # every MoE layer draws its experts' seed with .item(), which the meta device cannot answer: that
-    # one draw is made on the CPU
-    randint = torch.randint
-
-    def randint_on_cpu(*a, **kw):
-        kw.setdefault("device", "cpu")
-        return randint(*a, **kw)
-
-    torch.randint = randint_on_cpu
-    try:
-        with torch.device("meta"):
-            model = StableMoELanguageModel.build_model(args, Task())
-    finally:
-        torch.randint = randint
+    with torch.device("meta"):
+        model = StableMoELanguageModel.build_model(args, Task())
     return model, args, len(dictionary)
 
 

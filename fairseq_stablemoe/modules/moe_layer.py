@@ -112,7 +112,7 @@ class MoELayer(nn.Module):
         self.shard = ExpertShard.current(num_experts)
         # one draw from the caller's generator whatever the layout; each expert is seeded from it
         # and its global id, so the model does not depend on the number of processes
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # a host draw, under any default device
         self.experts = Experts(
             self.shard.num_local,
             embed_dim,
