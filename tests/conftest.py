@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
+import warm
 from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def run_cli(
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", f"fairseq_cli.{module}", *[str(a) for a in args]]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=env, input=stdin, timeout=timeout)
+    out = warm.run(cmd, cwd=str(REPO), env=env, input=stdin, timeout=timeout)
     if check and out.returncode != 0:
         pytest.fail(
             f"{' '.join(cmd)}\nexited with {out.returncode}\n--- stdout (tail) ---\n{out.stdout[-4000:]}"

@@ -3,10 +3,11 @@
 import os
 import random
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict
+
+import warm
 
 
 def markov_lines(n: int, vocab: int, seed: int, prefix: str = "w", mult: int = 7, min_len: int = 6, max_len: int = 20):
@@ -42,7 +43,8 @@ def binarise(tmp: Path, splits: Dict[str, list]) -> Path:
     for name in ("valid", "test"):
         if name in splits:
             args += [f"--{name}pref", str(tmp / f"{name}.txt")]
-    subprocess.run(args, check=True, capture_output=True)
+    out = warm.run(args)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return tmp / "bin"
 
 
@@ -82,8 +84,8 @@ def run_checked(cmd, ok: bool = True, env=None, timeout: int = 300) -> str:
     The output is stdout, then stderr: captured apart, so that a warning or a log line on stderr never
     lands inside a line a tool prints on stdout (as it can when both go to one pipe from several processes).
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **(env or {}))
+    out = warm.run(cmd, env=env, timeout=timeout)
     text = out.stdout + ("\n" if out.stdout and not out.stdout.endswith("\n") else "") + out.stderr
     if ok:
         assert out.returncode == 0, text[-5000:]
@@ -98,9 +100,7 @@ def run_processes(target, world: int, *extra, timeout: float = 300) -> Dict[int,
     Each process puts ``(rank, result)`` on the queue (a failing one its error's repr). A process stuck in
     a collective that another does not reach shows up as a timeout here.
     """
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
+    ctx = warm.context()  # the fork server: torch already imported
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=target, args=(r, port, *extra, queue), daemon=True) for r in range(world)]

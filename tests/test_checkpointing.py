@@ -19,11 +19,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
+import warm
 from corpus import free_port, markov_corpus, run_checked
 
 from fairseq_stablemoe.checkpoints.rank_files import META_KEY
@@ -242,7 +242,7 @@ def test_consolidated_checkpoint_evaluates_like_the_two_process_run(run_a, corpu
         glob_name = re.sub(r"\.experts\.(\d+)\.", lambda m: f".experts.{2 + int(m.group(1))}.", name)
         assert torch.equal(merged[glob_name]["exp_avg_sq"], st["exp_avg_sq"]), name
 
-    ev = subprocess.run(
+    ev = warm.run(
         [
             sys.executable,
             "-m",
@@ -262,9 +262,7 @@ def test_consolidated_checkpoint_evaluates_like_the_two_process_run(run_a, corpu
             "--num-workers",
             "0",
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        merge=True,
     )
     assert ev.returncode == 0, ev.stdout[-3000:]
     m = re.search(r"Evaluated ([\d,]+) tokens.*\n.*Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", ev.stdout)
@@ -427,7 +425,7 @@ def test_validation_routes_with_the_frozen_router(corpus, tmp_path):
     # momentum would move its parameters; routing must still use the frozen values
     out = train(corpus, tmp_path / "m", max_update=6)
     _consolidate(tmp_path / "m" / "checkpoint_last.pt", "-o", tmp_path / "all.pt")
-    ev = subprocess.run(
+    ev = warm.run(
         [
             sys.executable,
             "-m",
@@ -447,9 +445,7 @@ def test_validation_routes_with_the_frozen_router(corpus, tmp_path):
             "--num-workers",
             "0",
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        merge=True,
     )
     loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", ev.stdout).group(1))
     assert loss == pytest.approx(float(logged(out, "valid")[6]["valid_loss"]), abs=6e-4)

@@ -2,11 +2,11 @@
 training step (test_bad_input.py covers the option ranges and a mismatched dictionary)."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import warm
 from corpus import free_port, markov_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def train(data: Path, *extra, save=None):
         *extra,
     ]
     cmd += ["--save-dir", str(save)] if save else ["--no-save"]
-    return subprocess.run(cmd, capture_output=True, text=True)
+    return warm.run(cmd)
 
 
 def assert_refused(out, *needles):
@@ -128,11 +128,7 @@ def two_procs(data: Path, *extra):
             "gloo",
             *extra,
         ]
-        procs.append(
-            subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env, RANK=str(rank))
-            )
-        )
+        procs.append(warm.start(cmd, env=dict(env, RANK=str(rank)), merge=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     return [p.returncode for p in procs], "\n".join(outs)
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm
 from corpus import binarise, free_port, markov_lines, run_checked
 
 #: where the processes run: CPU processes over gloo, or (on a GPU) a group that takes only CUDA tensors
@@ -283,7 +284,8 @@ def test_validate_gathers_logs_of_any_size_with_the_cuda_branch_forced(tmp_path)
     (taken whenever CUDA is available) fits 16 KB, about 4 batches of the stablemoe criterion's."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_gather_logs_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_method = warm.context().get_start_method()
+    mp.start_processes(_gather_logs_worker, (2, free_port(), str(tmp_path)), nprocs=2, start_method=start_method)
     for rank in range(2):
         got = eval((tmp_path / f"rank{rank}.txt").read_text())
         assert isinstance(got, list), got  # not fairseq's "encoded data size ... exceeds max_size"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Set
 
 import pytest
+import warm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,15 +164,12 @@ def test_troubleshooting_lists_every_refusal_in_the_code(tmp_path):
 
 def test_gpu_page_tables_are_what_the_script_prints():
     """docs/gpu.md's memory and time tables: its own commands of examples/gpu_memory.py print them."""
-    import subprocess
 
     page = (REPO / "docs" / "gpu.md").read_text()
     commands = re.findall(r"^python (examples/gpu_memory\.py .*)$", page, re.M)
     assert len(commands) >= 2
     for command in commands:
-        out = subprocess.run(
-            [sys.executable, *command.split()], capture_output=True, text=True, cwd=str(REPO), check=True
-        ).stdout
+        out = warm.run([sys.executable, *command.split()], cwd=str(REPO), check=True).stdout
         rows = [line for line in out.splitlines() if line.startswith("| ") and line[2:3].isdigit()]
         assert rows, out
         for row in rows:

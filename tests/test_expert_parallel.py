@@ -5,14 +5,13 @@ the same global batch and the same initial weights, across the stage
 boundary. SGD shows a gradient scale error that Adam would hide.
 """
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import warm
 from corpus import free_port
 from fairseq.data import Dictionary
 
@@ -32,9 +31,7 @@ def data_dir(tmp_path_factory):
 
 
 def run(cmds, timeout=300):
-    # one thread per process: several processes with a thread per core each oversubscribe the cores
-    env = dict(os.environ, OMP_NUM_THREADS="1") if len(cmds) > 1 else None
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for c in cmds]
+    procs = [warm.start(c, merge=True) for c in cmds]  # one thread per process (warm's default)
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]

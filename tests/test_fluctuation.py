@@ -1,12 +1,12 @@
 """stablemoe-fluctuation: the analysis maths and real runs of every routed type."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import warm
 from corpus import markov_corpus
 
 from fairseq_stablemoe.cli.fluctuation import CheckpointRouting, analyse
@@ -92,7 +92,7 @@ def _train(data: Path, save: Path, moe_type: str) -> list:
         "--seed",
         "3",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = warm.run(cmd)
     assert out.returncode == 0, out.stderr[-3000:]
     found = {int(p.stem.split("_")[-1]): p for p in save.glob("checkpoint_*_*.pt")}
     assert sorted(found) == [10, 20, 30, 40], sorted(found)
@@ -117,7 +117,7 @@ def _fluctuation(data: Path, ckpts, tmp: Path, *extra):
         str(REPO / "fairseq_stablemoe"),
         *extra,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = warm.run(cmd)
     return out, (json.loads(out_json.read_text()) if out.returncode == 0 else None)
 
 

@@ -14,7 +14,7 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+import warm
 from corpus import free_port
 from torch.overrides import TorchFunctionMode
 
@@ -126,7 +126,7 @@ def worker(rank: int, port: int, queue) -> None:
 
 
 def test_one_host_sync_per_forward_with_expert_parallelism():
-    ctx = mp.get_context("spawn")
+    ctx = warm.context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=worker, args=(r, port, queue), daemon=True) for r in range(2)]

@@ -6,12 +6,12 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import warm
 from corpus import binarise
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def _loaded_update(output: str) -> int:
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(kill_data, tmp_path):
     save = tmp_path / "ckpt"
-    proc = subprocess.Popen(_cmd(kill_data, save, 150), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = warm.start(_cmd(kill_data, save, 150))
     deadline = time.time() + 120
     while not list(save.glob("checkpoint_*_*.pt")) and time.time() < deadline:
         time.sleep(0.05)
@@ -93,7 +93,7 @@ def test_sigkill_at_a_random_moment_then_resume(kill_data, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     # the next run is the same command: it resumes from the last complete checkpoint
-    resumed = subprocess.run(_cmd(kill_data, save, 150), capture_output=True, text=True)
+    resumed = warm.run(_cmd(kill_data, save, 150))
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert _loaded_update(output) >= 3
@@ -104,7 +104,7 @@ def test_sigkill_at_a_random_moment_then_resume(kill_data, tmp_path):
 def ten_updates(kill_data, tmp_path_factory):
     """A run of 10 updates (checkpoints at 3, 6, 9 and checkpoint_last at 10), shared: each test damages a copy."""
     save = tmp_path_factory.mktemp("ten_updates") / "ckpt"
-    first = subprocess.run(_cmd(kill_data, save, 10), capture_output=True, text=True)
+    first = warm.run(_cmd(kill_data, save, 10))
     assert first.returncode == 0, first.stderr[-3000:]
     return save
 
@@ -115,14 +115,14 @@ def test_truncated_checkpoint_last_does_not_fall_back_to_an_older_update_unasked
     last = save / "checkpoint_last.pt"  # update 10, written by itself (10 is not a multiple of 3)
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
-    refused = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True)
+    refused = warm.run(_cmd(kill_data, save, 12))
     output = refused.stdout + refused.stderr
     assert refused.returncode != 0
     assert "STABLEMOE_ALLOW_OLDER_CHECKPOINT=1" in output and "checkpoint_1_9.pt" in output and "update 9" in output
     assert "Loaded checkpoint" not in output
     # the explicit opt-in resumes from the newest intact checkpoint
     env = dict(os.environ, STABLEMOE_ALLOW_OLDER_CHECKPOINT="1")
-    resumed = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True, env=env)
+    resumed = warm.run(_cmd(kill_data, save, 12), env=env)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert "an older save" in output and "checkpoint_1_9.pt" in output
@@ -136,7 +136,7 @@ def test_copy_cut_short_resumes_from_its_source(kill_data, ten_updates, tmp_path
     shutil.copytree(ten_updates, save)
     source = (save / "checkpoint_1_9.pt").read_bytes()
     (save / "checkpoint_last.pt").write_bytes(source[: len(source) // 3])
-    resumed = subprocess.run(_cmd(kill_data, save, 12), capture_output=True, text=True)
+    resumed = warm.run(_cmd(kill_data, save, 12))
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert "the same save" in output and "checkpoint_1_9.pt" in output

@@ -17,13 +17,12 @@ must not depend on the layout (the filler batch is not counted).
 
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+import warm
 from corpus import free_port, markov_corpus
 from test_checkpointing import load, logged
 
@@ -93,7 +92,7 @@ def launch(data, *extra, nproc=1, env=None, timeout=300, save_dir=None):
     returns ``[(returncode, output)]`` per rank. A process stuck in a collective fails the timeout.
     ``save_dir``: save checkpoints there (else ``--no-save``)."""
     port = free_port()
-    procs, logs = [], []
+    procs = []
     for rank in range(nproc):
         penv = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
         if nproc > 1:
@@ -104,30 +103,17 @@ def launch(data, *extra, nproc=1, env=None, timeout=300, save_dir=None):
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
             )
-        logs.append(tempfile.TemporaryFile("w+"))  # not pipes: a full pipe would stall a process
         # where fairseq writes crash.pt on an error, or the checkpoints
         save = ["--save-dir", str(save_dir or Path(data) / "save")]
         args = [a for a in ARGS if not (save_dir and a == "--no-save")]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, WORKER, str(data), *args, *save, *extra],
-                env=penv,
-                stdout=logs[-1],
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+        procs.append(warm.start([sys.executable, WORKER, str(data), *args, *save, *extra], env=penv, merge=True))
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    outs = []
-    for log in logs:
-        log.seek(0)
-        outs.append(log.read())
-        log.close()
+    outs = [p.output()[0] for p in procs]
     return list(zip(codes, outs))
 
 

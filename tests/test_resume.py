@@ -4,12 +4,12 @@ more (bit-for-bit on CPU)."""
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import warm
 from corpus import markov_corpus
 
 import fairseq_stablemoe  # noqa: F401
@@ -83,7 +83,7 @@ def _train(data: Path, save: Path, max_update: int, two_stage: int, *extra: str)
         "0",
         *extra,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = warm.run(cmd)
     assert out.returncode == 0, out.stderr[-3000:]
     losses = {}
     for line in (out.stdout + out.stderr).splitlines():

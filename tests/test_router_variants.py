@@ -9,11 +9,11 @@ router unchanged in every checkpoint after it and after a resume, and the fluctu
 """
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
+import warm
 from conftest import BOUNDARY, run_cli, train_args
 from scipy.optimize import linear_sum_assignment
 
@@ -201,7 +201,7 @@ def test_trained_across_the_boundary_the_router_stays_frozen_and_resumes(markov_
     if flags[1] == "transformer":
         # the fluctuation tool reads the variant's routing: stage-2 pairs never change
         js = tmp_path / "fl.json"
-        subprocess.run(
+        warm.run(
             [
                 sys.executable,
                 "-m",
@@ -216,7 +216,6 @@ def test_trained_across_the_boundary_the_router_stays_frozen_and_resumes(markov_
                 "--cpu",
             ],
             check=True,
-            capture_output=True,
         )
         pairs = json.loads(js.read_text())["pairs"]
         stage2 = [p for p in pairs if p["from_update"] > BOUNDARY]

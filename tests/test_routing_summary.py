@@ -7,10 +7,10 @@ forward of the model), and the summary's shares, agreement and token count must 
 """
 
 import json
-import subprocess
 import sys
 
 import torch
+import warm
 from conftest import BOUNDARY, REPO
 from fairseq import checkpoint_utils
 
@@ -78,7 +78,7 @@ def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
         assert len(set(want["load"])) > 1, "the example should route to more than one expert"
 
     # the command line prints and writes the same summary
-    out = subprocess.run(
+    out = warm.run(
         [
             sys.executable,
             "-m",
@@ -94,8 +94,6 @@ def test_summary_matches_routing_the_split_directly(trained_run, tmp_path):
             "--table",
             str(tmp_path / "t.tsv"),
         ],
-        capture_output=True,
-        text=True,
         cwd=str(REPO),
         check=True,
         timeout=600,

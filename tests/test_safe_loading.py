@@ -2,13 +2,13 @@
 
 import decimal
 import random
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+import warm
 from corpus import markov_corpus
 
 import fairseq_stablemoe  # noqa: F401
@@ -94,7 +94,7 @@ def test_unreadable_without_a_good_one_beside_it(tmp_path):
 
 
 def run_tool(*cmd):
-    out = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, timeout=300)
+    out = warm.run([sys.executable, *map(str, cmd)], timeout=300)
     return out.returncode, out.stdout + out.stderr
 
 

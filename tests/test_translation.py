@@ -3,12 +3,12 @@ incremental decoding against a full forward pass."""
 
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import warm
 
 import fairseq_stablemoe  # noqa: F401  (allow-lists the checkpoint types for torch.load)
 
@@ -41,7 +41,7 @@ def mt_run(tmp_path_factory):
         sents = _sentences(n, seed)
         (tmp / f"{split}.src").write_text("\n".join(" ".join(s) for s in sents) + "\n")
         (tmp / f"{split}.tgt").write_text("\n".join(" ".join(_translate(s)) for s in sents) + "\n")
-    subprocess.run(
+    warm.run(
         [
             sys.executable,
             "-m",
@@ -62,10 +62,9 @@ def mt_run(tmp_path_factory):
             "1",
         ],
         check=True,
-        capture_output=True,
     )
     save = tmp / "ckpt"
-    out = subprocess.run(
+    out = warm.run(
         [
             sys.executable,
             "-m",
@@ -119,8 +118,6 @@ def mt_run(tmp_path_factory):
             "--seed",
             "2",
         ],
-        capture_output=True,
-        text=True,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     # epoch checkpoints, keyed by their update count
@@ -131,7 +128,7 @@ def mt_run(tmp_path_factory):
 
 
 def _bleu(data: Path, ckpt: Path) -> float:
-    out = subprocess.run(
+    out = warm.run(
         [
             sys.executable,
             "-m",
@@ -151,8 +148,6 @@ def _bleu(data: Path, ckpt: Path) -> float:
             "--scoring",
             "sacrebleu",
         ],
-        capture_output=True,
-        text=True,
     )
     m = re.search(r"BLEU = ([0-9.]+)", out.stdout + out.stderr)
     assert out.returncode == 0 and m, out.stderr[-3000:]
@@ -213,7 +208,7 @@ def test_beam_search_scores_equal_full_forward(mt_run):
 
 def test_bad_moe_layer_count(tmp_path, mt_run):
     tmp, _, _ = mt_run
-    out = subprocess.run(
+    out = warm.run(
         [
             sys.executable,
             "-m",
@@ -243,8 +238,6 @@ def test_bad_moe_layer_count(tmp_path, mt_run):
             "--save-dir",
             str(tmp_path),
         ],
-        capture_output=True,
-        text=True,
     )
     assert out.returncode != 0
     assert "--encoder-moe-layers must be between 0 and --encoder-layers (2)" in out.stderr
