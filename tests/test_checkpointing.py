@@ -451,7 +451,9 @@ def test_validation_routes_with_the_frozen_router(corpus, tmp_path):
     assert loss == pytest.approx(float(logged(out, "valid")[6]["valid_loss"]), abs=6e-4)
 
 
-@pytest.mark.parametrize("boundary", [6, 4], ids=["boundary-inside-second-half", "boundary-at-resume"])
+@pytest.mark.parametrize(
+    "boundary", [pytest.param(6, marks=pytest.mark.slow), 4], ids=["boundary-inside-second-half", "boundary-at-resume"]
+)
 def test_two_process_resume_is_bit_exact(corpus, tmp_path, boundary):
     """8 updates straight == resuming from that run's update-4 files and training 4 more: every rank's file."""
     extra = ["--two-stage-updates", str(boundary), "--dropout", "0.1", "--weight-decay", "0.01"]

@@ -116,7 +116,14 @@ def worker(rank: int, port: int, case: str, queue) -> None:
         raise
 
 
-@pytest.mark.parametrize("case", ["starved_experts", "all_padding_rank", "one_token_rank"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("starved_experts", marks=pytest.mark.slow),
+        pytest.param("all_padding_rank", marks=pytest.mark.slow),
+        "one_token_rank",
+    ],
+)
 def test_degenerate_batches_across_processes(case):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -475,7 +475,7 @@ def bleu_line(text: str) -> str:
         pytest.param(2, 2, marks=pytest.mark.slow),
         pytest.param(2, 3, marks=pytest.mark.slow),
         pytest.param(4, 1, marks=pytest.mark.slow),
-        (4, 2),
+        pytest.param(4, 2, marks=pytest.mark.slow),
         pytest.param(4, 3, marks=pytest.mark.slow),
     ],
 )

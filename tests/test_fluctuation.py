@@ -134,7 +134,10 @@ def trained(fluct_data, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("moe_type", ["stablemoe", "switch", "base"])
+@pytest.mark.parametrize(
+    "moe_type",
+    ["stablemoe", pytest.param("switch", marks=pytest.mark.slow), pytest.param("base", marks=pytest.mark.slow)],
+)
 def test_fluctuation_on_real_runs(fluct_data, trained, tmp_path, moe_type):
     ckpts = trained(moe_type)
     out, result = _fluctuation(fluct_data, ckpts, tmp_path)

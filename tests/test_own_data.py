@@ -151,6 +151,7 @@ def test_the_substitutions_are_all_the_test_changes():
     assert boundary == max_update // 10, (boundary, max_update)
 
 
+@pytest.mark.slow  # the page followed end to end
 def test_splits_follow_the_page(followed):
     text = followed["work"] / "text"
     for split, lines in expected_splits(followed["docs"]).items():
@@ -163,6 +164,7 @@ def test_splits_follow_the_page(followed):
     assert "(10 lines: 9 to train, 1 to test)" in PAGE.read_text()
 
 
+@pytest.mark.slow  # the page followed end to end
 def test_every_line_is_encoded(followed):
     work = followed["work"]
     assert (work / "spm" / "spm.model").exists()
@@ -177,6 +179,7 @@ def test_every_line_is_encoded(followed):
         assert (data / name).exists(), name
 
 
+@pytest.mark.slow  # the page followed end to end
 def test_training_crosses_the_boundary_and_saves(followed):
     work = followed["work"]
     log = (work / "train.log").read_text()
@@ -199,6 +202,7 @@ def unigram_perplexity(train: Path, test: Path) -> float:
     return math.exp(nll / len(test_pieces))
 
 
+@pytest.mark.slow  # the page followed end to end
 def test_eval_lm_perplexity(followed):
     work = followed["work"]
     log = (work / "eval_test.log").read_text()
@@ -217,6 +221,7 @@ def test_eval_lm_perplexity(followed):
     assert tokens == sum(len(line.split()) for line in test_spm) + len(test_spm)
 
 
+@pytest.mark.slow  # the page followed end to end
 def test_routing_summary(followed):
     work = followed["work"]
     summary = json.loads((work / "routing_summary.json").read_text())
@@ -244,6 +249,7 @@ def test_sentencepiece_message_quoted_on_the_page(tmp_path):
     assert re.search(re.escape(quoted.group(1)) + r"\d+\.", str(err.value)), str(err.value)
 
 
+@pytest.mark.slow  # the page followed end to end
 def test_python_page_on_this_model(followed):
     """docs/python.md's code on the model and sentencepiece model this page trains (tests/test_python_use.py
     runs it on the shared word-level run)."""

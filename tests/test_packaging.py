@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_installed_package_registers_and_trains(tmp_path):
     target = tmp_path / "site"
     subprocess.run(

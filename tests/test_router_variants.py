@@ -171,8 +171,8 @@ def router_state(path):
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--distill-router", "cnn"],
-        ["--distill-router", "transformer", "--distill-router-layers", "2"],
+        pytest.param(["--distill-router", "cnn"], marks=pytest.mark.slow),
+        pytest.param(["--distill-router", "transformer", "--distill-router-layers", "2"], marks=pytest.mark.slow),
         ["--stage1-assignment", "balanced", "--balance-factor", "0"],
     ],
     ids=["cnn", "transformer2", "balanced"],

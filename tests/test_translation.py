@@ -14,6 +14,7 @@ import fairseq_stablemoe  # noqa: F401  (allow-lists the checkpoint types for to
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_stablemoe")
+pytestmark = pytest.mark.slow  # a translation model trained end to end
 
 
 def _sentences(n: int, seed: int):
