@@ -420,6 +420,7 @@ def test_launch_adds_the_distributed_flags():
     assert launch_args(["data"], dict(torchrun, WORLD_SIZE="1", RANK="0")) == ["--user-dir", PACKAGE_DIR]
 
 
+@pytest.mark.slow
 def test_validation_routes_with_the_frozen_router(corpus, tmp_path):
     # default Adam betas (0.9, 0.999): legacy_ddp gives the frozen router zero gradients and
     # momentum would move its parameters; routing must still use the frozen values

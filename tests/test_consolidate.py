@@ -148,7 +148,7 @@ def test_files_of_different_saves_are_refused(tmp_path):
     assert not (tmp_path / "merged.pt").exists()
 
 
-@pytest.mark.parametrize("source,target", [(2, 4), (4, 2), (2, 8)])  # 8: replicas
+@pytest.mark.parametrize("source,target", [(2, 4), (4, 2), pytest.param(2, 8, marks=pytest.mark.slow)])  # 8: replicas
 def test_reshard_streams_and_equals_a_direct_split(tmp_path, monkeypatch, source, target):
     original = one_process_state()
     torch.save(original, tmp_path / "one.pt")

@@ -22,6 +22,7 @@ def _moe_state(path):
     return found
 
 
+@pytest.mark.slow
 def test_resume_inside_the_refit_window_gives_the_same_table(markov_data, tmp_path):
     data = markov_data.data_dir
     full = run_cli("train", *train_args(data, tmp_path / "full", *REFIT, "--max-update", "40"))

@@ -211,7 +211,7 @@ def eval_lm_blocks(data, tokens_per_sample=32, split="test"):
         pytest.param(2, 2, marks=pytest.mark.slow),
         pytest.param(2, 3, marks=pytest.mark.slow),
         pytest.param(4, 1, marks=pytest.mark.slow),
-        (4, 2),
+        pytest.param(4, 2, marks=pytest.mark.slow),
         pytest.param(4, 3, marks=pytest.mark.slow),
     ],
 )
@@ -333,7 +333,7 @@ def valid_loss(out, subset):
     return float(found[-1][0]), float(found[-1][1])
 
 
-@pytest.mark.parametrize("batching", ["uneven", "one_batch"])
+@pytest.mark.parametrize("batching", ["uneven", pytest.param("one_batch", marks=pytest.mark.slow)])
 def test_validate_per_rank_files_match_the_consolidated_loss(lm, batching):
     """An odd number of batches, 8 or more per process (one process gets a filler; fairseq-validate gathers
     every batch's logging output), or the whole split in one batch (one process gets none)."""

@@ -125,6 +125,7 @@ def _router_tensors(path: Path) -> Dict[str, torch.Tensor]:
     return {k: model[k] for k in router_keys(model)}
 
 
+@pytest.mark.slow
 def test_resume_before_boundary_then_past_it(trained_run, tmp_path):
     data = trained_run.corpus.data_dir
     save = tmp_path / "ckpt"

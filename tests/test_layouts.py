@@ -215,7 +215,7 @@ def test_refit_table_survives_consolidation_and_routes_inference(runs, data, tmp
     assert torch.equal(routed, table[4:])
 
 
-@pytest.mark.parametrize("precision", ["--fp16", "--memory-efficient-fp16"])
+@pytest.mark.parametrize("precision", ["--fp16", pytest.param("--memory-efficient-fp16", marks=pytest.mark.slow)])
 def test_half_precision_norm_passes_the_cross_process_check(data, precision):
     """fairseq's --fp16 paths on 2 processes (CPU simulation): the plugin's norm is identical on both
     processes and equals the 1-process norm; fairseq's own (flat --fp16: each process's norm includes
@@ -256,7 +256,7 @@ def test_layerdrop_over_moe_layers_is_refused(data):
         assert "--decoder-layerdrop 0.2 could skip an MoE layer" in out and "use --decoder-layerdrop 0" in out
 
 
-@pytest.mark.parametrize("where, at", [("train", "3"), ("valid", "7")])
+@pytest.mark.parametrize("where, at", [("train", "3"), pytest.param("valid", "7", marks=pytest.mark.slow)])
 def test_out_of_memory_on_one_process_stops_every_process(data, where, at):
     """A CUDA out-of-memory error in rank 1's expert forward (a training forward of update 4, or the
     validation after update 7): fairseq would skip the micro-batch, or retry the validation batch, on

@@ -189,6 +189,7 @@ def test_bad_positions_are_refused_with_the_option_named(tmp_path, spec):
         build_tiny_lm(tmp_path, f"--moe-layer-positions={spec}")
 
 
+@pytest.mark.slow
 def test_training_with_moe_at_the_bottom_and_the_top(markov_data, tmp_path):
     """fairseq-train and fairseq-eval-lm with the MoE layer before the first block and after the last."""
     for spec in ("0", "2"):

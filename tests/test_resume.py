@@ -94,7 +94,11 @@ def _train(data: Path, save: Path, max_update: int, two_stage: int, *extra: str)
     return losses
 
 
-@pytest.mark.parametrize("boundary", [15, 10], ids=["boundary-inside-second-half", "boundary-at-resume"])
+@pytest.mark.parametrize(
+    "boundary",
+    [pytest.param(15, marks=pytest.mark.slow), 10],
+    ids=["boundary-inside-second-half", "boundary-at-resume"],
+)
 def test_resume_is_bit_exact(resume_data, tmp_path, boundary):
     straight = _train(resume_data, tmp_path / "straight", 20, boundary, "--save-interval-updates", "10")
     (tmp_path / "resumed").mkdir()

@@ -47,7 +47,7 @@ def test_eval_lm_prints_the_same_warm_and_fresh(trained_run, monkeypatch):
     assert _log_lines(hot.stderr) == _log_lines(cold.stderr)
 
 
-@pytest.mark.parametrize("mode", ["warm", "cold"])
+@pytest.mark.parametrize("mode", ["warm", pytest.param("cold", marks=pytest.mark.slow)])
 def test_torchrun_jobs_get_torchrun_s_environment(tmp_path, monkeypatch, mode):
     """Warm: W forked workers; cold: torchrun itself. The same environment and collective results."""
     (tmp_path / "probe.py").write_text(PROBE)
@@ -70,7 +70,7 @@ def test_torchrun_jobs_get_torchrun_s_environment(tmp_path, monkeypatch, mode):
         assert f"sum {rank} 3.0" in out.stdout
 
 
-@pytest.mark.parametrize("mode", ["warm", "cold"])
+@pytest.mark.parametrize("mode", ["warm", pytest.param("cold", marks=pytest.mark.slow)])
 def test_a_failing_torchrun_worker_stops_the_job(tmp_path, monkeypatch, mode):
     """A worker that exits with an error while the other waits in a collective: the job fails, no hang."""
     (tmp_path / "probe.py").write_text(PROBE)
