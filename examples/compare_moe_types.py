@@ -38,6 +38,7 @@ per record. ``--report-only`` writes it to ``docs/study_results.md``; a training
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -2305,7 +2306,13 @@ def main(argv: Sequence[str] = None) -> None:
             )
             break
         print(f"[study] run {i + 1}/{len(runs)}", flush=True)
-        results.append(run_one(opts, run))
+        with open(opts.work / f"{run.name}.lock", "w") as lock:
+            try:  # held while another study command on this machine trains the run: leave it to that one
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"[study] {run.name}: another study command is running it; skipped", flush=True)
+                continue
+            results.append(run_one(opts, run))
     write_report(opts, load_records(opts.records), argv)
     print(f"[study] {len(results)} runs done; report of every record in {opts.records}: {opts.out}")
 

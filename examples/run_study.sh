@@ -7,6 +7,8 @@
 #   bash examples/run_study.sh            # every step
 #   bash examples/run_study.sh sotu       # one step: long, sotu, stage1, experts
 #   STOP_AFTER=2.5 bash examples/run_study.sh   # start no new run after 2.5 hours
+# Two of these commands may run side by side, one per core (e.g. the default order and `experts`):
+# a run that one of them is training is locked, and the other skips it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
