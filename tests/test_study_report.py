@@ -542,3 +542,27 @@ def test_names_and_folders_of_the_other_studies(tmp_path):
     shorter = study.parse_options(base + ["--types", "stablemoe,hash", "--seeds", "1", "--stage1-fraction", "0.025"])
     (problem,) = study.conflicts(shorter, study.plan(shorter))
     assert "hash-u3000-seed1.json" in problem and "stage1_fraction" in problem
+
+
+def test_a_run_another_study_command_holds_is_skipped(tmp_path, monkeypatch):
+    """Two study commands side by side: the run one of them trains (its lock held) is left to it."""
+    import fcntl
+
+    data = tmp_path / "data-bin"
+    data.mkdir()
+    (data / "dict.txt").write_text("a 1\n")
+    work, records = tmp_path / "w", tmp_path / "records"
+    argv = ["--data", str(data), "--work", str(work), "--records", str(records), "--out", str(tmp_path / "r.md")]
+    argv += ["--study", "main", "--types", "hash,base", "--seeds", "1"]
+    trained = []
+    monkeypatch.setattr(study, "run_one", lambda opts, run: trained.append(run.name))
+    monkeypatch.setattr(study, "write_report", lambda *a: None)
+    names = [r.name for r in study.plan(study.parse_options(argv))]
+    assert len(names) == 2
+    work.mkdir(exist_ok=True)
+    with open(work / f"{names[0]}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        study.main(argv)
+    assert trained == names[1:]
+    study.main(argv)  # the lock released: the run is trained
+    assert trained == names[1:] + names
