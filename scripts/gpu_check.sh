@@ -92,10 +92,11 @@ fi
 step "pytest tests/test_cuda.py" 160 "$RES/test_cuda.txt" "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda.py
 
 # (d) 2 processes on the one GPU, a cuda:gloo process group (host tensors refused, as under NCCL)
-# (the 2-process cases; the 4-process ones are left to the CPU suite)
+# (the 2-process cases with 1 batch; 4 processes and more batches are left to the CPU suite), every
+# command in a fresh interpreter and torchrun itself (STABLEMOE_TEST_COLD=1), as on a user's machine
 step "2 processes, cuda:gloo: tests/test_distributed_eval.py" 220 "$RES/test_two_processes.txt" \
-  env STABLEMOE_TEST_CUDA_GLOO=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short -m "not slow" \
-  -k "not 4-" tests/test_distributed_eval.py
+  env STABLEMOE_TEST_CUDA_GLOO=1 STABLEMOE_TEST_COLD=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short \
+  -k "not 4- and not 2-2 and not 2-3" tests/test_distributed_eval.py
 
 # (e) the layer against a dense FFN (same sublayers), ratios side by side, the device in the header
 B=(benchmarks/moe_layer.py --device cuda --cases stage1 stage2 inference --warmup 3 --markdown "$RES/performance_gpu.md")
