@@ -94,5 +94,12 @@ def test_commands_that_differ_at_import_time_start_fresh(monkeypatch):
     assert warm.runs_warm([*torchrun, "--master_port", "1234", "-m", "json.tool"])
     assert not warm.runs_warm([*torchrun, "--rdzv-backend", "c10d", "-m", "json.tool"])
     assert not warm.runs_warm([*torchrun, "x.py"])
+    warm.warm_up()
+    monkeypatch.setenv("LOGLEVEL", "DEBUG")  # after the fork server started: it imported without it
+    assert not warm.runs_warm(module)
+    started = warm._server_environment().get("LOGLEVEL")
+    as_started = {k: v for k, v in os.environ.items() if k != "LOGLEVEL"}
+    assert warm.runs_warm(module, env=dict(as_started, **({"LOGLEVEL": started} if started else {})))
+    monkeypatch.delenv("LOGLEVEL")
     monkeypatch.setenv(warm.COLD_ENV, "1")
     assert not warm.runs_warm(module)

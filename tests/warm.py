@@ -71,10 +71,13 @@ SERVER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 _context = None
 _fresh_path: List[str] = []  # sys.path of a fresh interpreter in the server's environment, after its first entry
+_started_in: Dict[str, str] = {}  # the environment the running fork server started in
 
 
 def _server_environment() -> Dict[str, str]:
-    return dict(os.environ, **SERVER_ENV)
+    """The running fork server's environment (a test may change ``os.environ`` later), or the one it
+    would start in."""
+    return dict(_started_in) if _context is not None else dict(os.environ, **SERVER_ENV)
 
 
 def _fork_context():
@@ -92,8 +95,9 @@ def _fork_context():
         finally:
             os.environ.clear()
             os.environ.update(saved)
+        _started_in.update(os.environ, **SERVER_ENV)
         probe = "import json, sys; print(json.dumps(sys.path[1:]))"
-        env = dict(_server_environment(), STABLEMOE_DEVICE_GUARD="0")
+        env = dict(_started_in, STABLEMOE_DEVICE_GUARD="0")
         _fresh_path[:] = json.loads(
             subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
         )
