@@ -47,14 +47,19 @@ def test_eval_lm_prints_the_same_warm_and_fresh(trained_run, monkeypatch):
     assert _log_lines(hot.stderr) == _log_lines(cold.stderr)
 
 
-@pytest.mark.parametrize("mode", ["warm", pytest.param("cold", marks=pytest.mark.slow)])
-def test_torchrun_jobs_get_torchrun_s_environment(tmp_path, monkeypatch, mode):
-    """Warm: W forked workers; cold: torchrun itself. The same environment and collective results."""
+def _probe_job(tmp_path, monkeypatch, mode: str, *args: str, timeout: int):
+    """:data:`PROBE` on 2 processes from torchrun: forked workers (warm) or torchrun itself (cold)."""
     (tmp_path / "probe.py").write_text(PROBE)
     if mode == "cold":
         monkeypatch.setenv(warm.COLD_ENV, "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    out = warm.run([*cmd, "-m", "probe"], cwd=tmp_path, timeout=300)
+    return warm.run([*cmd, "-m", "probe", *args], cwd=tmp_path, timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", ["warm", pytest.param("cold", marks=pytest.mark.slow)])
+def test_torchrun_jobs_get_torchrun_s_environment(tmp_path, monkeypatch, mode):
+    """Warm: W forked workers; cold: torchrun itself. The same environment and collective results."""
+    out = _probe_job(tmp_path, monkeypatch, mode, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     for rank in (0, 1):
         env = eval(re.search(rf"^env {rank} (\{{.*\}})$", out.stdout, re.M).group(1))
@@ -73,11 +78,7 @@ def test_torchrun_jobs_get_torchrun_s_environment(tmp_path, monkeypatch, mode):
 @pytest.mark.parametrize("mode", ["warm", pytest.param("cold", marks=pytest.mark.slow)])
 def test_a_failing_torchrun_worker_stops_the_job(tmp_path, monkeypatch, mode):
     """A worker that exits with an error while the other waits in a collective: the job fails, no hang."""
-    (tmp_path / "probe.py").write_text(PROBE)
-    if mode == "cold":
-        monkeypatch.setenv(warm.COLD_ENV, "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    out = warm.run([*cmd, "-m", "probe", "fail"], cwd=tmp_path, timeout=100)
+    out = _probe_job(tmp_path, monkeypatch, mode, "fail", timeout=100)
     assert out.returncode != 0
     assert "sum 1" not in out.stdout
 

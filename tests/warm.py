@@ -80,6 +80,11 @@ def _server_environment() -> Dict[str, str]:
     return dict(_started_in) if _context is not None else dict(os.environ, **SERVER_ENV)
 
 
+def _command_env(env=None) -> Dict[str, str]:
+    """A command's environment: ``env`` (default this process's) with one OpenMP thread, unless it sets another."""
+    return {**SERVER_ENV, **(os.environ if env is None else env)}
+
+
 def _fork_context():
     """multiprocessing's fork server with :data:`PRELOAD` imported, started on first use."""
     global _context
@@ -148,9 +153,9 @@ def _plan(cmd: Sequence[str], env: Dict[str, str]) -> Optional[dict]:
         return {"module": None, "script": os.path.abspath(cmd[1]), "args": cmd[2:], "world": 0, "port": None}
     if len(cmd) < 3 or cmd[1] != "-m":
         return None
-    if cmd[2] in ("torch.distributed.run", "torch.distributed.launch"):
-        if cmd[2] == "torch.distributed.launch":
-            return None
+    if cmd[2] == "torch.distributed.launch":
+        return None
+    if cmd[2] == "torch.distributed.run":
         parsed = _parse_torchrun(cmd[3:])
         if parsed is None:
             return None
@@ -274,9 +279,7 @@ class Started:
 
     def __init__(self, cmd: Sequence, env=None, cwd=None, input: Optional[str] = None, merge: bool = False):
         self.args = [str(c) for c in cmd]
-        env = dict(os.environ if env is None else env)
-        for key, value in SERVER_ENV.items():
-            env.setdefault(key, value)  # one OpenMP thread per process, unless the command says otherwise
+        env = _command_env(env)
         self._tmp = tempfile.TemporaryDirectory(prefix="warm-")
         self._out = os.path.join(self._tmp.name, "stdout")
         self._err = self._out if merge else os.path.join(self._tmp.name, "stderr")
@@ -371,10 +374,7 @@ class Started:
 
 def runs_warm(cmd: Sequence, env=None) -> bool:
     """Whether :func:`start` runs ``cmd`` (in ``env``, default this process's) from the warm interpreter."""
-    env = dict(os.environ if env is None else env)
-    for key, value in SERVER_ENV.items():
-        env.setdefault(key, value)
-    return _plan([str(c) for c in cmd], env) is not None
+    return _plan([str(c) for c in cmd], _command_env(env)) is not None
 
 
 def start(cmd: Sequence, env=None, cwd=None, input: Optional[str] = None, merge: bool = False) -> Started:
