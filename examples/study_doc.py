@@ -18,10 +18,12 @@ wildcards (``stablemoe-u3000-s110-seed*``, ``experts16/hash-u3000-seed*``; a wil
 ``/``); it must match a record.
 Values come back by seed, as lists; every formatter takes a number or a list (its mean).
 
-    val(PATTERN, key="valid_ppl")  the records' values of ``key`` (dotted: "handover.ceiling")
-    V(PATTERN), T(PATTERN)         valid / test perplexity (fairseq-eval-lm, last checkpoint)
+    val(PATTERN, key="valid_ppl", seeds=None)  the records' values of ``key`` (dotted: "handover.ceiling"),
+                                   of the given seeds only where given
+    V(PATTERN, seeds), T(...)      valid / test perplexity (fairseq-eval-lm, last checkpoint)
+    common(PATTERN, ...)           the seeds every pattern has records of
     best(PATTERN), best_at(...)    fairseq-train's best validation perplexity / the update it was at
-    at(PATTERN, update)            fairseq-train's validation perplexity at an update
+    at(PATTERN, update, seeds)     fairseq-train's validation perplexity at an update
     routing(NAME)                  ``docs/study_routing/NAME.json``
     f(x, d=2), sf(x, d=2)          the number, unsigned / signed
     pct(x, d=1)                    a share as a percentage
@@ -51,7 +53,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -93,19 +95,27 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
     records = load_records(records_dir)
     by_name = {r["record"][: -len(".json")]: r for r in records}
 
-    def runs(pattern: str) -> List[Dict[str, object]]:
+    def runs(pattern: str, seeds: Optional[Sequence[int]] = None) -> List[Dict[str, object]]:
         found = [
             by_name[n]
             for n in sorted(by_name, key=lambda n: (by_name[n]["seed"], n))
-            if n.count("/") == pattern.count("/") and fnmatch.fnmatchcase(n, pattern)
+            if n.count("/") == pattern.count("/")
+            and fnmatch.fnmatchcase(n, pattern)
+            and (seeds is None or by_name[n]["seed"] in seeds)
         ]
         if not found:
-            raise DocError(f"no record matches {pattern!r}")
+            raise DocError(f"no record matches {pattern!r}" + (f" with seeds {list(seeds)}" if seeds else ""))
         return found
 
-    def val(pattern: str, key: str = "valid_ppl") -> List[float]:
+    def common(*patterns: str) -> List[int]:
+        shared = set.intersection(*({r["seed"] for r in runs(p)} for p in patterns))
+        if not shared:
+            raise DocError(f"no seed common to {', '.join(patterns)}")
+        return sorted(shared)
+
+    def val(pattern: str, key: str = "valid_ppl", seeds: Optional[Sequence[int]] = None) -> List[float]:
         out = []
-        for r in runs(pattern):
+        for r in runs(pattern, seeds):
             v = r
             for part in key.split("."):
                 if not isinstance(v, dict) or part not in v:
@@ -114,9 +124,9 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
             out.append(float(v))
         return out
 
-    def at(pattern: str, update: int) -> List[float]:
+    def at(pattern: str, update: int, seeds: Optional[Sequence[int]] = None) -> List[float]:
         out = []
-        for r in runs(pattern):
+        for r in runs(pattern, seeds):
             point = next((p[1] for p in r["valid_curve"] if p[0] == update), None)
             if point is None:
                 raise DocError(f"{r['record']} has no validation at update {update}")
@@ -230,8 +240,9 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
     return {
         "runs": runs,
         "val": val,
-        "V": lambda p: val(p, "valid_ppl"),
-        "T": lambda p: val(p, "test_ppl"),
+        "common": common,
+        "V": lambda p, seeds=None: val(p, "valid_ppl", seeds),
+        "T": lambda p, seeds=None: val(p, "test_ppl", seeds),
         "at": at,
         "best": lambda p: _best(p, 1),
         "best_at": lambda p: [int(u) for u in _best(p, 0)],
