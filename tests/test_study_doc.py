@@ -90,6 +90,9 @@ def test_helpers_against_direct_statistics(env):
     halfway = (statistics.mean([91.0, 92.0, 93.0]) + statistics.mean([79.0, 78.0, 77.0])) / 2
     assert _fill(env, 'f(at_time("alpha-u750-seed*", 187.5, "alpha"))') == f"{halfway:.2f}"
     assert _fill(env, 'f(V("more/alpha-u750-seed1"))') == "1000.00"
+    # the seeds both have: alpha's seed 3 has no beta to pair with
+    assert _fill(env, 'common("alpha-u750-seed*", "beta-u750-seed*")') == "[1, 2]"
+    assert _fill(env, 'V("alpha-u750-seed*", common("alpha-u750-seed*", "beta-u750-seed*"))') == str(a[:2])
 
 
 def test_a_hand_edited_or_unmarked_figure_and_a_bad_expression_are_caught(env, tmp_path):
