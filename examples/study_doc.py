@@ -6,43 +6,51 @@ A figure taken from the runs is written in the Markdown as
 
 EXPR is a Python expression over the helpers below, evaluated on the run records of
 ``docs/study_runs/`` (the files ``examples/compare_moe_types.py`` writes) and the routing summaries of
-``docs/study_routing/`` (``stablemoe-routing-summary --json``); the comment does not show in the
-rendered page. ``python examples/study_doc.py docs/study.md README.md#results-at-cpu-scale`` rewrites every VALUE from the
-records. ``--check`` changes nothing and fails when a VALUE differs from what its expression gives, or
-when a figure with a decimal point stands outside a marker: a figure of the paper or of the set-up is
-marked too, as ``paper("...")`` or ``given("...")``, which render their text. ``<!--: NAME = EXPR-->``
-names a value for the file's markers.
+``docs/study_routing/`` (``stablemoe-routing-summary --json``); the comments do not show in the
+rendered page. ``<!--: NAME = EXPR-->`` names a value for the file's markers.
+
+    python examples/study_doc.py docs/study.md README.md#results-at-cpu-scale
+
+rewrites every VALUE from the records. ``--check`` changes nothing and fails when a VALUE differs from
+what its expression gives, or when a figure with a decimal point stands outside a marker (in the
+``#section`` only, where a file names one). A figure of the paper or of the set-up is marked too, as
+``paper("...")`` or ``given("...")``, which render their text.
 
 Helpers. A PATTERN is a record's path in the records folder without ``.json``, with ``fnmatch``'s
-wildcards (``stablemoe-u3000-s110-seed*``, ``experts16/hash-u3000-seed*``; a wildcard does not cross a
-``/``); it must match a record.
-Values come back by seed, as lists; every formatter takes a number or a list (its mean).
+wildcards (``stablemoe-u3000-s110-seed*``, ``experts16/hash-u3000-seed*``; a wildcard does not cross
+a ``/``); it must match a record. Values come back by seed, as lists; every formatter takes a number
+or a list (its mean).
 
-    val(PATTERN, key="valid_ppl", seeds=None)  the records' values of ``key`` (dotted: "handover.ceiling"),
-                                   of the given seeds only where given
+    val(PATTERN, key="valid_ppl", seeds=None)
+                                   the records' values of ``key`` (dotted: "handover.ceiling"), of
+                                   the given seeds only where given
     V(PATTERN, seeds), T(...)      valid / test perplexity (fairseq-eval-lm, last checkpoint)
     common(PATTERN, ...)           the seeds every pattern has records of
-    best(PATTERN), best_at(...)    fairseq-train's best validation perplexity / the update it was at
     at(PATTERN, update, seeds)     fairseq-train's validation perplexity at an update
+    best(PATTERN), best_at(...)    fairseq-train's best validation perplexity / the update it was at
+    fluct(PATTERN, update)         the routing fluctuation of the checkpoint pair that ends at ``update``
+    after(PATTERN, pct)            the share of tokens whose last change of expert comes after pct%
+                                   of training
+    cost(TYPE)                     seconds per update (the step-cost file beside the records)
+    at_time(PATTERN, seconds, TYPE)  the seed-mean validation perplexity after that much training at
+                                   TYPE's cost
     routing(NAME)                  ``docs/study_routing/NAME.json``
+    top(NAME, expert, layer=0)     an expert's most frequent tokens with their counts (a routing summary)
+    study                          examples/compare_moe_types.py, for what the report computes
+
     f(x, d=2), sf(x, d=2)          the number, unsigned / signed
     pct(x, d=1)                    a share as a percentage
+    M(x, d=2)                      a count in millions ("2.17M")
     msd(xs, d=2, scale=1, unit="") mean ± sample standard deviation (one value: the value)
-    seeds(xs, d=2, scale=1, unit="") the values by seed, "a / b / c"
+    seeds(xs, d=2, scale=1, unit="", sign=False)  the values by seed, "a / b / c"
     span(xs, d=2, scale=1, unit="")  their range, "lo-hi"
+    sd(xs)                         their sample standard deviation (a number)
     diff(a, b)                     mean(a) - mean(b) ± the standard error of the difference, as the report
     minus(a, b, d=2)               mean(a) - mean(b), signed
-    paired(a, b), mse(xs)          seed-by-seed differences; their mean ± its standard error
-    M(x, d=2)                      a count in millions ("2.17M")
-    fluct(PATTERN, update)         the routing fluctuation of the checkpoint pair that ends at ``update``
-    after(PATTERN, pct)            the share of tokens whose last change of expert comes after pct% of training
-    cost(TYPE), at_time(PATTERN, seconds, TYPE)  seconds per update (the step-cost file); the seed-mean
-                                   validation perplexity after that much training at TYPE's cost
-    study                          examples/compare_moe_types.py, for what the report computes
     gap(a, b, d=2)                 |mean(a) - mean(b)|
-    sd(xs), se(a, b, d=2)          sample standard deviation; the standard error of mean(a) - mean(b)
-    top(NAME, expert, layer=0)     an expert's most frequent tokens with their counts (a routing summary)
+    se(a, b, d=2)                  the standard error of mean(a) - mean(b)
     lead(a, b)                     "ahead of" where mean(a) < mean(b) (lower perplexity), else "behind"
+    paired(a, b), mse(xs)          seed-by-seed differences; their mean ± its standard error
 """
 
 import argparse
@@ -75,7 +83,7 @@ Number = Union[float, Sequence[float]]
 
 
 class DocError(Exception):
-    pass
+    """A marker that cannot be filled: no record matches, a key is missing, an expression fails."""
 
 
 def _mean(x: Number) -> float:
