@@ -27,7 +27,7 @@ or a list (its mean).
     V(PATTERN, seeds), T(...)      valid / test perplexity (fairseq-eval-lm, last checkpoint)
     common(PATTERN, ...)           the seeds every pattern has records of
     at(PATTERN, update, seeds)     fairseq-train's validation perplexity at an update
-    best(PATTERN), best_at(...)    fairseq-train's best validation perplexity / the update it was at
+    best(PATTERN, seeds), best_at(...)  fairseq-train's best validation perplexity / the update it was at
     fluct(PATTERN, update)         the routing fluctuation of the checkpoint pair that ends at ``update``
     after(PATTERN, pct)            the share of tokens whose last change of expert comes after pct%
                                    of training
@@ -141,8 +141,8 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
             out.append(float(point))
         return out
 
-    def _best(pattern: str, column: int) -> List[float]:
-        return [float(min(r["valid_curve"], key=lambda p: (p[1], p[0]))[column]) for r in runs(pattern)]
+    def _best(pattern: str, column: int, seeds: Optional[Sequence[int]]) -> List[float]:
+        return [float(min(r["valid_curve"], key=lambda p: (p[1], p[0]))[column]) for r in runs(pattern, seeds)]
 
     def routing(name: str) -> Dict[str, object]:
         path = routing_dir / f"{name}.json"
@@ -252,8 +252,8 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
         "V": lambda p, seeds=None: val(p, "valid_ppl", seeds),
         "T": lambda p, seeds=None: val(p, "test_ppl", seeds),
         "at": at,
-        "best": lambda p: _best(p, 1),
-        "best_at": lambda p: [int(u) for u in _best(p, 0)],
+        "best": lambda p, seeds=None: _best(p, 1, seeds),
+        "best_at": lambda p, seeds=None: [int(u) for u in _best(p, 0, seeds)],
         "routing": routing,
         "f": f,
         "sf": sf,
@@ -289,6 +289,7 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
         "round": round,
         "sum": sum,
         "sorted": sorted,
+        "zip": zip,
         "math": math,
     }
 
