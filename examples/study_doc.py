@@ -290,6 +290,8 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
         "sum": sum,
         "sorted": sorted,
         "zip": zip,
+        "all": all,
+        "any": any,
         "math": math,
     }
 
