@@ -11,18 +11,20 @@ from conftest import USER_DIR
 from corpus import free_port
 
 #: a torchrun worker that prints what torchrun gives it and sums the ranks over the process group;
-#: rank 1 exits with status 3 when its argument says so (rank 0 then waits in a collective)
+#: rank 1 exits with status 3 when its argument says so (rank 0 then waits in a collective). Each line is
+#: one write(2): under torchrun the workers' stdout is unbuffered, and print's pieces interleave.
 PROBE = """
 import os, sys, datetime
 import torch, torch.distributed as dist
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "GROUP_RANK", "OMP_NUM_THREADS")
-print("env", os.environ["RANK"], {k: os.environ.get(k) for k in keys}, flush=True)
+say = lambda line: os.write(1, (line + "\\n").encode())  # one write a line: the workers share stdout
+say(f"env {os.environ['RANK']} {dict((k, os.environ.get(k)) for k in keys)}")
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
 if sys.argv[1:] == ["fail"] and dist.get_rank() == 1:
     sys.exit(3)
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
-print("sum", os.environ["RANK"], t.item(), flush=True)
+say(f"sum {os.environ['RANK']} {t.item()}")
 dist.destroy_process_group()
 """
 
