@@ -98,7 +98,8 @@ def test_helpers_against_direct_statistics(env):
 def test_a_hand_edited_or_unmarked_figure_and_a_bad_expression_are_caught(env, tmp_path):
     env = env[0]
     page = tmp_path / "page.md"
-    good = study_doc.render('# A\n\nmean <!--= f(V("beta-u750-seed*")) -->?<!--/-->; `0.5 in code`\n\n# B\n\n1.5\n', env)
+    page_text = '# A\n\nmean <!--= f(V("beta-u750-seed*")) -->?<!--/-->; `0.5 in code`\n\n# B\n\n1.5\n'
+    good = study_doc.render(page_text, env)
     assert study_doc.check(page, good, env, "a") == []
     assert study_doc.check(page, good, env) == ["page.md:7: 1.5 is not from a marker"]
     edited = good.replace("68.38<!--/-->", "68.40<!--/-->")
