@@ -135,10 +135,10 @@ def namespace(records_dir: Path, routing_dir: Path) -> Dict[str, Callable]:
     def at(pattern: str, update: int, seeds: Optional[Sequence[int]] = None) -> List[float]:
         out = []
         for r in runs(pattern, seeds):
-            point = next((p[1] for p in r["valid_curve"] if p[0] == update), None)
+            point = study._curve_at(r, update)
             if point is None:
                 raise DocError(f"{r['record']} has no validation at update {update}")
-            out.append(float(point))
+            out.append(point)
         return out
 
     def _best(pattern: str, column: int, seeds: Optional[Sequence[int]]) -> List[float]:
